@@ -1,0 +1,5 @@
+import sys
+
+from distlip.cli import main
+
+sys.exit(main())

@@ -1,0 +1,90 @@
+"""The `distlip` command: train, certify, and the tools around them.
+
+Every user mistake surfaces as one `error: ...` line and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from distlip.errors import DistlipError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from distlip.config import load_config
+    from distlip.trainer import Trainer, print_summary
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or cfg.train.out)
+    summary = Trainer(cfg, out).run()
+    print_summary(summary, out)
+    return 0 if summary["certified"] else 1
+
+
+def _certify(args: argparse.Namespace) -> int:
+    from distlip.certificate import CAP_RTOL, certify, embed_rms_max, exact_norms
+    from distlip.export import load_model
+    from distlip.model import matrix_names
+
+    model, cfg, _, caps = load_model(args.path)
+    params = dict(model.named_parameters())
+    norms = exact_norms({n: params[n] for n in matrix_names(model)})
+    cert = certify(norms, embed_rms_max(params["embed.weight"]), cfg.model, caps)
+    print(f"{'matrix':<28}{'shape':>14}{'‖W‖ rms→rms':>14}{'cap':>9}{'ratio':>9}")
+    for name, value in norms.items():
+        cap = caps.get(name)
+        shape = "×".join(map(str, params[name].shape))
+        flag = "  EXCEEDS" if cap is not None and value > cap * (1 + CAP_RTOL) else ""
+        cap_s, ratio_s = (f"{cap:.4g}", f"{value / cap:.4f}") if cap else ("-", "-")
+        print(f"{name:<28}{shape:>14}{value:>14.6f}{cap_s:>9}{ratio_s:>9}{flag}")
+    print(f"\n{'block':<8}{'L_attn':>12}{'L_mlp':>12}{'r_in':>10}")
+    for i, b in enumerate(cert.blocks):
+        print(f"{i:<8}{b['attn']:>12.5g}{b['mlp']:>12.5g}{b['r_in']:>10.4g}")
+    print(f"\nembedding (max token RMS): {cert.embed:.6f}")
+    print(f"head (‖W‖·logit scale):    {cert.head:.6f}")
+    print(f"network bound (embeddings → logits): {cert.network_bound:.6g}")
+    print(f"lipschitz_bound: {cert.bound:.6g}")
+    bad = cert.violations(caps)
+    if bad:
+        print(f"error: {len(bad)} matrices exceed their cap: {', '.join(bad[:5])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distlip", description="Train Lipschitz-certified transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    add_train_args(train)
+    train.set_defaults(func=_train)
+
+    cert = sub.add_parser("certify", help="exact Lipschitz certificate of an exported model or checkpoint")
+    cert.add_argument("path", help="a directory with model.safetensors + config.json")
+    cert.set_defaults(func=_certify)
+    return parser
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="configs/shakespeare.yaml", help="YAML preset (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="run directory (default: train.out from the config)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides such as train.steps=20 constraint.sigma_max=2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DistlipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the packaged Shakespeare corpus, tokenizers, in-memory and streaming batch sources."""

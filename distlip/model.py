@@ -1,0 +1,169 @@
+"""The Lipschitz transformer (SPEC §1): no norms, no biases, convex residuals, 1/d attention.
+
+Every hidden layer is a bias-free `nn.Linear` whose weight (d_out, d_in) the constraint keeps
+under its RMS→RMS cap; the token embedding's rows are capped to RMS ≤ 1. Shapes: token ids
+(B, T) int64 → logits (B, T, vocab_size) in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distlip.config import ModelConfig
+
+# max_x d/dx GELU(x) = Φ(√2) + √2·φ(√2) for the exact (erf) GELU: dividing by it makes the
+# activation 1-Lipschitz. Computed, not typed in, so it is exact to float precision.
+GELU_MAX_SLOPE = 0.5 * (1 + math.erf(1.0)) + math.sqrt(2) * math.exp(-1.0) / math.sqrt(2 * math.pi)
+ATTN_OUT_SCALE = 1.0 / 3.0  # makes functional attention 1-Lipschitz for unit-RMS inputs
+
+
+def padded_vocab(cfg: ModelConfig) -> int:
+    """Head rows: vocab_size rounded up to a multiple of `pad_vocab_to` (fast GPU matmuls)."""
+    return -(-cfg.vocab_size // cfg.pad_vocab_to) * cfg.pad_vocab_to
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first `rot` dimensions of each head (an isometry per
+    position, so it does not change the Lipschitz bound). Input/output (B, H, T, d_head)."""
+
+    def __init__(self, d_head: int, fraction: float, base: float, context: int):
+        super().__init__()
+        self.rot = int(d_head * fraction)
+        freqs = base ** (-torch.arange(0, self.rot, 2, dtype=torch.float32) / max(self.rot, 1))
+        angles = torch.outer(torch.arange(context, dtype=torch.float32), freqs)  # (T, rot/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rot == 0:
+            return x
+        T = x.shape[-2]
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2, rest = x[..., : self.rot // 2], x[..., self.rot // 2: self.rot], x[..., self.rot:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    """(1/3)·W_o·softmax(s·QKᵀ/d_head + causal mask)·V with rotary q, k. (B, T, d) → (B, T, d)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.d_head = cfg.n_heads, d // cfg.n_heads
+        self.scale = cfg.attn_scale / self.d_head  # 1/d_head, not 1/√d_head
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        self.rotary = Rotary(self.d_head, cfg.rotary_fraction, cfg.rotary_base, cfg.context)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, d = x.shape
+        heads = lambda t: t.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           scale=self.scale)
+        return self.o(y.transpose(1, 2).reshape(B, T, d) * ATTN_OUT_SCALE)
+
+
+class MLP(nn.Module):
+    """W_out·(GELU(W_in x)/GELU_MAX_SLOPE), hidden mlp_ratio·d. (B, T, d) → (B, T, d)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.fc_in = nn.Linear(d, cfg.mlp_ratio * d, bias=False)
+        self.fc_out = nn.Linear(cfg.mlp_ratio * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)) / GELU_MAX_SLOPE)
+
+
+class Block(nn.Module):
+    """Two convex residuals: x ← (1−α)x + α·attn(x); x ← (1−α)x + α·mlp(x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.alpha = 1.0 / (2 * cfg.n_layers)
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.alpha
+        x = torch.lerp(x, self.attn(x, attn_mask), a)
+        return torch.lerp(x, self.mlp(x), a)
+
+
+class LipschitzTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.head = nn.Linear(cfg.d_model, padded_vocab(cfg), bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Hidden matrices orth(randn)·√(d_out/d_in) (RMS→RMS norm 1); output projections and
+        head zero; token vectors RMS 1. Uses the global RNG: seed it before building."""
+        for name, p in self.named_parameters():
+            if name == "embed.weight":
+                p.normal_()
+                p.div_(p.pow(2).mean(dim=1, keepdim=True).sqrt())
+            elif is_output_projection(name):
+                p.zero_()
+            else:
+                nn.init.orthogonal_(p)
+                p.mul_(math.sqrt(p.shape[0] / p.shape[1]))
+
+    def hidden(self, h: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings (B, T, d) → final residual stream (B, T, d)."""
+        for block in self.blocks:
+            h = block(h, attn_mask)
+        return h
+
+    def logits_from_embeddings(self, h: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings (B, T, d) → logits (B, T, vocab_size), float32. The certified map."""
+        logits = self.head(self.hidden(h, attn_mask)) * self.cfg.logit_scale
+        return logits[..., : self.cfg.vocab_size].float()
+
+    def forward(self, idx: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits_from_embeddings(self.embed(idx), attn_mask)
+
+
+def is_output_projection(name: str) -> bool:
+    """Zero-initialised matrices: attention W_o, MLP W_out and the head."""
+    return name.endswith(("attn.o.weight", "mlp.fc_out.weight")) or name == "head.weight"
+
+
+def param_group(name: str) -> str:
+    """Learning-rate group of a parameter: embed, head, qkv, out or mlp (SPEC §1.1)."""
+    if name == "embed.weight":
+        return "embed"
+    if name == "head.weight":
+        return "head"
+    if name.endswith(("attn.q.weight", "attn.k.weight", "attn.v.weight")):
+        return "qkv"
+    if name.endswith("attn.o.weight"):
+        return "out"
+    if ".mlp." in name:
+        return "mlp"
+    raise KeyError(f"parameter {name} belongs to no learning-rate group")
+
+
+def matrix_names(model: nn.Module) -> list[str]:
+    """Every constrained matrix (all weights but the embedding), in model order."""
+    return [n for n, p in model.named_parameters() if n != "embed.weight"]
+
+
+def attention_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward+backward FLOPs per token for QKᵀ and AV (causal: half the T×T entries)."""
+    return 6 * cfg.n_layers * cfg.d_model * cfg.context

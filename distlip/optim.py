@@ -1,0 +1,144 @@
+"""Optimisers: Muon for matrices, a per-token normalised step or Adam for the embedding,
+AdamW as the baseline, and the learning-rate / momentum schedules (SPEC §1.1, §1.2, §4).
+
+The per-matrix update math lives in pure functions (`muon_update`, `colnorm_update`) so the
+sharded engine can run exactly the same arithmetic on the matrices a rank owns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from distlip.config import OptimConfig
+from distlip.model import param_group
+from distlip.newton_schulz import NS_MAX_GAIN, orthogonalize
+
+
+def lr_at(cfg: OptimConfig, step: int, total: int) -> float:
+    """Learning rate at `step` (0-based): linear warm-up, constant until `decay_start`·total,
+    then linear to `final_lr_frac`·lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = step / max(total - 1, 1)
+    if frac <= cfg.decay_start:
+        return cfg.lr
+    t = (frac - cfg.decay_start) / max(1.0 - cfg.decay_start, 1e-12)
+    return cfg.lr * (1.0 - t * (1.0 - cfg.final_lr_frac))
+
+
+def momentum_at(cfg: OptimConfig, step: int) -> float:
+    """Muon momentum, warmed linearly from momentum_start to momentum over momentum_warmup steps."""
+    if cfg.momentum_warmup <= 0 or step >= cfg.momentum_warmup:
+        return cfg.momentum
+    return cfg.momentum_start + (cfg.momentum - cfg.momentum_start) * step / cfg.momentum_warmup
+
+
+@torch.no_grad()
+def muon_update(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: float, beta: float,
+                nesterov: bool) -> float:
+    """One Muon step on a (d_out, d_in) matrix, in place: momentum, Newton–Schulz, scaled update.
+
+    `buf` is the momentum buffer (same shape, fp32). Returns the RMS→RMS norm bound of the
+    update actually applied, lr·NS_MAX_GAIN, which the soft cap's coupling needs.
+    """
+    buf.lerp_(grad, 1 - beta)
+    direction = grad.lerp(buf, beta) if nesterov else buf
+    ortho = orthogonalize(direction)
+    p.add_(ortho.to(p.dtype), alpha=-lr * math.sqrt(p.shape[0] / p.shape[1]))
+    return lr * NS_MAX_GAIN
+
+
+@torch.no_grad()
+def colnorm_update(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: float, beta: float,
+                   growth_cap: float) -> None:
+    """Embedding step (vocab, d): EMA momentum, then each token vector's step normalised to
+    RMS 1; a token whose gradient is tiny is boosted at most `growth_cap`× relative to the
+    largest one (so rare tokens do not take unit steps on noise)."""
+    buf.lerp_(grad, 1 - beta)
+    rms = buf.pow(2).mean(dim=1, keepdim=True).sqrt()
+    floor = rms.max().clamp_min(1e-30) / growth_cap
+    p.sub_(buf / torch.maximum(rms, floor), alpha=lr)
+
+
+@dataclass
+class StepInfo:
+    """What the optimiser did this step, for the constraint and the log."""
+
+    lr: float
+    momentum: float
+    update_norms: dict  # matrix name → RMS→RMS bound on its update (None when unknown: AdamW)
+
+
+class Optimizers:
+    """All parameter updates of one model. `step(step_idx, total)` applies them and returns StepInfo.
+
+    `names` restricts the matrices this instance updates (the sharded engine passes the set a
+    rank owns); the embedding is updated when "embed.weight" is among them.
+    """
+
+    def __init__(self, named_params: dict[str, torch.nn.Parameter], cfg: OptimConfig):
+        self.cfg = cfg
+        self.params = named_params
+        self.matrices = {n: p for n, p in named_params.items() if n != "embed.weight"}
+        self.embed = named_params.get("embed.weight")
+        self.state: dict[str, torch.Tensor] = {}
+        self.adam: torch.optim.Optimizer | None = None
+        if cfg.name == "adamw":
+            self.adam = torch.optim.AdamW(
+                [{"params": [p], "name": n, "mult": cfg.lr_mult.get(param_group(n), 1.0)} for n, p in named_params.items()],
+                lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        elif self.embed is not None and cfg.embed == "adam":
+            self.adam = torch.optim.Adam([{"params": [self.embed], "name": "embed.weight",
+                                           "mult": cfg.lr_mult.get("embed", 1.0)}],
+                                         lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        if name not in self.state:
+            self.state[name] = torch.zeros_like(like, dtype=torch.float32)
+        return self.state[name]
+
+    @torch.no_grad()
+    def step(self, step: int, total: int, grads: dict[str, torch.Tensor] | None = None) -> StepInfo:
+        """Apply one update. `grads` overrides `p.grad` (the sharded engine passes reduced ones)."""
+        cfg = self.cfg
+        lr, beta = lr_at(cfg, step, total), momentum_at(cfg, step)
+        grad = (lambda n, p: grads[n]) if grads is not None else (lambda n, p: p.grad)
+        norms: dict[str, float | None] = {}
+        if self.adam is not None:
+            for group in self.adam.param_groups:
+                group["lr"] = lr * group["mult"]
+                if grads is not None:
+                    group["params"][0].grad = grads[group["name"]]
+            self.adam.step()
+        if cfg.name == "adamw":
+            return StepInfo(lr, beta, {n: None for n in self.matrices})
+        for name, p in self.matrices.items():
+            g = grad(name, p)
+            norms[name] = muon_update(p, g.float(), self._buffer(name, p), lr * cfg.lr_mult.get(param_group(name), 1.0),
+                                      beta, cfg.nesterov)
+        if self.embed is not None and cfg.embed == "colnorm":
+            colnorm_update(self.embed, grad("embed.weight", self.embed).float(), self._buffer("embed.weight", self.embed),
+                           lr * cfg.lr_mult.get("embed", 1.0), beta, cfg.embed_growth_cap)
+        return StepInfo(lr, beta, norms)
+
+    def state_dict(self) -> dict:
+        """Momenta keyed by parameter name, so a resume at another world size can re-shard them."""
+        out = {"momentum": {n: t.clone() for n, t in self.state.items()}}
+        if self.adam is not None:
+            out["adam"] = {g["name"]: self.adam.state.get(g["params"][0], {}) for g in self.adam.param_groups}
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, t in state.get("momentum", {}).items():
+            if name in self.params:
+                self.state[name] = t.clone().to(self.params[name].device)
+        if self.adam is not None:
+            for group in self.adam.param_groups:
+                saved = state.get("adam", {}).get(group["name"])
+                if saved:
+                    p = group["params"][0]
+                    self.adam.state[p] = {k: (v.clone().to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
+                                          for k, v in saved.items()}

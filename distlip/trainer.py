@@ -1,0 +1,245 @@
+"""The training loop: config → data → model → step (backward → optimise → constrain → certify)
+→ log / evaluate / save.
+
+Each step ends with every matrix projected under its cap, so the certificate computed from the
+weights holds after every step, not just at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from distlip.certificate import Certificate, SigmaEstimator, certify, embed_rms_max, exact_norms
+from distlip.config import Config
+from distlip.constraints import Constrainer, embed_cap
+from distlip.data.chars import InMemoryBatches, load_char_corpus, val_windows
+from distlip.errors import ConfigError, DistlipError
+from distlip.export import matrix_caps, save_model
+from distlip.metrics import MetricsLogger, Progress
+from distlip.model import LipschitzTransformer, attention_flops_per_token, matrix_names
+from distlip.optim import Optimizers
+from distlip.timing import StepTimer
+
+
+def select_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.train.dtype == "bfloat16" and want == "cpu":
+        raise ConfigError("train.dtype=bfloat16 runs on GPUs only here (CPU bf16 autocast is slow and "
+                          "inexact for this model); use train.dtype=float32 on CPU")
+    return torch.device(want)
+
+
+@dataclass
+class Data:
+    """What the trainer needs from the data layer."""
+
+    tokenizer: object
+    train: object  # next_batch() -> (x, y) int64 (B, T); state_dict / load_state_dict
+    val_x: torch.Tensor  # (n, T) int64
+    val_y: torch.Tensor
+
+
+def build_data(cfg: Config, micro_batch: int, rank: int = 0) -> Data:
+    d, T = cfg.data, cfg.model.context
+    if d.source in ("shakespeare", "text") and d.tokenizer == "char":
+        tok, train_ids, val_ids = load_char_corpus(d.source, d.path, d.val_fraction)
+        vx, vy = val_windows(val_ids, T)
+        return Data(tok, InMemoryBatches(train_ids, T, micro_batch, cfg.train.seed, rank), vx, vy)
+    raise ConfigError(f"data.source={d.source} with data.tokenizer={d.tokenizer} needs the streaming pipeline")
+
+
+@torch.no_grad()
+def evaluate(model: LipschitzTransformer, vx: torch.Tensor, vy: torch.Tensor, device: torch.device,
+             autocast, max_windows: int = 0, batch: int = 64) -> tuple[float, float]:
+    """Mean next-token loss and top-1 accuracy over validation windows (all, or an evenly
+    spaced fixed subset of `max_windows`)."""
+    model.eval()
+    if 0 < max_windows < len(vx):
+        idx = torch.linspace(0, len(vx) - 1, max_windows).round().long()
+        vx, vy = vx[idx], vy[idx]
+    loss_sum, correct, count = 0.0, 0, 0
+    for i in range(0, len(vx), batch):
+        x, y = vx[i:i + batch].to(device), vy[i:i + batch].to(device)
+        with autocast:
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += y.numel()
+    model.train()
+    return loss_sum / count, correct / count
+
+
+def format_duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Trainer:
+    """Single-process training of the Lipschitz transformer (CPU or one GPU)."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.out = Path(out_dir or cfg.train.out)
+        self.device = select_device(cfg)
+        if cfg.train.threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        t = cfg.train
+        self.micro_batch = t.batch_size // t.grad_accum
+        self.data = build_data(cfg, self.micro_batch)
+        if cfg.model.vocab_size == 0:
+            self.cfg = cfg = replace(cfg, model=replace(cfg.model, vocab_size=self.data.tokenizer.vocab_size))
+        elif cfg.model.vocab_size < self.data.tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"{self.data.tokenizer.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
+        self.model = LipschitzTransformer(cfg.model).to(self.device)
+        self.params = dict(self.model.named_parameters())
+        self.matrices = matrix_names(self.model)
+        self.caps = matrix_caps(cfg, self.matrices)
+        c = cfg.constraint
+        self.constrainer = Constrainer(c.method, self._sigma_max_map(), weight_decay=c.weight_decay,
+                                       spectral_wd=c.spectral_wd, power_iters=c.power_iters, seed=t.seed)
+        self.optim = Optimizers(self.params, cfg.optim)
+        self.estimator = SigmaEstimator(seed=t.seed)
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if t.dtype == "bfloat16" else nullcontext())
+        self.timer = StepTimer(self.device)
+        self.step, self.lr = 0, 0.0
+        self._project_initial()
+
+    def _sigma_max_map(self) -> dict[str, float]:
+        c = self.cfg.constraint
+        return {n: (c.head_sigma_max or c.sigma_max) if n == "head.weight" else c.sigma_max for n in self.matrices}
+
+    @torch.no_grad()
+    def _project_initial(self) -> None:
+        """Start feasible: exact-cap the initial matrices (orthogonal init has norm 1, which is
+        above a cap below 1)."""
+        if self.caps[self.matrices[0]] is None:
+            return
+        init = Constrainer("exact_cap", self._sigma_max_map())
+        named = {n: self.params[n].data for n in self.matrices}
+        for n, w in init.apply_many(named, lr=0.0, update_norms={n: None for n in named}).items():
+            self.params[n].data.copy_(w)
+
+    # ---- one step -------------------------------------------------------------------------
+    def forward_backward(self) -> float:
+        """Accumulate gradients over micro-batches; returns the mean loss."""
+        accum, total = self.cfg.train.grad_accum, 0.0
+        for _ in range(accum):
+            with self.timer.phase("data"):
+                x, y = self.data.train.next_batch()
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.timer.phase("forward"), self.autocast:
+                loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+            with self.timer.phase("backward"):
+                (loss / accum).backward()
+            total += loss.item()
+        return total / accum
+
+    @torch.no_grad()
+    def constrain(self, info) -> None:
+        margin = self.cfg.constraint.margin
+        norms = {n: (None if v is None else v * margin) for n, v in info.update_norms.items()}
+        named = {n: self.params[n].data for n in self.matrices}
+        for n, w in self.constrainer.apply_many(named, lr=info.lr, update_norms=norms).items():
+            self.params[n].data.copy_(w)
+        if self.cfg.constraint.embed_cap:
+            e = self.params["embed.weight"]
+            e.data.copy_(embed_cap(e.data))
+
+    def certificate(self, exact: bool) -> Certificate:
+        mats = {n: self.params[n].data for n in self.matrices}
+        norms = exact_norms(mats) if exact else self.estimator(mats)
+        return certify(norms, embed_rms_max(self.params["embed.weight"].data), self.cfg.model, self.caps)
+
+    def train_step(self) -> tuple[float, Certificate | None]:
+        loss = self.forward_backward()
+        if not math.isfinite(loss):
+            raise DistlipError(f"loss is {loss} at step {self.step}: training diverged; lower optim.lr "
+                               f"(now {self.cfg.optim.lr}) or check the data. Saved files were left untouched.")
+        with self.timer.phase("optimizer"):
+            info = self.optim.step(self.step, self.cfg.train.steps)
+            self.lr = info.lr
+            self.model.zero_grad(set_to_none=True)
+        with self.timer.phase("constraint"):
+            self.constrain(info)
+        cert = None
+        every = self.cfg.train.certify_every
+        if every and (self.step % every == 0 or self.step == self.cfg.train.steps - 1):
+            with self.timer.phase("certificate"):
+                cert = self.certificate(exact=False)
+        self.timer.end_step()
+        self.step += 1
+        return loss, cert
+
+    # ---- the run ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        logger = MetricsLogger(self.out, tensorboard=t.tensorboard)
+        progress = Progress(t.steps, enabled=t.progress)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        tokens_per_step = t.batch_size * cfg.model.context
+        init_cert = self.certificate(exact=True)
+        logger.log({"step": 0, "event": "start", "loss": None, "lipschitz_bound": init_cert.bound,
+                    "world_size": 1, "zero_stage": cfg.dist.zero_stage, "params": n_params,
+                    "device": str(self.device), "dtype": t.dtype, "constraint": cfg.constraint.method})
+        progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {cfg.constraint.method} σmax={cfg.constraint.sigma_max}, "
+                       f"{t.steps} steps × {tokens_per_step} tokens on {self.device}")
+        start = last_time = time.perf_counter()
+        last_step, cert, loss = 0, init_cert, float("nan")
+        try:
+            while self.step < t.steps:
+                loss, new_cert = self.train_step()
+                cert = new_cert or cert
+                if t.exact_certify_every and self.step % t.exact_certify_every == 0:
+                    cert = self.certificate(exact=True)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    now = time.perf_counter()
+                    tok_s = (self.step - last_step) * tokens_per_step / (now - last_time)
+                    last_time, last_step = now, self.step
+                    record = {"step": self.step, "loss": loss, "lr": self.lr,
+                              "lipschitz_bound": cert.bound, "max_cap_ratio": cert.max_cap_ratio,
+                              "tokens_per_s": tok_s, **self.timer.averages()}
+                    logger.log(record)
+                    progress.update(self.step, {"loss": f"{loss:.3f}", "tok/s": f"{tok_s:,.0f}",
+                                                "L≤": f"{cert.bound:.3g}"})
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    vl, va = evaluate(self.model, self.data.val_x, self.data.val_y, self.device, self.autocast,
+                                      t.eval_windows)
+                    logger.log({"step": self.step, "loss": loss, "lipschitz_bound": cert.bound,
+                                "val_loss": vl, "val_acc": va})
+                    progress.write(f"step {self.step}: val_loss {vl:.4f}  val_acc {va:.2%}  L≤{cert.bound:.3g}")
+            train_time = time.perf_counter() - start
+            final = self.certificate(exact=True)
+            vl, va = evaluate(self.model, self.data.val_x, self.data.val_y, self.device, self.autocast)
+            violations = final.violations(self.caps)
+            summary = {"step": self.step, "loss": loss, "lipschitz_bound": final.bound, "val_loss": vl, "val_acc": va,
+                       "max_cap_ratio": final.max_cap_ratio, "certified": not violations, "exact": True,
+                       "train_seconds": train_time, "val_tokens": int(self.data.val_y.numel())}
+            logger.log({"event": "final", **summary})
+            save_model(self.out, self.model, cfg, self.data.tokenizer,
+                       {"certificate": {"lipschitz_bound": final.bound, "log10_bound": final.log10_bound}})
+        finally:
+            progress.close()
+            logger.close()
+        return summary
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    ok = "certified" if summary["certified"] else "CAP VIOLATED"
+    print(f"final: val_loss {summary['val_loss']:.4f}  val_acc {summary['val_acc']:.2%}  "
+          f"lipschitz_bound {summary['lipschitz_bound']:.4g} ({ok}, exact SVD; max ‖W‖/cap "
+          f"{summary['max_cap_ratio']:.4f})  train time {format_duration(summary['train_seconds'])}")
+    print(f"saved: {out / 'model.safetensors'}, {out / 'config.json'}, {out / 'metrics.jsonl'}")

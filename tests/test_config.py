@@ -1,0 +1,47 @@
+"""Config loading: presets, dotted overrides, and one-line errors for bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from distlip.config import load_config
+from distlip.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_preset_loads(preset):
+    load_config(CONFIGS / preset)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(CONFIGS / "smoke.yaml", ["train.steps=7", "constraint.sigma_max=2", "optim.betas=[0.8, 0.9]",
+                                               "optim.lr_mult={head: 0.2}"])
+    assert cfg.train.steps == 7 and cfg.constraint.sigma_max == 2.0 and isinstance(cfg.constraint.sigma_max, float)
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.optim.lr_mult["head"] == 0.2 and cfg.optim.lr_mult["qkv"] == 0.9  # merged with defaults
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["train.stpes=3"], "did you mean 'steps'"),
+    (["constraint.method=soft_capp"], "soft_cap"),
+    (["constraint.sigma_max=0"], "sigma_max"),
+    (["constraint.sigma_max=-1"], "must be > 0"),
+    (["train.steps=abc"], "expected int"),
+    (["model.n_heads=3"], "not divisible"),
+    (["dist.zero_stage=4"], "ZeRO stage"),
+    (["data.source=text"], "data.path"),
+    (["trainn.steps=3"], "did you mean 'train'"),
+    (["train.steps"], "section.key=value"),
+])
+def test_bad_config_is_one_clear_error(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "smoke.yaml", override)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/nope.yaml")
