@@ -37,18 +37,30 @@ def momentum_at(cfg: OptimConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def muon_update(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: float, beta: float,
-                nesterov: bool) -> float:
-    """One Muon step on a (d_out, d_in) matrix, in place: momentum, Newton–Schulz, scaled update.
+def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lrs: list[float],
+                beta: float, nesterov: bool) -> list[float]:
+    """One Muon step, in place, on same-shape (d_out, d_in) matrices batched through one
+    Newton–Schulz call: momentum, orthogonalisation, update scaled by √(d_out/d_in).
 
-    `buf` is the momentum buffer (same shape, fp32). Returns the RMS→RMS norm bound of the
+    `bufs` are fp32 momentum buffers. Returns, per matrix, the RMS→RMS norm bound of the
     update actually applied, lr·NS_MAX_GAIN, which the soft cap's coupling needs.
     """
-    buf.lerp_(grad, 1 - beta)
-    direction = grad.lerp(buf, beta) if nesterov else buf
-    ortho = orthogonalize(direction)
-    p.add_(ortho.to(p.dtype), alpha=-lr * math.sqrt(p.shape[0] / p.shape[1]))
-    return lr * NS_MAX_GAIN
+    for buf, g in zip(bufs, grads):
+        buf.lerp_(g, 1 - beta)
+    dirs = [g.lerp(buf, beta) if nesterov else buf for g, buf in zip(grads, bufs)]
+    ortho = orthogonalize(torch.stack(dirs))
+    d_out, d_in = params[0].shape
+    for p, o, lr in zip(params, ortho, lrs):
+        p.add_(o.to(p.dtype), alpha=-lr * math.sqrt(d_out / d_in))
+    return [lr * NS_MAX_GAIN for lr in lrs]
+
+
+def group_by_shape(names: list[str], shape_of) -> list[list[str]]:
+    """Names grouped by matrix shape, in first-seen order (one batched call per group)."""
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        groups.setdefault(tuple(shape_of(n)), []).append(n)
+    return list(groups.values())
 
 
 @torch.no_grad()
@@ -115,10 +127,12 @@ class Optimizers:
             self.adam.step()
         if cfg.name == "adamw":
             return StepInfo(lr, beta, {n: None for n in self.matrices})
-        for name, p in self.matrices.items():
-            g = grad(name, p)
-            norms[name] = muon_update(p, g.float(), self._buffer(name, p), lr * cfg.lr_mult.get(param_group(name), 1.0),
-                                      beta, cfg.nesterov)
+        for names in group_by_shape(list(self.matrices), lambda n: self.matrices[n].shape):
+            ps = [self.matrices[n] for n in names]
+            applied = muon_update(ps, [grad(n, p).float() for n, p in zip(names, ps)],
+                                  [self._buffer(n, p) for n, p in zip(names, ps)],
+                                  [lr * cfg.lr_mult.get(param_group(n), 1.0) for n in names], beta, cfg.nesterov)
+            norms.update(zip(names, applied))
         if self.embed is not None and cfg.embed == "colnorm":
             colnorm_update(self.embed, grad("embed.weight", self.embed).float(), self._buffer("embed.weight", self.embed),
                            lr * cfg.lr_mult.get("embed", 1.0), beta, cfg.embed_growth_cap)

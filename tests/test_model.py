@@ -48,9 +48,9 @@ def test_initialisation():
 def test_residuals_are_convex_with_alpha_one_over_twice_layers():
     model = tiny(n_layers=3)
     assert all(abs(b.alpha - 1 / 6) < 1e-12 for b in model.blocks)
-    # with zero output projections every block is the identity map
+    # zero output projections: each residual returns (1−α)·x, so 2L of them scale by (1−α)^(2L)
     h = torch.randn(2, 8, 32)
-    torch.testing.assert_close(model.hidden(h), h)
+    torch.testing.assert_close(model.hidden(h), h * (1 - 1 / 6) ** 6)
 
 
 def test_attention_scale_is_one_over_d_head_and_matches_reference():

@@ -1,0 +1,156 @@
+"""Compressed gradient and weight communication (SPEC §5): the config block and its objects.
+
+The trainer builds everything from one `compression:` block:
+
+    cfg = CompressionConfig.from_dict(block)          # ConfigError on any bad key or pair
+    uplink, downlink = cfg.build(TorchComm(), counter)
+    agg = uplink.aggregate(name, grad, step=step)     # every rank steps with agg
+    if downlink: downlink.sync(name, param.data, master, step=step, owner=owner)
+
+Modules: `compressors` (tensor to message), `transport` (collectives), `estimators`
+(aggregation and the EF21-P downlink), `accounting` (bytes per rank).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+
+from distlip.compress.accounting import ByteCounter
+from distlip.compress.compressors import Compressor, Identity, Message, RandK, TopK
+from distlip.compress.estimators import (
+    EF14,
+    Dense,
+    Diana,
+    Downlink,
+    EF21Momentum,
+    Estimator,
+    Marina,
+    Plain,
+    check_pair,
+)
+from distlip.compress.transport import Comm, SingleProcessComm, TorchComm
+from distlip.errors import ConfigError
+
+__all__ = [
+    "ByteCounter", "Comm", "CompressionConfig", "Compressor", "Dense", "Diana", "Downlink", "EF14",
+    "EF21Momentum", "Estimator", "Identity", "Marina", "Message", "Plain", "RandK", "SingleProcessComm",
+    "TopK", "TorchComm", "make_compressor", "validate",
+]
+
+COMPRESSORS = ("identity", "randk", "randk_unscaled", "topk")
+ESTIMATORS: dict[str, type[Estimator]] = {
+    cls.name: cls for cls in (Dense, Plain, Diana, Marina, EF21Momentum, EF14)
+}
+# Below this ratio plain scaled Rand-k (ω = 1/ratio − 1 > 9) is refused without allow_plain.
+PLAIN_RANDK_MIN_RATIO = 0.1
+
+
+def _known(kind: str, name: object, choices) -> str:
+    if name in choices:
+        return name
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"unknown {kind} {name!r}: {hint}(choose from {', '.join(choices)})")
+
+
+def make_compressor(name: str, ratio: float = 1.0, *, seed: int = 0, shared_seed: bool = True) -> Compressor:
+    """The compressor called `name` (one of COMPRESSORS) keeping `ratio` of the coordinates."""
+    name = _known("compressor", name, COMPRESSORS)
+    if name == "identity":
+        if ratio != 1.0:
+            raise ConfigError(f"compressor 'identity' keeps every coordinate but ratio is {ratio!r}: "
+                              "set ratio 1.0, or choose randk or topk")
+        return Identity()
+    if name == "topk":
+        return TopK(ratio)
+    return RandK(ratio, scaled=name == "randk", shared_seed=shared_seed, seed=seed)
+
+
+def validate(compressor: str, estimator: str, ratio: float, allow_plain: bool = False) -> None:
+    """Raise ConfigError (one line naming the fix) unless this uplink configuration is sound.
+
+    Refuses unknown names, ratios outside (0, 1], pairs `check_pair` rejects, and `plain`
+    where it is known to fail unless `allow_plain`: scaled Rand-k below ratio 0.1 (variance
+    ω = d/k − 1 diverges at normal learning rates, SPEC §5) and Top-k (biased, and without
+    error feedback the bias can stall it). Plain unscaled Rand-k is allowed: in expectation it
+    is the gradient times k/d, i.e. SGD at a k/d smaller learning rate.
+    """
+    comp = make_compressor(compressor, ratio)
+    cls = ESTIMATORS[_known("estimator", estimator, ESTIMATORS)]
+    check_pair(cls, comp)
+    if cls is not Plain or allow_plain:
+        return
+    if isinstance(comp, RandK) and comp.scaled and ratio < PLAIN_RANDK_MIN_RATIO:
+        raise ConfigError(
+            f"plain scaled randk at ratio {ratio} has variance ω ≈ {1 / ratio - 1:.0f}×‖g‖² and diverges at "
+            "normal learning rates (SPEC §5): use estimator diana or marina, or set allow_plain: true"
+        )
+    if isinstance(comp, TopK):
+        raise ConfigError(
+            "plain 'topk' has no error feedback, so its bias can stall training: "
+            "use estimator ef21 or ef14, or set allow_plain: true"
+        )
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """The `compression:` config block.
+
+    compressor, ratio: uplink compressor (COMPRESSORS) and the fraction of coordinates kept.
+    estimator: one of ESTIMATORS; unset picks dense for identity, diana for randk and ef21
+      for topk / randk_unscaled ("plain" is never picked, only named).
+    shared_seed, seed: Rand-k masks shared by all ranks (all-reduce k values) or per rank.
+    warmup_steps: dense steps before compression starts (they initialise the estimators).
+    marina_p: MARINA's dense-round probability (unset: k/d); ef21_eta: EF21 momentum weight.
+    allow_plain: permit the plain estimator where `validate` would refuse it.
+    downlink, downlink_ratio: contractive compressor for the owner-to-workers weights
+      (EF21-P); "identity" keeps the dense all-gather and builds no Downlink.
+    """
+
+    compressor: str = "identity"
+    ratio: float = 1.0
+    estimator: str | None = None
+    shared_seed: bool = True
+    seed: int = 0
+    warmup_steps: int = 10
+    marina_p: float | None = None
+    ef21_eta: float = 1.0
+    allow_plain: bool = False
+    downlink: str = "identity"
+    downlink_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        validate(self.compressor, self.estimator_name, self.ratio, self.allow_plain)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"compression.warmup_steps must be an integer ≥ 0, got {self.warmup_steps!r}")
+        self.build()  # the constructors check the remaining options (marina_p, ef21_eta, downlink)
+
+    @classmethod
+    def from_dict(cls, block: dict) -> CompressionConfig:
+        """Build from a parsed config mapping; unknown keys are refused with the closest valid one."""
+        names = [f.name for f in fields(cls)]
+        for key in block:
+            _known("compression key", key, names)
+        return cls(**block)
+
+    @property
+    def estimator_name(self) -> str:
+        if self.estimator is not None:
+            return self.estimator
+        if self.compressor == "identity":
+            return "dense"
+        return "diana" if self.compressor == "randk" else "ef21"
+
+    def build(self, comm: Comm | None = None, counter: ByteCounter | None = None) -> tuple[Estimator, Downlink | None]:
+        """The uplink estimator and, unless the downlink is identity, the Downlink, sharing `counter`."""
+        counter = counter if counter is not None else ByteCounter()
+        compressor = make_compressor(self.compressor, self.ratio, seed=self.seed, shared_seed=self.shared_seed)
+        cls = ESTIMATORS[self.estimator_name]
+        options = {"p": self.marina_p} if cls is Marina else {"eta": self.ef21_eta} if cls is EF21Momentum else {}
+        uplink = cls(compressor, comm, warmup_steps=self.warmup_steps, seed=self.seed, counter=counter, **options)
+        downlink = None
+        if self.downlink != "identity":
+            down = make_compressor(self.downlink, self.downlink_ratio, seed=self.seed, shared_seed=self.shared_seed)
+            downlink = Downlink(down, comm, warmup_steps=self.warmup_steps, counter=counter)
+        return uplink, downlink

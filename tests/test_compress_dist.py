@@ -1,0 +1,195 @@
+"""Compressed communication over a real 2-process gloo group (one launch for every check).
+
+Each rank runs `_worker`, which records what it computed; the tests compare the ranks'
+records in the parent process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distlip.compress import (
+    EF14,
+    Dense,
+    Diana,
+    Downlink,
+    EF21Momentum,
+    Identity,
+    Marina,
+    Plain,
+    RandK,
+    TopK,
+    TorchComm,
+)
+from distlip.compress.accounting import all_gather_bytes, broadcast_bytes, ring_all_reduce_bytes
+
+WORLD = 2
+D, STEPS, WARMUP = 400, 6, 2
+
+PAIRS = {
+    "plain/randk-own": (Plain, lambda r: RandK(r, shared_seed=False, seed=1)),
+    "diana/randk": (Diana, lambda r: RandK(r, seed=1)),
+    "diana/randk-own": (Diana, lambda r: RandK(r, shared_seed=False, seed=1)),
+    "marina/randk": (Marina, lambda r: RandK(r, seed=1)),
+    "ef21/topk": (EF21Momentum, TopK),
+    "ef21/randk-unscaled": (EF21Momentum, lambda r: RandK(r, scaled=False, seed=1)),
+    "ef14/topk": (EF14, TopK),
+    "ef14/randk-unscaled-own": (EF14, lambda r: RandK(r, scaled=False, shared_seed=False, seed=1)),
+}
+RATIO_ONE = {
+    **PAIRS,
+    "dense/identity": (Dense, lambda r: Identity()),
+    "plain/topk": (Plain, TopK),
+    "diana/identity": (Diana, lambda r: Identity()),
+}
+
+
+class RecordingComm:
+    """A `Comm` that also totals, per rank, the bytes its collectives actually moved."""
+
+    def __init__(self, comm: TorchComm) -> None:
+        self.comm = comm
+        self.world_size, self.rank = comm.world_size, comm.rank
+        self.sent = self.received = 0.0
+
+    def all_reduce_sum(self, tensor):
+        cost = ring_all_reduce_bytes(tensor.nbytes, self.world_size)
+        self.sent += cost
+        self.received += cost
+        return self.comm.all_reduce_sum(tensor)
+
+    def all_gather(self, tensor):
+        cost = all_gather_bytes(tensor.nbytes, self.world_size)
+        self.sent += cost
+        self.received += cost
+        return self.comm.all_gather(tensor)
+
+    def broadcast(self, tensor, src):
+        sent, received = broadcast_bytes(tensor.nbytes, self.world_size, self.rank == src)
+        self.sent += sent
+        self.received += received
+        return self.comm.broadcast(tensor, src)
+
+
+def _grads(rank: int) -> torch.Tensor:
+    return torch.randn(STEPS, 2, D, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def _run(cls, compressor, comm):
+    """Aggregates of two tensors over STEPS steps, with the warm-up in front."""
+    est = cls(compressor, comm, warmup_steps=WARMUP)
+    grads = _grads(comm.rank)
+    outs = [est.aggregate(f"p{i}", grads[s, i], step=s) for s in range(STEPS) for i in range(2)]
+    return outs, est
+
+
+def _worker(rank: int, store: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    comm = TorchComm()
+    record: dict = {}
+
+    record["masks"] = {
+        "shared": RandK(0.05, seed=3).mask(D, step=4, tensor_id="w", rank=rank),
+        "own": RandK(0.05, shared_seed=False, seed=3).mask(D, step=4, tensor_id="w", rank=rank),
+    }
+
+    record["aggregates"], record["bytes"] = {}, {}
+    for key, (cls, make) in PAIRS.items():
+        recording = RecordingComm(comm)
+        outs, est = _run(cls, make(0.05), recording)
+        record["aggregates"][key] = outs
+        record["bytes"][key] = (est.counter.uplink.sent, est.counter.uplink.received, recording.sent, recording.received)
+
+    record["dense"] = _run(Dense, Identity(), comm)[0]
+    record["ratio_one"] = {key: _run(cls, make(1.0), comm)[0] for key, (cls, make) in RATIO_ONE.items()}
+
+    record["downlink"] = {}
+    for key, compressor in {"topk": TopK(0.05), "randk-unscaled": RandK(0.05, scaled=False), "ratio-one": TopK(1.0)}.items():
+        recording = RecordingComm(comm)
+        down = Downlink(compressor, recording, warmup_steps=1)
+        steps = torch.randn(STEPS, 2, D, generator=torch.Generator().manual_seed(7))
+        weights = [torch.zeros(D), torch.zeros(D)]
+        masters = [torch.zeros(D), torch.zeros(D)]
+        for s in range(STEPS):
+            for i, owner in enumerate((0, 1)):  # tensor i is owned by rank i
+                masters[i] -= 0.1 * steps[s, i]
+                down.sync(f"p{i}", weights[i], masters[i] if rank == owner else None, step=s, owner=owner)
+        record["downlink"][key] = {
+            "weights": weights,
+            "masters": masters,
+            "bytes": (down.counter.downlink.sent, down.counter.downlink.received, recording.sent, recording.received),
+        }
+
+    torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compress_dist")
+    mp.spawn(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
+
+
+def test_shared_seed_masks_agree_across_ranks(records):
+    r0, r1 = (r["masks"] for r in records)
+    assert torch.equal(r0["shared"], r1["shared"])
+    assert not torch.equal(r0["own"], r1["own"])
+
+
+@pytest.mark.parametrize("key", PAIRS)
+def test_aggregate_is_bit_identical_on_both_ranks(records, key):
+    r0, r1 = (r["aggregates"][key] for r in records)
+    assert _same(r0, r1)
+    # The compressed steps really differ from the dense mean (the check is not vacuous).
+    assert not _same(r0[2 * WARMUP:], records[0]["dense"][2 * WARMUP:])
+
+
+@pytest.mark.parametrize("key", RATIO_ONE)
+def test_ratio_one_equals_dense_all_reduce(records, key):
+    for record in records:
+        assert _same(record["ratio_one"][key], record["dense"])
+
+
+@pytest.mark.parametrize("key", PAIRS)
+def test_byte_counter_matches_tensors_sent(records, key):
+    for record in records:
+        counted_sent, counted_received, sent, received = record["bytes"][key]
+        assert (counted_sent, counted_received) == (sent, received)
+
+
+def test_byte_counter_against_message_sizes(records):
+    """Shared-mask Rand-k all-reduces k values; Top-k all-gathers k values and k int32 indices."""
+    k, dense = 20, ring_all_reduce_bytes(D * 4, WORLD)
+    warm = 2 * WARMUP * dense  # two tensors
+    compressed = 2 * (STEPS - WARMUP)
+    assert records[0]["bytes"]["diana/randk"][0] == warm + compressed * ring_all_reduce_bytes(k * 4, WORLD)
+    assert records[0]["bytes"]["ef21/topk"][0] == warm + compressed * all_gather_bytes(k * 8, WORLD)
+
+
+@pytest.mark.parametrize("key", ["topk", "randk-unscaled", "ratio-one"])
+def test_downlink_working_copies_identical(records, key):
+    r0, r1 = (r["downlink"][key] for r in records)
+    assert _same(r0["weights"], r1["weights"])
+    for record in records:
+        counted_sent, counted_received, sent, received = record["downlink"][key]["bytes"]
+        assert (counted_sent, counted_received) == (sent, received)
+    # The owner's master is the truth; with ratio 1.0 the copies equal it exactly.
+    owned = [records[i]["downlink"][key]["masters"][i] for i in range(WORLD)]
+    if key == "ratio-one":
+        assert _same(r0["weights"], owned)
+    else:
+        assert not _same(r0["weights"], owned)

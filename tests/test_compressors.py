@@ -1,0 +1,438 @@
+"""Compressors, estimators and byte accounting in one process (SPEC §5).
+
+Multi-worker behaviour is simulated with one thread per worker over an in-memory `Comm`
+(`ThreadGroup`); the real 2-process gloo checks live in test_compress_dist.py.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+from distlip.compress import (
+    EF14,
+    ByteCounter,
+    CompressionConfig,
+    Dense,
+    Diana,
+    Downlink,
+    EF21Momentum,
+    Identity,
+    Marina,
+    Plain,
+    RandK,
+    TopK,
+    make_compressor,
+    validate,
+)
+from distlip.compress.accounting import all_gather_bytes, ring_all_reduce_bytes
+from distlip.compress.compressors import INDEX_BYTES
+from distlip.errors import ConfigError
+
+# Tolerance for Monte-Carlo means, in standard errors (the draws are seeded, so fixed).
+Z = 5.0
+
+
+class ThreadGroup:
+    """M workers in one process, one thread each; `comm(rank)` is that worker's `Comm`.
+
+    Slots alternate between two buffers, so one barrier per collective suffices: a rank can
+    only overwrite a buffer after the next barrier, by which time everyone has read it.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.slots = [[None] * world_size, [None] * world_size]
+        self.barrier = threading.Barrier(world_size)
+
+    def comm(self, rank: int) -> ThreadComm:
+        return ThreadComm(self, rank)
+
+    def run(self, worker) -> list:
+        """Run `worker(comm)` on every rank concurrently; its return values in rank order."""
+        results: list = [None] * self.world_size
+        errors: list[BaseException] = []
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = worker(self.comm(rank))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(exc)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+class ThreadComm:
+    def __init__(self, group: ThreadGroup, rank: int) -> None:
+        self.group = group
+        self.rank = rank
+        self.world_size = group.world_size
+        self.calls = 0
+
+    def _exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        slots = self.group.slots[self.calls % 2]
+        self.calls += 1
+        slots[self.rank] = tensor.clone()
+        self.group.barrier.wait()
+        return list(slots)
+
+    def all_reduce_sum(self, tensor):
+        parts = self._exchange(tensor)
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return tensor.copy_(total)
+
+    def all_gather(self, tensor):
+        return self._exchange(tensor)
+
+    def broadcast(self, tensor, src):
+        return tensor.copy_(self._exchange(tensor)[src])
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor, so comparisons see -0.0 and NaN payloads."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def draws(compressor, x, n):
+    """n independent compressions of x (different steps), decompressed: (n, d)."""
+    d = x.numel()
+    return torch.stack([compressor.decompress(compressor.compress(x, step=s, tensor_id="x", rank=0), d) for s in range(n)])
+
+
+# ---------------------------------------------------------------- compressors
+
+
+def test_randk_is_unbiased_with_variance_omega():
+    d, n = 50, 10000
+    x = torch.randn(d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    q = RandK(0.1, seed=1)
+    omega = q.omega(d)
+    assert omega == pytest.approx(d / 5 - 1)
+    samples = draws(q, x, n)
+    # Coordinate i is (d/k)·x_i with probability k/d, else 0: variance x_i²·ω.
+    stderr = (x.pow(2) * omega / n).sqrt()
+    assert ((samples.mean(0) - x).abs() <= Z * stderr).all()
+    sq_err = (samples - x).pow(2).sum(1)
+    assert abs(sq_err.mean() - omega * x.pow(2).sum()) <= Z * sq_err.std() / math.sqrt(n)
+
+
+def test_unscaled_randk_contracts_in_expectation():
+    d, n = 50, 10000
+    x = torch.randn(d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    c = RandK(0.1, scaled=False)
+    assert c.delta(d) == 0.1 and c.omega(d) is None and c.contractive and not c.unbiased
+    sq_err = (draws(c, x, n) - x).pow(2).sum(1)
+    expected = (1 - c.delta(d)) * x.pow(2).sum()
+    assert abs(sq_err.mean() - expected) <= Z * sq_err.std() / math.sqrt(n)
+
+
+@pytest.mark.parametrize("d,ratio", [(1, 0.5), (10, 0.3), (1000, 0.01), (4097, 0.2)])
+def test_topk_contracts_and_keeps_largest(d, ratio):
+    x = torch.randn(d, generator=torch.Generator().manual_seed(d))
+    c = TopK(ratio)
+    k = c.k(d)
+    assert k == max(1, round(ratio * d))
+    y = c.decompress(c.compress(x, step=0, tensor_id=0, rank=0), d)
+    assert (y - x).pow(2).sum() <= (1 - k / d) * x.pow(2).sum() * (1 + 1e-6)
+    kept = y != 0
+    assert kept.sum() == k
+    if k < d:
+        assert x[kept].abs().min() >= x[~kept].abs().max()
+
+
+def test_masks_shared_or_per_rank_and_private():
+    shared, own = RandK(0.1, seed=7), RandK(0.1, shared_seed=False, seed=7)
+    before = torch.random.get_rng_state()
+    a = shared.mask(1000, step=3, tensor_id="w", rank=0)
+    assert torch.equal(a, shared.mask(1000, step=3, tensor_id="w", rank=1))
+    assert not torch.equal(a, shared.mask(1000, step=4, tensor_id="w", rank=0))
+    assert not torch.equal(a, shared.mask(1000, step=3, tensor_id="v", rank=0))
+    assert not torch.equal(own.mask(1000, step=3, tensor_id="w", rank=0), own.mask(1000, step=3, tensor_id="w", rank=1))
+    assert a.unique().numel() == 100 and a.dtype == torch.int32
+    assert torch.equal(before, torch.random.get_rng_state())  # the global RNG is never touched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_message_bytes_match_what_is_sent(dtype):
+    d, k = 1000, 10
+    x = torch.randn(d).to(dtype)
+    item = dtype.itemsize
+    cases = {
+        Identity(): d * item,
+        RandK(0.01): k * item,  # shared mask: values only
+        RandK(0.01, shared_seed=False): k * (item + INDEX_BYTES),
+        RandK(0.01, scaled=False): k * item,
+        TopK(0.01): k * (item + INDEX_BYTES),
+        TopK(1.0): d * item,
+    }
+    for c, expected in cases.items():
+        m = c.compress(x, step=0, tensor_id="x", rank=0)
+        sent = m.values.numel() * m.values.element_size()
+        if m.indices is not None and not m.shared:
+            sent += m.indices.numel() * m.indices.element_size()
+        assert c.message_bytes(d, dtype) == sent == expected, c
+
+
+def test_spec_byte_figures():
+    """SPEC §5: 162M parameters, 8 ranks, bf16."""
+    d, world = 162_000_000, 8
+    dense = ring_all_reduce_bytes(d * 2, world)
+    randk = ring_all_reduce_bytes(RandK(0.01).message_bytes(d, torch.bfloat16), world)
+    topk = all_gather_bytes(TopK(0.01).message_bytes(d, torch.bfloat16), world)
+    assert (round(dense / 1e6), round(randk / 1e6, 1), round(topk / 1e6)) == (567, 5.7, 68)
+
+
+@pytest.mark.parametrize("c", [Identity(), RandK(1.0), RandK(1.0, scaled=False, shared_seed=False), TopK(1.0)])
+def test_ratio_one_is_identity_bit_for_bit(c):
+    x = torch.randn(257)
+    x[:4] = torch.tensor([-0.0, float("nan"), float("inf"), 1e-45])
+    m = c.compress(x, step=5, tensor_id="x", rank=1)
+    assert m.indices is None and c.message_bytes(257, x.dtype) == 257 * 4
+    assert torch.equal(bits(c.decompress(m, 257)), bits(x))
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, float("nan"), True, "0.1", None])
+def test_bad_ratio(ratio):
+    with pytest.raises(ConfigError, match=r"ratio must be in \(0, 1\]"):
+        RandK(ratio)
+    with pytest.raises(ConfigError):
+        TopK(ratio)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_unknown_names_suggest_the_closest():
+    with pytest.raises(ConfigError, match="did you mean 'randk'"):
+        validate("rand_k", "diana", 0.01)
+    with pytest.raises(ConfigError, match="did you mean 'marina'"):
+        validate("randk", "marnia", 0.01)
+    with pytest.raises(ConfigError, match="did you mean 'warmup_steps'"):
+        CompressionConfig.from_dict({"compressor": "topk", "ratio": 0.01, "warmup": 5})
+
+
+@pytest.mark.parametrize(
+    "compressor,estimator",
+    [("topk", "diana"), ("randk_unscaled", "marina"), ("randk", "ef21"), ("randk", "ef14"), ("topk", "dense")],
+)
+def test_nonsensical_pairs_are_refused(compressor, estimator):
+    with pytest.raises(ConfigError, match=f"estimator '{estimator}' needs"):
+        validate(compressor, estimator, 0.01)
+
+
+def test_plain_is_refused_where_it_fails_unless_allowed():
+    with pytest.raises(ConfigError, match="diverges at normal learning rates.*diana or marina.*allow_plain"):
+        validate("randk", "plain", 0.01)
+    with pytest.raises(ConfigError, match="ef21 or ef14.*allow_plain"):
+        validate("topk", "plain", 0.01)
+    validate("randk", "plain", 0.01, allow_plain=True)
+    validate("randk", "plain", 0.1)
+    validate("randk_unscaled", "plain", 0.01)
+
+
+def test_config_defaults_and_build():
+    assert CompressionConfig().estimator_name == "dense"
+    assert CompressionConfig(compressor="randk", ratio=0.01).estimator_name == "diana"
+    assert CompressionConfig(compressor="topk", ratio=0.01).estimator_name == "ef21"
+    counter = ByteCounter()
+    cfg = CompressionConfig(compressor="randk", ratio=0.01, estimator="marina", marina_p=0.2, downlink="topk",
+                            downlink_ratio=0.05, warmup_steps=3)
+    uplink, downlink = cfg.build(counter=counter)
+    assert isinstance(uplink, Marina) and uplink.p == 0.2 and uplink.warmup_steps == 3
+    assert isinstance(downlink, Downlink) and uplink.counter is counter is downlink.counter
+    assert CompressionConfig().build()[1] is None
+    with pytest.raises(ConfigError, match="not contractive"):
+        CompressionConfig(downlink="randk", downlink_ratio=0.1)
+    with pytest.raises(ConfigError, match="marina_p"):
+        CompressionConfig(compressor="randk", ratio=0.01, estimator="marina", marina_p=0.0)
+    with pytest.raises(ConfigError, match="ratio 1.0"):
+        make_compressor("identity", 0.5)
+
+
+# ---------------------------------------------------------------- estimators
+
+ESTIMATOR_PAIRS = [
+    (Dense, Identity()),
+    (Plain, RandK(0.05, shared_seed=False)),
+    (Diana, RandK(0.05)),
+    (Diana, RandK(0.05, shared_seed=False)),
+    (Marina, RandK(0.05, shared_seed=False)),
+    (EF21Momentum, TopK(0.05)),
+    (EF14, RandK(0.05, scaled=False)),
+]
+
+
+@pytest.mark.parametrize("cls,compressor", ESTIMATOR_PAIRS)
+def test_state_dict_resumes_exactly(cls, compressor):
+    grads = torch.randn(8, 2, 40, generator=torch.Generator().manual_seed(2))
+    full, first = cls(compressor), cls(compressor)
+    outs = [full.aggregate(f"p{i}", grads[s, i], step=s) for s in range(8) for i in range(2)]
+    for s in range(4):
+        for i in range(2):
+            first.aggregate(f"p{i}", grads[s, i], step=s)
+    resumed = cls(compressor)
+    resumed.load_state_dict(first.state_dict())
+    again = [resumed.aggregate(f"p{i}", grads[s, i], step=s) for s in range(4, 8) for i in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(outs[8:], again))
+
+
+def test_warmup_is_dense_then_compressed():
+    d, warmup = 100, 3
+
+    def worker(comm):
+        est = Diana(RandK(0.1), comm, warmup_steps=warmup)
+        sent = []
+        for step in range(warmup + 2):
+            est.counter.reset()
+            est.aggregate("w", torch.randn(d), step=step)
+            sent.append(est.counter.uplink.sent)
+        return sent, est.counter.uplink.dense_sent
+
+    sent, dense = ThreadGroup(2).run(worker)[0]
+    assert sent == [dense] * warmup + [ring_all_reduce_bytes(10 * 4, 2)] * 2
+
+
+@pytest.mark.parametrize(
+    "cls,compressor",
+    [
+        (Dense, Identity()), (Plain, Identity()), (Plain, RandK(1.0)), (Plain, TopK(1.0)),
+        (Diana, Identity()), (Diana, RandK(1.0, shared_seed=False)), (Marina, RandK(1.0)),
+        (EF21Momentum, TopK(1.0)), (EF21Momentum, RandK(1.0, scaled=False)), (EF14, TopK(1.0)),
+    ],
+)
+def test_ratio_one_estimators_equal_dense_on_three_workers(cls, compressor):
+    grads = torch.randn(3, 6, 33, generator=torch.Generator().manual_seed(3))
+
+    def worker(comm):
+        dense, est = Dense(None, comm), cls(compressor, comm, warmup_steps=2)
+        return [(dense.aggregate("w", grads[comm.rank, s], step=s), est.aggregate("w", grads[comm.rank, s], step=s))
+                for s in range(6)]
+
+    for rank_result in ThreadGroup(3).run(worker):
+        assert all(torch.equal(bits(a), bits(b)) for a, b in rank_result)
+
+
+def test_byte_counter_on_four_workers():
+    d, world = 400, 4
+    cases = {
+        "shared": (Plain(RandK(0.01)), ring_all_reduce_bytes(4 * 4, world)),
+        "gather": (EF21Momentum(TopK(0.01)), all_gather_bytes(4 * (4 + INDEX_BYTES), world)),
+    }
+    for est, expected in cases.values():
+        def worker(comm, est=est):
+            e = type(est)(est.compressor, comm, warmup_steps=1)
+            e.aggregate("w", torch.randn(d), step=0)
+            e.counter.reset()
+            e.aggregate("w", torch.randn(d), step=1)
+            return e.counter
+        for counter in ThreadGroup(world).run(worker):
+            assert counter.uplink_bytes == counter.uplink.sent == counter.uplink.received == expected
+            assert counter.dense_bytes == ring_all_reduce_bytes(d * 4, world)
+
+
+# ------------------------------------------------- simulated multi-worker quadratic
+
+M, D = 4, 200
+A = 1 + torch.rand(M, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+B = torch.randn(M, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+X_STAR = (A * B).sum(0) / A.sum(0)  # minimiser of f = mean_m ½ Σ_i A_mi (x_i − B_mi)², L = max A ≤ 2
+
+
+def relative_error(make, lr, steps):
+    """Run compressed gradient descent on the heterogeneous quadratic; ‖x − x*‖/‖x*‖ per step (rank 0).
+
+    Also checks that every worker ends with bit-identical weights.
+    """
+
+    def worker(comm):
+        est, x, errors = make(comm), torch.zeros(D, dtype=torch.float64), []
+        for step in range(steps):
+            x = x - lr * est.aggregate("x", A[comm.rank] * (x - B[comm.rank]), step=step)
+            errors.append(float((x - X_STAR).norm() / X_STAR.norm()))
+        return x, errors
+
+    results = ThreadGroup(M).run(worker)
+    assert all(torch.equal(results[0][0], x) for x, _ in results)
+    return results[0][1]
+
+
+def test_plain_randk_one_percent_diverges_at_the_dense_learning_rate():
+    """At lr = 1/L dense GD converges in a few steps; scaled Rand-k 1% (ω = 99) blows up."""
+    assert relative_error(lambda c: Dense(None, c), 0.5, 60)[-1] < 1e-12
+    assert relative_error(lambda c: Plain(RandK(0.01), c), 0.5, 60)[-1] > 1e3
+
+
+# At 1% no unbiased estimator can use the dense rate: DIANA's and MARINA's admissible step
+# shrinks like k/d. At such a step they (and EF21 with Top-k) converge to x* itself, while
+# plain Rand-k with per-rank masks stalls: its variance at x* is ω/M·mean‖∇f_m(x*)‖² ≠ 0
+# because the workers' gradients differ there.
+SMALL_LR, STEPS = 0.01, 1000
+
+
+@pytest.mark.parametrize(
+    "make,target",
+    [
+        (lambda c: Dense(None, c), 1e-5),
+        (lambda c: Diana(RandK(0.01, shared_seed=False), c), 0.05),
+        (lambda c: Marina(RandK(0.01, shared_seed=False), c), 1e-3),
+        (lambda c: Marina(RandK(0.01), c), 1e-2),
+        (lambda c: EF21Momentum(TopK(0.01), c), 1e-5),
+    ],
+    ids=["dense", "diana", "marina", "marina-shared", "ef21-topk"],
+)
+def test_estimators_converge_at_one_percent(make, target):
+    errors = relative_error(make, SMALL_LR, STEPS)
+    assert errors[-1] < target
+    assert errors[-1] < errors[STEPS // 2] < errors[0]  # still improving, not at a floor
+
+
+def test_plain_randk_one_percent_stalls_at_a_small_learning_rate():
+    errors = relative_error(lambda c: Plain(RandK(0.01, shared_seed=False), c), SMALL_LR, STEPS)
+    assert min(errors[STEPS // 2:]) > 0.5
+
+
+def test_ef14_reaches_a_floor_that_shrinks_with_the_step():
+    """EF14 has the known heterogeneity floor (∝ lr) that EF21 removes; it does not diverge."""
+    # Equal lr·steps, so both runs have had the same time to settle.
+    floors = [relative_error(lambda c: EF14(TopK(0.01), c), lr, steps)[-1] for lr, steps in ((0.02, 300), (0.005, 1200))]
+    assert floors[1] < floors[0] / 2 < 0.5
+
+
+def test_downlink_tracks_the_master_on_three_workers():
+    steps, d, lr = 30, 300, 0.05
+    updates = torch.randn(steps, d, generator=torch.Generator().manual_seed(6))
+
+    def worker(comm):
+        down = Downlink(TopK(0.05), comm, warmup_steps=2)
+        weights = torch.zeros(d)
+        master = torch.zeros(d) if comm.rank == 1 else None
+        gaps = []
+        for step in range(steps):
+            if master is not None:
+                master -= lr * updates[step]
+            down.sync("w", weights, master, step=step, owner=1)
+            if master is not None:
+                gaps.append(float((master - weights).norm() / master.norm()))
+        return weights, gaps, down.counter
+
+    results = ThreadGroup(3).run(worker)
+    assert all(torch.equal(results[0][0], w) for w, _, _ in results)
+    gaps = results[1][1]
+    assert gaps[1] == 0.0 and max(gaps) < 1.0  # exact during warm-up, then bounded lag
+    owner, other = results[1][2], results[0][2]
+    message = TopK(0.05).message_bytes(d, torch.float32)
+    assert owner.downlink.sent == other.downlink.received == 2 * d * 4 + (steps - 2) * message
+    assert owner.downlink.received == other.downlink.sent == 0

@@ -1,0 +1,121 @@
+"""Training with every constraint method keeps every matrix under its cap after every step
+(exact SVD), and the certificate bounds the network's empirical Lipschitz constant."""
+
+import math
+
+import pytest
+import torch
+
+from distlip.certificate import CAP_RTOL, certify, embed_rms_max, exact_norms
+from distlip.config import load_config
+from distlip.export import CAPPED_METHODS
+from distlip.optim import lr_at, momentum_at
+from distlip.trainer import Trainer
+
+SMOKE = "configs/smoke.yaml"
+FAST = ["train.progress=false", "train.tensorboard=false", "model.d_model=16", "model.n_heads=2",
+        "model.context=16", "train.batch_size=4", "train.eval_every=0"]
+
+
+def make_trainer(tmp_path, *overrides) -> Trainer:
+    torch.set_num_threads(1)
+    return Trainer(load_config(SMOKE, [*FAST, *overrides]), tmp_path)
+
+
+def max_token_rms(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) → (B,): the max over tokens of the per-token RMS."""
+    return t.pow(2).mean(-1).sqrt().amax(-1)
+
+
+def empirical_lipschitz(model, d: int, trials: int = 64, ascent: int = 15) -> float:
+    """max ‖f(x)−f(y)‖/‖x−y‖ over random nearby embeddings (per-token RMS ≤ 1), sharpened by
+    a few steps of gradient ascent on the ratio."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(trials, 8, d, generator=g)
+    x = 0.9 * x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    delta = (1e-3 * torch.randn(trials, 8, d, generator=g)).requires_grad_(True)
+    best = 0.0
+    for _ in range(ascent):
+        ratio = max_token_rms(model.logits_from_embeddings(x + delta) - model.logits_from_embeddings(x)) / max_token_rms(delta)
+        best = max(best, ratio.max().item())
+        (grad,) = torch.autograd.grad(ratio.sum(), delta)
+        with torch.no_grad():
+            delta += 1e-4 * grad / grad.norm(dim=(1, 2), keepdim=True)
+            delta.mul_(1e-3 / max_token_rms(delta)[:, None, None])  # stay local and inside the RMS-1 ball
+    return best
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("soft_cap", []), ("hard_cap", []), ("spectral_normalize", []), ("stiefel", []), ("exact_cap", []),
+    ("spectral_hammer", []), ("spectral_weight_decay", ["constraint.spectral_wd=0.1"]),
+    ("weight_decay", ["constraint.weight_decay=0.5"]), ("none", []),
+    ("soft_cap", ["optim.name=adamw", "optim.lr=0.01"]),
+])
+def test_every_step_obeys_the_cap_and_the_certificate_bounds_the_network(tmp_path, method, extra):
+    trainer = make_trainer(tmp_path, f"constraint.method={method}", "constraint.sigma_max=1.5", "optim.lr=0.3", *extra)
+    mats = lambda: {n: trainer.params[n].data for n in trainer.matrices}  # noqa: E731
+    for _ in range(6):
+        loss, _ = trainer.train_step()
+        assert math.isfinite(loss)
+        norms = exact_norms(mats())
+        if method in CAPPED_METHODS:
+            worst = max(norms.values())
+            assert worst <= 1.5 * (1 + CAP_RTOL), f"{method}: ‖W‖ = {worst} after step {trainer.step}"
+        assert embed_rms_max(trainer.params["embed.weight"].data) <= 1 + 1e-6
+    assert any(v > 0.05 for n, v in norms.items() if n.endswith("attn.o.weight")), "training did not move W_o"
+    cert = certify(norms, embed_rms_max(trainer.params["embed.weight"].data), trainer.cfg.model, trainer.caps)
+    measured = empirical_lipschitz(trainer.model, trainer.cfg.model.d_model)
+    assert measured > 0
+    assert cert.network_bound >= measured, f"{method}: bound {cert.network_bound} < measured {measured}"
+
+
+def test_certificate_with_attention_scale_bounds_the_network(tmp_path):
+    trainer = make_trainer(tmp_path, "model.attn_scale=4", "constraint.sigma_max=2", "optim.lr=0.5")
+    for _ in range(8):
+        trainer.train_step()
+    norms = exact_norms({n: trainer.params[n].data for n in trainer.matrices})
+    cert = certify(norms, 1.0, trainer.cfg.model)
+    assert cert.network_bound >= empirical_lipschitz(trainer.model, trainer.cfg.model.d_model)
+
+
+def test_certificate_grows_with_attention_scale_only_through_the_qk_term():
+    from distlip.config import ModelConfig
+    cfg = ModelConfig(vocab_size=10, d_model=8, n_layers=2, n_heads=2)
+    names = [f"blocks.{i}.{k}.weight" for i in range(2) for k in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc_in", "mlp.fc_out")]
+    norms = {n: 1.0 for n in names} | {"head.weight": 1.0}
+    one = certify(norms, 1.0, cfg)
+    many = certify(norms, 1.0, ModelConfig(**{**cfg.__dict__, "attn_scale": 24.0}))
+    assert many.bound > one.bound
+    zero_qk = certify({**norms, **{n: 0.0 for n in names if ".q." in n}}, 1.0, ModelConfig(**{**cfg.__dict__, "attn_scale": 24.0}))
+    no_qk = certify({**norms, **{n: 0.0 for n in names if ".q." in n}}, 1.0, cfg)
+    assert zero_qk.bound == pytest.approx(no_qk.bound)
+
+
+def test_per_step_estimate_tracks_the_exact_norms(tmp_path):
+    trainer = make_trainer(tmp_path, "train.steps=6")
+    for _ in range(6):
+        trainer.train_step()
+    est = trainer.certificate(exact=False)
+    exact = trainer.certificate(exact=True)
+    for n in trainer.matrices:
+        assert est.norms[n] <= exact.norms[n] * (1 + 1e-6)  # power iteration approaches from below
+        assert est.norms[n] >= 0.9 * exact.norms[n]
+    assert exact.bound >= est.bound * (1 - 1e-6)
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    from distlip.errors import DistlipError
+    trainer = make_trainer(tmp_path)
+    with torch.no_grad():
+        trainer.params["embed.weight"].fill_(float("nan"))
+    with pytest.raises(DistlipError, match="diverged"):
+        trainer.train_step()
+
+
+def test_schedules():
+    cfg = load_config(SMOKE, ["optim.decay_start=0.6", "optim.final_lr_frac=0.1", "optim.lr=1",
+                              "optim.momentum_start=0.85", "optim.momentum=0.95", "optim.momentum_warmup=300"]).optim
+    assert lr_at(cfg, 0, 101) == 1.0 and lr_at(cfg, 60, 101) == 1.0
+    assert lr_at(cfg, 100, 101) == pytest.approx(0.1)
+    assert lr_at(cfg, 80, 101) == pytest.approx(0.55)
+    assert momentum_at(cfg, 0) == 0.85 and momentum_at(cfg, 150) == pytest.approx(0.9) and momentum_at(cfg, 300) == 0.95
