@@ -37,30 +37,45 @@ def read_text_file(path: str | Path) -> str:
 class InMemoryBatches:
     """Random (input, target) windows from a 1-D token array.
 
-    `next_batch()` returns two int64 tensors of shape (batch, seq_len); targets are inputs
-    shifted by one token. Each rank draws its own windows from a generator seeded with
-    (seed, rank), so ranks see different data and the stream is reproducible.
+    Each optimiser step draws one *global* batch of `micro_batch × world_size × accum`
+    window starts from a generator seeded with `seed`; `next_batch()` hands this rank its
+    slice for the current micro-step, as two int64 tensors of shape (micro_batch, seq_len)
+    (targets are inputs shifted by one token). Every layout of ranks × accumulation
+    therefore trains on exactly the same global batch, which is what makes a sharded run
+    comparable with a single-process one, and the state at a step boundary is just the
+    generator.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0):
+    def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, accum: int = 1):
         if len(tokens) < seq_len + 2:
             raise DataError(f"the training split has {len(tokens)} tokens, fewer than one window "
                             f"of model.context={seq_len}; use more text or a shorter context")
         self.tokens = torch.from_numpy(np.ascontiguousarray(tokens))
-        self.seq_len, self.batch_size = seq_len, batch_size
-        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        self.seq_len, self.micro_batch = seq_len, micro_batch
+        self.rank, self.world_size, self.accum = rank, world_size, accum
+        self.generator = torch.Generator().manual_seed(seed)
         self._offsets = torch.arange(seq_len + 1)
+        self._starts: torch.Tensor | None = None
+        self._micro = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=self.generator)
+        if self._micro == 0:
+            n = self.micro_batch * self.world_size * self.accum
+            self._starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (n,), generator=self.generator)
+        first = (self._micro * self.world_size + self.rank) * self.micro_batch
+        starts = self._starts[first:first + self.micro_batch]
+        self._micro = (self._micro + 1) % self.accum
         windows = self.tokens[starts[:, None] + self._offsets]
         return windows[:, :-1], windows[:, 1:]
 
     def state_dict(self) -> dict:
+        """Valid at a step boundary (every micro-batch of the step consumed)."""
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self._micro = 0
 
 
 def val_windows(tokens: np.ndarray, seq_len: int, max_windows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
