@@ -14,12 +14,15 @@ from distlip.errors import DistlipError
 
 def _train(args: argparse.Namespace) -> int:
     from distlip.config import load_config
+    from distlip.engine import apply_launcher_zero_stage
     from distlip.trainer import Trainer, print_summary
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = apply_launcher_zero_stage(load_config(args.config, args.overrides), args.overrides)
     out = Path(args.out or cfg.train.out)
-    summary = Trainer(cfg, out).run()
-    print_summary(summary, out)
+    trainer = Trainer(cfg, out)
+    summary = trainer.run()
+    if trainer.env.is_main:
+        print_summary(summary, out)
     return 0 if summary["certified"] else 1
 
 

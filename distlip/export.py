@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from distlip.config import Config, config_from_dict
 from distlip.data.tokenizers import tokenizer_from_dict
 from distlip.errors import CheckpointError
-from distlip.model import LipschitzTransformer, matrix_names
+from distlip.model import LipschitzTransformer
 
 CAPPED_METHODS = ("soft_cap", "hard_cap", "spectral_normalize", "stiefel", "exact_cap")
 
@@ -30,12 +30,13 @@ def matrix_caps(cfg: Config, names: list[str]) -> dict[str, float | None]:
     return {n: (head if n == "head.weight" else c.sigma_max) for n in names}
 
 
-def save_model(out_dir: Path, model: LipschitzTransformer, cfg: Config, tokenizer, extra: dict | None = None) -> None:
+def save_model(out_dir: Path, weights: dict[str, torch.Tensor], cfg: Config, tokenizer, extra: dict | None = None) -> None:
+    """`weights`: full tensors by model parameter name (gathered: no ZeRO shards)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.detach().float().cpu().contiguous() for n, t in model.state_dict().items()}
+    tensors = {n: t.detach().float().cpu().contiguous() for n, t in weights.items()}
     save_file(tensors, str(out_dir / "model.safetensors"))
     meta = {"config": cfg.to_dict(), "tokenizer": tokenizer.to_dict(),
-            "caps": matrix_caps(cfg, matrix_names(model)), **(extra or {})}
+            "caps": matrix_caps(cfg, [n for n in weights if n != "embed.weight"]), **(extra or {})}
     tmp = out_dir / "config.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(out_dir / "config.json")
@@ -59,7 +60,3 @@ def load_model(path: str | Path) -> tuple[LipschitzTransformer, Config, object, 
     if missing or unexpected:
         raise CheckpointError(f"'{weights}' does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model, cfg, tokenizer_from_dict(meta["tokenizer"]), meta.get("caps", {})
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    model.load_state_dict(load_file(str(path)))

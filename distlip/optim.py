@@ -97,6 +97,7 @@ class Optimizers:
         self.matrices = {n: p for n, p in named_params.items() if n != "embed.weight"}
         self.embed = named_params.get("embed.weight")
         self.state: dict[str, torch.Tensor] = {}
+        self.orthogonalized = 0  # matrices put through Newton–Schulz (the sharding tests count it)
         self.adam: torch.optim.Optimizer | None = None
         if cfg.name == "adamw":
             self.adam = torch.optim.AdamW(
@@ -133,6 +134,7 @@ class Optimizers:
                                   [self._buffer(n, p) for n, p in zip(names, ps)],
                                   [lr * cfg.lr_mult.get(param_group(n), 1.0) for n in names], beta, cfg.nesterov)
             norms.update(zip(names, applied))
+            self.orthogonalized += len(names)
         if self.embed is not None and cfg.embed == "colnorm":
             colnorm_update(self.embed, grad("embed.weight", self.embed).float(), self._buffer("embed.weight", self.embed),
                            lr * cfg.lr_mult.get("embed", 1.0), beta, cfg.embed_growth_cap)

@@ -18,17 +18,17 @@ import torch.nn.functional as F
 
 from distlip.certificate import Certificate, SigmaEstimator, certify, embed_rms_max, exact_norms
 from distlip.config import Config
-from distlip.constraints import Constrainer, embed_cap
+from distlip.constraints import Constrainer
 from distlip.data.chars import InMemoryBatches, load_char_corpus, val_windows
+from distlip.engine import EMBED, DistEnv, Engine, check_distributed, init_distributed
 from distlip.errors import ConfigError, DistlipError
 from distlip.export import matrix_caps, save_model
 from distlip.metrics import MetricsLogger, Progress
-from distlip.model import LipschitzTransformer, attention_flops_per_token, matrix_names
-from distlip.optim import Optimizers
+from distlip.model import LipschitzTransformer, matrix_names
 from distlip.timing import StepTimer
 
 
-def select_device(cfg: Config) -> torch.device:
+def select_device(cfg: Config, local_rank: int = 0) -> torch.device:
     want = cfg.train.device
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
@@ -37,7 +37,7 @@ def select_device(cfg: Config) -> torch.device:
     if cfg.train.dtype == "bfloat16" and want == "cpu":
         raise ConfigError("train.dtype=bfloat16 runs on GPUs only here (CPU bf16 autocast is slow and "
                           "inexact for this model); use train.dtype=float32 on CPU")
-    return torch.device(want)
+    return torch.device(want, local_rank) if want == "cuda" else torch.device(want)
 
 
 @dataclass
@@ -50,33 +50,37 @@ class Data:
     val_y: torch.Tensor
 
 
-def build_data(cfg: Config, micro_batch: int, rank: int = 0) -> Data:
-    d, T = cfg.data, cfg.model.context
+def build_data(cfg: Config, env: DistEnv) -> Data:
+    d, t, T = cfg.data, cfg.train, cfg.model.context
+    micro = t.batch_size // (env.world_size * t.grad_accum)
     if d.source in ("shakespeare", "text") and d.tokenizer == "char":
         tok, train_ids, val_ids = load_char_corpus(d.source, d.path, d.val_fraction)
         vx, vy = val_windows(val_ids, T)
-        return Data(tok, InMemoryBatches(train_ids, T, micro_batch, cfg.train.seed, rank), vx, vy)
+        train = InMemoryBatches(train_ids, T, micro, t.seed, env.rank, env.world_size, t.grad_accum)
+        return Data(tok, train, vx, vy)
     raise ConfigError(f"data.source={d.source} with data.tokenizer={d.tokenizer} needs the streaming pipeline")
 
 
 @torch.no_grad()
-def evaluate(model: LipschitzTransformer, vx: torch.Tensor, vy: torch.Tensor, device: torch.device,
-             autocast, max_windows: int = 0, batch: int = 64) -> tuple[float, float]:
+def evaluate(engine: Engine, vx: torch.Tensor, vy: torch.Tensor, autocast, max_windows: int = 0,
+             batch: int = 64) -> tuple[float, float]:
     """Mean next-token loss and top-1 accuracy over validation windows (all, or an evenly
-    spaced fixed subset of `max_windows`)."""
-    model.eval()
+    spaced fixed subset of `max_windows`); each rank evaluates every world_size-th window."""
+    engine.model.eval()
     if 0 < max_windows < len(vx):
         idx = torch.linspace(0, len(vx) - 1, max_windows).round().long()
         vx, vy = vx[idx], vy[idx]
+    vx, vy = vx[engine.env.rank::engine.env.world_size], vy[engine.env.rank::engine.env.world_size]
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, len(vx), batch):
-        x, y = vx[i:i + batch].to(device), vy[i:i + batch].to(device)
+        x, y = vx[i:i + batch].to(engine.device), vy[i:i + batch].to(engine.device)
         with autocast:
-            logits = model(x)
+            logits = engine.forward(x)
         loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         count += y.numel()
-    model.train()
+    engine.model.train()
+    loss_sum, correct, count = engine.all_sum([loss_sum, correct, count])
     return loss_sum / count, correct / count
 
 
@@ -86,37 +90,37 @@ def format_duration(seconds: float) -> str:
 
 
 class Trainer:
-    """Single-process training of the Lipschitz transformer (CPU or one GPU)."""
+    """Training of the Lipschitz transformer on one process or many (torchrun / accelerate)."""
 
-    def __init__(self, cfg: Config, out_dir: str | Path | None = None):
+    def __init__(self, cfg: Config, out_dir: str | Path | None = None, env: DistEnv | None = None):
         self.cfg = cfg
+        self.env = env = env or DistEnv.from_environ()
         self.out = Path(out_dir or cfg.train.out)
-        self.device = select_device(cfg)
+        check_distributed(cfg, env)
+        self.device = select_device(cfg, env.local_rank)
         if cfg.train.threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
-        torch.manual_seed(cfg.train.seed)
-        t = cfg.train
-        self.micro_batch = t.batch_size // t.grad_accum
-        self.data = build_data(cfg, self.micro_batch)
+        self.data = build_data(cfg, env)
         if cfg.model.vocab_size == 0:
             self.cfg = cfg = replace(cfg, model=replace(cfg.model, vocab_size=self.data.tokenizer.vocab_size))
         elif cfg.model.vocab_size < self.data.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"{self.data.tokenizer.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        init_distributed(env, self.device)
+        torch.manual_seed(cfg.train.seed)
         self.model = LipschitzTransformer(cfg.model).to(self.device)
         self.params = dict(self.model.named_parameters())
         self.matrices = matrix_names(self.model)
         self.caps = matrix_caps(cfg, self.matrices)
-        c = cfg.constraint
-        self.constrainer = Constrainer(c.method, self._sigma_max_map(), weight_decay=c.weight_decay,
-                                       spectral_wd=c.spectral_wd, power_iters=c.power_iters, seed=t.seed)
-        self.optim = Optimizers(self.params, cfg.optim)
-        self.estimator = SigmaEstimator(seed=t.seed)
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                         if t.dtype == "bfloat16" else nullcontext())
-        self.timer = StepTimer(self.device)
-        self.step, self.lr = 0, 0.0
         self._project_initial()
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                         if cfg.train.dtype == "bfloat16" else nullcontext())
+        self.timer = StepTimer(self.device)
+        self.engine = Engine(cfg, self.model, env, self.timer, self._sigma_max_map())
+        self.estimator = SigmaEstimator(seed=cfg.train.seed)
+        self.step, self.lr = 0, 0.0
 
     def _sigma_max_map(self) -> dict[str, float]:
         c = self.cfg.constraint
@@ -135,46 +139,31 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------
     def forward_backward(self) -> float:
-        """Accumulate gradients over micro-batches; returns the mean loss."""
+        """Accumulate gradients over micro-batches; returns the mean loss over all ranks."""
         accum, total = self.cfg.train.grad_accum, 0.0
-        for _ in range(accum):
+        for i in range(accum):
             with self.timer.phase("data"):
                 x, y = self.data.train.next_batch()
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.timer.phase("forward"), self.autocast:
-                loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+                loss = F.cross_entropy(self.engine.forward(x).flatten(0, 1), y.flatten())
             with self.timer.phase("backward"):
-                (loss / accum).backward()
+                self.engine.backward(loss, last_micro=i == accum - 1)
             total += loss.item()
-        return total / accum
-
-    @torch.no_grad()
-    def constrain(self, info) -> None:
-        margin = self.cfg.constraint.margin
-        norms = {n: (None if v is None else v * margin) for n, v in info.update_norms.items()}
-        named = {n: self.params[n].data for n in self.matrices}
-        for n, w in self.constrainer.apply_many(named, lr=info.lr, update_norms=norms).items():
-            self.params[n].data.copy_(w)
-        if self.cfg.constraint.embed_cap:
-            e = self.params["embed.weight"]
-            e.data.copy_(embed_cap(e.data))
+        return self.engine.all_sum([total / accum])[0] / self.env.world_size
 
     def certificate(self, exact: bool) -> Certificate:
-        mats = {n: self.params[n].data for n in self.matrices}
-        norms = exact_norms(mats) if exact else self.estimator(mats)
-        return certify(norms, embed_rms_max(self.params["embed.weight"].data), self.cfg.model, self.caps)
+        """Each owner computes its matrices' norms; the sums give every rank the whole table."""
+        norms = self.engine.owned_norms(exact_norms if exact else self.estimator)
+        return certify(norms, embed_rms_max(self.engine.embedding()), self.cfg.model, self.caps)
 
     def train_step(self) -> tuple[float, Certificate | None]:
         loss = self.forward_backward()
         if not math.isfinite(loss):
             raise DistlipError(f"loss is {loss} at step {self.step}: training diverged; lower optim.lr "
                                f"(now {self.cfg.optim.lr}) or check the data. Saved files were left untouched.")
-        with self.timer.phase("optimizer"):
-            info = self.optim.step(self.step, self.cfg.train.steps)
-            self.lr = info.lr
-            self.model.zero_grad(set_to_none=True)
-        with self.timer.phase("constraint"):
-            self.constrain(info)
+        info = self.engine.step(self.step, self.cfg.train.steps)
+        self.lr = info.lr
         cert = None
         every = self.cfg.train.certify_every
         if every and (self.step % every == 0 or self.step == self.cfg.train.steps - 1):
@@ -187,13 +176,14 @@ class Trainer:
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        logger = MetricsLogger(self.out, tensorboard=t.tensorboard)
-        progress = Progress(t.steps, enabled=t.progress)
+        main = self.env.is_main
+        logger = MetricsLogger(self.out, enabled=main, tensorboard=t.tensorboard)
+        progress = Progress(t.steps, enabled=t.progress and main)
         n_params = sum(p.numel() for p in self.model.parameters())
         tokens_per_step = t.batch_size * cfg.model.context
         init_cert = self.certificate(exact=True)
         logger.log({"step": 0, "event": "start", "loss": None, "lipschitz_bound": init_cert.bound,
-                    "world_size": 1, "zero_stage": cfg.dist.zero_stage, "params": n_params,
+                    "world_size": self.env.world_size, "zero_stage": cfg.dist.zero_stage, "params": n_params,
                     "device": str(self.device), "dtype": t.dtype, "constraint": cfg.constraint.method})
         progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {cfg.constraint.method} σmax={cfg.constraint.sigma_max}, "
                        f"{t.steps} steps × {tokens_per_step} tokens on {self.device}")
@@ -216,21 +206,22 @@ class Trainer:
                     progress.update(self.step, {"loss": f"{loss:.3f}", "tok/s": f"{tok_s:,.0f}",
                                                 "L≤": f"{cert.bound:.3g}"})
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
-                    vl, va = evaluate(self.model, self.data.val_x, self.data.val_y, self.device, self.autocast,
-                                      t.eval_windows)
+                    vl, va = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast, t.eval_windows)
                     logger.log({"step": self.step, "loss": loss, "lipschitz_bound": cert.bound,
                                 "val_loss": vl, "val_acc": va})
                     progress.write(f"step {self.step}: val_loss {vl:.4f}  val_acc {va:.2%}  L≤{cert.bound:.3g}")
             train_time = time.perf_counter() - start
             final = self.certificate(exact=True)
-            vl, va = evaluate(self.model, self.data.val_x, self.data.val_y, self.device, self.autocast)
+            vl, va = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast)
             violations = final.violations(self.caps)
             summary = {"step": self.step, "loss": loss, "lipschitz_bound": final.bound, "val_loss": vl, "val_acc": va,
                        "max_cap_ratio": final.max_cap_ratio, "certified": not violations, "exact": True,
                        "train_seconds": train_time, "val_tokens": int(self.data.val_y.numel())}
             logger.log({"event": "final", **summary})
-            save_model(self.out, self.model, cfg, self.data.tokenizer,
-                       {"certificate": {"lipschitz_bound": final.bound, "log10_bound": final.log10_bound}})
+            weights = {**{n: p.data for n, p in self.params.items()}, EMBED: self.engine.embedding()}
+            if main:
+                save_model(self.out, weights, cfg, self.data.tokenizer,
+                           {"certificate": {"lipschitz_bound": final.bound, "log10_bound": final.log10_bound}})
         finally:
             progress.close()
             logger.close()

@@ -1,0 +1,314 @@
+"""The distributed engine: one rank's forward, backward and step.
+
+Who updates what:
+- distlip owns every matrix (and the embedding when it takes the column-normalised step):
+  each tensor has one owner rank (`sharding.plan_ownership`). Gradients are reduced to the
+  owner, the owner runs momentum → Newton–Schulz → update → constraint, then broadcasts the
+  new weights. No rank repeats another's work and replicas are identical by construction.
+- DeepSpeed owns the embedding when it takes Adam: `deepspeed.initialize` wraps the embedding
+  module with ZeRO stage 0–3, which partitions its Adam state (and, at stage 3, the weight).
+  After its step the row-RMS cap is applied to the full fp32 master and written back to the
+  copy the next forward reads (`safe_set_full_fp32_param` alone does not do that).
+
+With one process there is no communication and no DeepSpeed: the same code, all tensors owned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distlip.config import Config
+from distlip.constraints import Constrainer, embed_cap
+from distlip.errors import ConfigError
+from distlip.model import LipschitzTransformer, matrix_names
+from distlip.optim import Optimizers, StepInfo
+from distlip.sharding import plan_ownership
+from distlip.timing import StepTimer
+
+EMBED = "embed.weight"
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job, from the launcher's environment (torchrun, accelerate)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environ(cls) -> "DistEnv":
+        get = lambda k, d: int(os.environ.get(k, d))  # noqa: E731
+        return cls(get("RANK", 0), get("WORLD_SIZE", 1), get("LOCAL_RANK", 0))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def apply_launcher_zero_stage(cfg: Config, overrides: list[str]) -> Config:
+    """`accelerate launch` with a DeepSpeed config exports its ZeRO stage; it sets dist.zero_stage
+    unless the command line set it too, in which case the two must agree."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is None:
+        return cfg
+    explicit = any(o.split("=", 1)[0].strip() == "dist.zero_stage" for o in overrides)
+    if explicit and int(stage) != cfg.dist.zero_stage:
+        raise ConfigError(f"the accelerate config says ZeRO stage {stage} but dist.zero_stage={cfg.dist.zero_stage}; "
+                          "drop one of them")
+    cfg.dist.zero_stage = int(stage)
+    return cfg
+
+
+def uses_deepspeed(cfg: Config, env: DistEnv) -> bool:
+    return env.world_size > 1 and cfg.optim.name == "muon" and cfg.optim.embed == "adam"
+
+
+def check_distributed(cfg: Config, env: DistEnv) -> None:
+    """Everything that can be refused before any process-group work."""
+    t = cfg.train
+    if t.batch_size % (env.world_size * t.grad_accum):
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by world size {env.world_size} × "
+                          f"train.grad_accum={t.grad_accum}; pick a batch size that is")
+    if env.world_size > 1 and cfg.optim.name == "adamw":
+        raise ConfigError("the AdamW baseline runs on one process; use optim.name=muon for sharded training")
+    if env.world_size > 1 and cfg.dist.zero_stage > 0 and cfg.optim.embed != "adam":
+        raise ConfigError(f"dist.zero_stage={cfg.dist.zero_stage} shards Adam state, but optim.embed=colnorm leaves "
+                          "DeepSpeed no parameters (distlip's owner-computes step already shards every optimizer "
+                          "state); set optim.embed=adam, or dist.zero_stage=0")
+    if env.world_size > 1:
+        deepspeed_config(cfg, env.world_size)  # refuses a contradicting user JSON early
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """DeepSpeed JSON for the embedding's Adam, generated from the typed config; a user JSON
+    (dist.deepspeed_config) may add settings but not contradict these."""
+    t, o = cfg.train, cfg.optim
+    ours = {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.batch_size // (world_size * t.grad_accum),
+        "gradient_accumulation_steps": t.grad_accum,
+        "optimizer": {"type": "Adam", "params": {
+            "lr": o.lr * o.lr_mult.get("embed", 1.0), "betas": list(o.betas), "eps": o.eps, "weight_decay": 0.0,
+            "torch_adam": True, "adam_w_mode": False}},
+        "zero_optimization": {"stage": cfg.dist.zero_stage},
+        "gradient_clipping": 0.0,  # Muon's update norm is fixed; clipping would break the soft-cap coupling
+        "bf16": {"enabled": False},  # bf16 is autocast with fp32 master weights (train.dtype)
+        "fp16": {"enabled": False},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    path = cfg.dist.deepspeed_config
+    if not path:
+        return ours
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"dist.deepspeed_config '{p}' not found")
+    try:
+        user = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"dist.deepspeed_config '{p}' is not valid JSON: {exc}") from None
+    _check_user_deepspeed(user, ours, p)
+    merged = dict(user)
+    for key, value in ours.items():
+        merged[key] = {**user.get(key, {}), **value} if isinstance(value, dict) and isinstance(user.get(key), dict) else value
+    return merged
+
+
+def _check_user_deepspeed(user: dict, ours: dict, path: Path) -> None:
+    def refuse(what: str, fix: str) -> None:
+        raise ConfigError(f"{path}: {what}; {fix}")
+
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in user and user[key] != "auto" and user[key] != ours[key]:
+            refuse(f"{key}={user[key]} contradicts the config ({ours[key]})", "remove it or set it to \"auto\"")
+    stage = user.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != ours["zero_optimization"]["stage"]:
+        refuse(f"zero_optimization.stage={stage} contradicts dist.zero_stage={ours['zero_optimization']['stage']}",
+               "set the stage in one place")
+    if float(user.get("gradient_clipping", 0) or 0) > 0:
+        refuse("gradient_clipping is on", "Muon's update norm is fixed and the soft cap relies on it: set it to 0")
+    for half in ("fp16", "bf16"):
+        if user.get(half, {}).get("enabled"):
+            refuse(f"{half}.enabled is true", "use train.dtype=bfloat16 (autocast, fp32 master weights)")
+    opt = user.get("optimizer", {}).get("type")
+    if opt is not None and opt.lower() not in ("adam", "adamw"):
+        refuse(f"optimizer.type={opt} is not supported", "distlip runs Muon itself and gives DeepSpeed Adam only")
+
+
+def init_distributed(env: DistEnv, device: torch.device) -> None:
+    """Start the process group (gloo on CPU, NCCL on GPU) when the launcher started several ranks."""
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        import deepspeed
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    except ImportError:
+        dist.init_process_group(backend)
+
+
+class Engine:
+    """One rank's share of training: forward, backward, and the step
+    (communicate → optimise → constrain → share)."""
+
+    def __init__(self, cfg: Config, model: LipschitzTransformer, env: DistEnv, timer: StepTimer,
+                 sigma_max: dict[str, float]):
+        self.cfg, self.model, self.env, self.timer = cfg, model, env, timer
+        self.params = dict(model.named_parameters())
+        self.device = next(model.parameters()).device
+        self._broadcast_initial()
+        self.ds = self._deepspeed() if uses_deepspeed(cfg, env) else None
+        ours = matrix_names(model) + ([] if self.ds else [EMBED])
+        self.plan = plan_ownership({n: self.params[n].numel() for n in ours}, env.world_size)
+        self.owned = self.plan.owned_by(env.rank)
+        self.optim = Optimizers({n: self.params[n] for n in self.owned}, cfg.optim)
+        c = cfg.constraint
+        self.constrainer = Constrainer(c.method, {n: sigma_max[n] for n in matrix_names(model)},
+                                       weight_decay=c.weight_decay, spectral_wd=c.spectral_wd,
+                                       power_iters=c.power_iters, seed=cfg.train.seed)
+
+    @torch.no_grad()
+    def _broadcast_initial(self) -> None:
+        """Start every replica from rank 0's weights (seeded init already agrees; this makes it certain)."""
+        if self.env.world_size > 1:
+            for p in self.model.parameters():
+                dist.broadcast(p.data, src=0)
+
+    def _deepspeed(self):
+        import deepspeed
+        engine, _, _, _ = deepspeed.initialize(model=self.model.embed, model_parameters=self.model.embed.parameters(),
+                                               config=deepspeed_config(self.cfg, self.env.world_size))
+        return engine
+
+    # ---- forward / backward -------------------------------------------------------------
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) → logits (B, T, vocab_size)."""
+        h = self.ds(idx) if self.ds is not None else self.model.embed(idx)
+        return self.model.logits_from_embeddings(h)
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        """Accumulate one micro-batch's gradients (mean over the step's micro-batches)."""
+        if self.ds is None:
+            (loss / self.cfg.train.grad_accum).backward()
+            return
+        self.ds.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
+        if not last_micro:
+            self.ds.step()  # DeepSpeed counts micro-steps; it only updates at the boundary
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self, step: int, total: int) -> StepInfo:
+        with self.timer.phase("comm"):
+            grads = self._reduce_to_owners()
+        with self.timer.phase("optimizer"):
+            info = self.optim.step(step, total, grads)
+            if self.ds is not None:
+                for group in self.ds.optimizer.param_groups:
+                    group["lr"] = info.lr * self.cfg.optim.lr_mult.get("embed", 1.0)
+                self.ds.step()
+            self.model.zero_grad(set_to_none=True)
+        with self.timer.phase("constraint"):
+            self._constrain_owned(info)
+            self._cap_deepspeed_embedding()
+        with self.timer.phase("comm"):
+            self._share_from_owners()
+        return info
+
+    def _flat(self, names: list[str], tensors) -> torch.Tensor:
+        return torch.cat([tensors(n).reshape(-1) for n in names])
+
+    @torch.no_grad()
+    def _reduce_to_owners(self) -> dict[str, torch.Tensor]:
+        """Mean gradient of every tensor this rank owns (each reduced only to its owner)."""
+        def grad(n):
+            g = self.params[n].grad
+            return torch.zeros_like(self.params[n]) if g is None else g.float()
+        world = self.env.world_size
+        if world == 1:
+            return {n: grad(n) for n in self.owned}
+        mine: dict[str, torch.Tensor] = {}
+        for rank in range(world):
+            names = self.plan.owned_by(rank)
+            if not names:
+                continue
+            flat = self._flat(names, grad)
+            dist.reduce(flat, dst=rank, op=dist.ReduceOp.SUM)
+            if rank == self.env.rank:
+                flat /= world
+                mine = dict(zip(names, flat.split([self.params[n].numel() for n in names])))
+                mine = {n: g.view_as(self.params[n]) for n, g in mine.items()}
+        return mine
+
+    @torch.no_grad()
+    def _constrain_owned(self, info: StepInfo) -> None:
+        margin = self.cfg.constraint.margin
+        mats = [n for n in self.owned if n != EMBED]
+        norms = {n: (None if info.update_norms.get(n) is None else info.update_norms[n] * margin) for n in mats}
+        if mats:
+            new = self.constrainer.apply_many({n: self.params[n].data for n in mats}, lr=info.lr, update_norms=norms)
+            for n, w in new.items():
+                self.params[n].data.copy_(w)
+        if EMBED in self.owned and self.cfg.constraint.embed_cap:
+            e = self.params[EMBED]
+            e.data.copy_(embed_cap(e.data))
+
+    @torch.no_grad()
+    def _share_from_owners(self) -> None:
+        """Every owner broadcasts its updated tensors; afterwards all replicas are identical."""
+        if self.env.world_size == 1:
+            return
+        for rank in range(self.env.world_size):
+            names = self.plan.owned_by(rank)
+            if not names:
+                continue
+            flat = self._flat(names, lambda n: self.params[n].data)
+            dist.broadcast(flat, src=rank)
+            if rank != self.env.rank:
+                for n, chunk in zip(names, flat.split([self.params[n].numel() for n in names])):
+                    self.params[n].data.copy_(chunk.view_as(self.params[n]))
+
+    # ---- the DeepSpeed-held embedding ------------------------------------------------------
+    def embedding(self) -> torch.Tensor:
+        """The full fp32 embedding (vocab, d) on every rank (a collective under ZeRO ≥ 1)."""
+        if self.ds is None or self.cfg.dist.zero_stage == 0:
+            return self.params[EMBED].data
+        from deepspeed.utils import safe_get_full_fp32_param
+        return safe_get_full_fp32_param(self.params[EMBED])
+
+    @torch.no_grad()
+    def _cap_deepspeed_embedding(self) -> None:
+        if self.ds is None or not self.cfg.constraint.embed_cap:
+            return
+        p, capped = self.params[EMBED], embed_cap(self.embedding())
+        if self.cfg.dist.zero_stage == 0:
+            p.data.copy_(capped)
+            return
+        from deepspeed.utils import safe_set_full_fp32_param
+        safe_set_full_fp32_param(p, capped)  # the fp32 master the next update starts from
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's shard of the forward weights
+            shard = p.ds_tensor
+            flat = capped.reshape(-1)[self.env.rank * shard.numel():(self.env.rank + 1) * shard.numel()]
+            shard.data.zero_()
+            shard.data[:flat.numel()].copy_(flat)
+        if p.data.numel() == capped.numel():  # ZeRO-1/2, or a ZeRO-3 parameter kept whole
+            p.data.copy_(capped)
+
+    # ---- sums over ranks --------------------------------------------------------------------
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.env.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def owned_norms(self, norm_fn) -> dict[str, float]:
+        """RMS→RMS norms of every matrix, each computed by its owner only, then summed."""
+        names = matrix_names(self.model)
+        mine = norm_fn({n: self.params[n].data for n in names if n in self.owned})
+        return dict(zip(names, self.all_sum([mine.get(n, 0.0) for n in names])))
