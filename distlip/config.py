@@ -87,6 +87,9 @@ class DataConfig:
     val_tokens: int = 0  # streaming: tokens held out for validation (0: none)
     shuffle_buffer: int = 1000  # streaming: documents
     skip_bad_files: bool = False  # streaming: skip undecodable files with a warning
+    text_sample_by: str = "document"  # text files: one document per file | paragraph | line
+    epochs: int = 0  # streaming: passes over the source before it ends (0: repeat forever)
+    prefetch: int = 4  # streaming: batches prepared ahead by the background thread
 
 
 @dataclass
@@ -247,6 +250,21 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def validate_data(d: DataConfig) -> None:
+    """The data section alone (also used by `distlip tokenizer train`, which has no model)."""
+    sources = ("shakespeare", "text", "jsonl", "parquet", "hub")
+    _require(d.source in sources, f"data.source='{d.source}' is unknown{_closest(d.source, sources)}; use one of {', '.join(sources)}")
+    _require(d.source in ("shakespeare", "hub") or d.path,
+             f"data.source={d.source} needs data.path (a file, glob or directory)")
+    _require(d.source != "hub" or d.name, "data.source=hub needs data.name, e.g. HuggingFaceFW/fineweb")
+    _require(0 < d.val_fraction < 1, "data.val_fraction must be in (0, 1)")
+    _require(d.val_tokens >= 0 and d.shuffle_buffer >= 0, "data.val_tokens and data.shuffle_buffer must be ≥ 0")
+    _require(d.text_sample_by in ("document", "paragraph", "line"),
+             f"data.text_sample_by='{d.text_sample_by}' is unknown; use document, paragraph or line")
+    _require(d.epochs >= 0, f"data.epochs={d.epochs} must be ≥ 0 (0 repeats the stream forever)")
+    _require(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be ≥ 1 (batches prepared ahead)")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that do not need data, devices or process groups."""
     from distlip.constraints import check_method  # local: constraints imports torch
@@ -273,12 +291,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= o.momentum < 1 and 0 <= o.momentum_start < 1, "optim.momentum values must be in [0, 1)")
     _require(0 <= o.decay_start <= 1 and 0 <= o.final_lr_frac <= 1, "optim.decay_start and optim.final_lr_frac must be in [0, 1]")
     _require(len(o.betas) == 2, "optim.betas must be two numbers, e.g. [0.9, 0.95]")
-    sources = ("shakespeare", "text", "jsonl", "parquet", "hub")
-    _require(d.source in sources, f"data.source='{d.source}' is unknown{_closest(d.source, sources)}; use one of {', '.join(sources)}")
-    _require(d.source in ("shakespeare", "hub") or d.path,
-             f"data.source={d.source} needs data.path (a file, glob or directory)")
-    _require(d.source != "hub" or d.name, "data.source=hub needs data.name, e.g. HuggingFaceFW/fineweb")
-    _require(0 < d.val_fraction < 1, "data.val_fraction must be in (0, 1)")
+    validate_data(d)
     _require(t.steps > 0 and t.batch_size > 0 and t.grad_accum > 0, "train.steps, batch_size and grad_accum must be positive")
     _require(t.batch_size % t.grad_accum == 0,
              f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")

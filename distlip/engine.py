@@ -299,6 +299,10 @@ class Engine:
         if p.data.numel() == capped.numel():  # ZeRO-1/2, or a ZeRO-3 parameter kept whole
             p.data.copy_(capped)
 
+    def log_fields(self) -> dict:
+        """Per-step fields the engine adds to each metrics record (communication accounting)."""
+        return {}
+
     # ---- sums over ranks --------------------------------------------------------------------
     def all_sum(self, values: list[float]) -> list[float]:
         if self.env.world_size == 1:

@@ -201,7 +201,7 @@ class Trainer:
                     last_time, last_step = now, self.step
                     record = {"step": self.step, "loss": loss, "lr": self.lr,
                               "lipschitz_bound": cert.bound, "max_cap_ratio": cert.max_cap_ratio,
-                              "tokens_per_s": tok_s, **self.timer.averages()}
+                              "tokens_per_s": tok_s, **self.timer.averages(), **self.engine.log_fields()}
                     logger.log(record)
                     progress.update(self.step, {"loss": f"{loss:.3f}", "tok/s": f"{tok_s:,.0f}",
                                                 "L≤": f"{cert.bound:.3g}"})
