@@ -56,6 +56,12 @@ def _certify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer(args: argparse.Namespace) -> int:
+    from distlip.data.tokenizer_cli import main as tokenizer_main
+
+    return tokenizer_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distlip", description="Train Lipschitz-certified transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     cert = sub.add_parser("certify", help="exact Lipschitz certificate of an exported model or checkpoint")
     cert.add_argument("path", help="a directory with model.safetensors + config.json")
     cert.set_defaults(func=_certify)
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (offline)", add_help=False)
+    tok.add_argument("rest", nargs=argparse.REMAINDER)
+    tok.set_defaults(func=_tokenizer)
     return parser
 
 

@@ -51,6 +51,8 @@ class Data:
 
 
 def build_data(cfg: Config, env: DistEnv) -> Data:
+    """In-memory char data for the packaged Shakespeare / a local text file; the streaming
+    pipeline (sharded by rank, packed, resumable) for everything else."""
     d, t, T = cfg.data, cfg.train, cfg.model.context
     micro = t.batch_size // (env.world_size * t.grad_accum)
     if d.source in ("shakespeare", "text") and d.tokenizer == "char":
@@ -58,7 +60,15 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
         vx, vy = val_windows(val_ids, T)
         train = InMemoryBatches(train_ids, T, micro, t.seed, env.rank, env.world_size, t.grad_accum)
         return Data(tok, train, vx, vy)
-    raise ConfigError(f"data.source={d.source} with data.tokenizer={d.tokenizer} needs the streaming pipeline")
+    from distlip.data.stream import StreamingBatches, load_stream_tokenizer
+
+    if d.val_tokens <= 0:
+        raise ConfigError(f"data.source={d.source} streams its data: set data.val_tokens (e.g. 1000000) to hold "
+                          "out the start of the stream for validation")
+    tok = load_stream_tokenizer(d)
+    train = StreamingBatches(d, tok, T, micro, env.rank, env.world_size, seed=t.seed)
+    vx, vy = val_windows(train.held_out.tokens, T)
+    return Data(tok, train, vx, vy)
 
 
 @torch.no_grad()
