@@ -15,7 +15,8 @@ class StepTimer:
     """Accumulates seconds per phase; `averages()` returns ms per step since the last reset."""
 
     def __init__(self, device: torch.device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.cuda = device.type == "cuda"
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
         self.total = defaultdict(float)
         self.steps = 0
 
@@ -33,9 +34,11 @@ class StepTimer:
         self.steps += 1
 
     def averages(self) -> dict[str, float]:
-        """Milliseconds per step per phase, then reset."""
+        """Milliseconds per step per phase (and peak GPU memory in GiB), then reset."""
         n = max(self.steps, 1)
         out = {f"ms_{k}": 1000 * self.total.get(k, 0.0) / n for k in PHASES}
+        if self.cuda:
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.total.clear()
         self.steps = 0
         return out
