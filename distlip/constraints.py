@@ -49,8 +49,8 @@ HARD_CAP_COEFFS: tuple[tuple[float, float, float], ...] = (
 HARD_CAP_PEAK = 1.01089
 # Largest σ₁/σmax the working-scale hard cap handles (3.53 / HARD_CAP_PEAK).
 HARD_CAP_RANGE = 3.49
-# Matrices estimated above this multiple of σmax are scaled down to it before the hard
-# cap: the margin to HARD_CAP_RANGE absorbs a power-iteration underestimate of up to 16%.
+# Matrices whose σ₁ bound exceeds this multiple of σmax are scaled down to it before the
+# hard cap, inside HARD_CAP_RANGE with room for the bound's own slack (≤ 1.3%).
 _HARD_CAP_NORMALIZE_TO = 3.0
 
 # Soft cap: the composite p₂∘p₁ stays ≤ σmax on [0, k] only while the update norm
@@ -437,14 +437,15 @@ class Constrainer:
             return exact_cap(X, caps)
         if method == "soft_cap":
             return self._soft_cap(names, X, caps, lam_eta, mus)
+        # Caps need σ₁ from above (a guaranteed bound); decays and the hammer need u₁, v₁.
+        if method == "spectral_normalize":
+            return spectral_normalize(X, caps, sigma_upper_bound(X))
+        if method == "hard_cap":
+            return hard_cap(X, caps, sigma_upper_bound(X))
         sigma, u, v = self._estimate(names, X)
         if method == "spectral_weight_decay":
             return spectral_weight_decay(X, self.spectral_wd, u, v, sigma)
-        if method == "spectral_normalize":
-            return spectral_normalize(X, caps, sigma_upper_bound(X))
-        if method == "spectral_hammer":
-            return spectral_hammer(X, caps, u, v, sigma)
-        return hard_cap(X, caps, sigma_upper_bound(X))
+        return spectral_hammer(X, caps, u, v, sigma)
 
     def _soft_cap(
         self, names: list[str], X: Tensor, caps: Tensor, lam_eta: float, mus: list[float | None]

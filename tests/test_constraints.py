@@ -306,14 +306,14 @@ def test_constrainer_is_deterministic_and_leaves_global_rng_alone():
     rng = torch.get_rng_state()
     outs = []
     for _ in range(2):
-        c = Constrainer("spectral_normalize", 1.0, seed=3)
+        c = Constrainer("spectral_hammer", 1.0, seed=3)
         outs.append([c.apply_many(named, lr=0.1) for named in steps])
     assert torch.equal(torch.get_rng_state(), rng)
     for x, y in zip(*outs):
         assert all(torch.equal(x[n], y[n]) for n in x)
-    other = Constrainer("spectral_normalize", 1.0, seed=4)
+    other = Constrainer("spectral_hammer", 1.0, seed=4)
     other.apply_many(steps[0], lr=0.1)
-    first = Constrainer("spectral_normalize", 1.0, seed=3)
+    first = Constrainer("spectral_hammer", 1.0, seed=3)
     first.apply_many(steps[0], lr=0.1)
     assert not torch.equal(other.state_dict()["a"], first.state_dict()["a"])
 
