@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 train: install
-	$(BIN)/distlip train --config $(CONFIG)
+	$(BIN)/distlip train --config $(CONFIG) --resume auto
 
 test: install
 	$(BIN)/python -m pytest -q tests

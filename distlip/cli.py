@@ -1,4 +1,4 @@
-"""The `distlip` command: train, certify, and the tools around them.
+"""The `distlip` command: train, certify, export, sample, and the tools around them.
 
 Every user mistake surfaces as one `error: ...` line and exit code 2, never a traceback.
 """
@@ -6,6 +6,7 @@ Every user mistake surfaces as one `error: ...` line and exit code 2, never a tr
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ def _train(args: argparse.Namespace) -> int:
     from distlip.engine import apply_launcher_zero_stage
     from distlip.trainer import Trainer, print_summary
 
-    cfg = apply_launcher_zero_stage(load_config(args.config, args.overrides), args.overrides)
+    overrides = args.overrides + ([f"train.resume={args.resume}"] if args.resume is not None else [])
+    cfg = apply_launcher_zero_stage(load_config(args.config, overrides), overrides)
     out = Path(args.out or cfg.train.out)
     trainer = Trainer(cfg, out)
     summary = trainer.run()
@@ -28,10 +30,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _certify(args: argparse.Namespace) -> int:
     from distlip.certificate import CAP_RTOL, certify, embed_rms_max, exact_norms
-    from distlip.export import load_model
+    from distlip.checkpoint import open_model
     from distlip.model import matrix_names
 
-    model, cfg, _, caps = load_model(args.path)
+    model, cfg, _, caps = open_model(args.path)
     params = dict(model.named_parameters())
     norms = exact_norms({n: params[n] for n in matrix_names(model)})
     cert = certify(norms, embed_rms_max(params["embed.weight"]), cfg.model, caps)
@@ -56,10 +58,30 @@ def _certify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenizer(args: argparse.Namespace) -> int:
-    from distlip.data.tokenizer_cli import main as tokenizer_main
+def _export(args: argparse.Namespace) -> int:
+    from distlip.checkpoint import export_checkpoint
 
-    return tokenizer_main(args.rest)
+    ckpt, cert = export_checkpoint(args.checkpoint, args.out)
+    out = Path(args.out)
+    print(f"exported step {ckpt.step} of {ckpt.path} (written by {ckpt.world_size} rank(s)) to "
+          f"{out / 'model.safetensors'}, {out / 'config.json'}; lipschitz_bound {cert.bound:.6g} (exact SVD)")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from distlip.checkpoint import open_model
+    from distlip.sample import generate
+
+    model, _, tokenizer, _ = open_model(args.path)
+    print(args.prompt + generate(model, tokenizer, args.prompt, args.tokens, args.temperature, args.seed))
+    return 0
+
+
+# Subcommands that own their argument parsing: name → (module with main(argv), help).
+PASSTHROUGH = {
+    "slurm-cmd": ("distlip.slurm", "print the per-node launch command for this SLURM job"),
+    "tokenizer": ("distlip.data.tokenizer_cli", "train a byte-level BPE tokenizer (offline)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,23 +93,44 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     cert = sub.add_parser("certify", help="exact Lipschitz certificate of an exported model or checkpoint")
-    cert.add_argument("path", help="a directory with model.safetensors + config.json")
+    cert.add_argument("path", help="an exported model (model.safetensors + config.json), a checkpoint "
+                                   "directory (step_NNNNNN), or a run directory (its newest checkpoint)")
     cert.set_defaults(func=_certify)
 
-    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (offline)", add_help=False)
-    tok.add_argument("rest", nargs=argparse.REMAINDER)
-    tok.set_defaults(func=_tokenizer)
+    export = sub.add_parser("export", help="consolidate a checkpoint into model.safetensors + config.json")
+    export.add_argument("checkpoint", help="a checkpoint directory (step_NNNNNN) or a run directory (its newest)")
+    export.add_argument("out", help="output directory")
+    export.set_defaults(func=_export)
+
+    sample = sub.add_parser("sample", help="generate text from an exported model or a checkpoint")
+    sample.add_argument("path", help="an exported model, a checkpoint directory or a run directory")
+    sample.add_argument("--prompt", required=True, help="text to continue")
+    sample.add_argument("--tokens", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: %(default)s)")
+    sample.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    sample.set_defaults(func=_sample)
+
+    # Listed for --help only: main() hands these to their own parsers (slurm-cmd's arguments end
+    # in `-- <training command>`, which this parser must not interpret).
+    for name, (_, text) in PASSTHROUGH.items():
+        sub.add_parser(name, add_help=False, help=f"{text} (distlip {name} --help)")
     return parser
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/shakespeare.yaml", help="YAML preset (default: %(default)s)")
     parser.add_argument("--out", default=None, help="run directory (default: train.out from the config)")
+    parser.add_argument("--resume", default=None, metavar="auto|TAG|PATH",
+                        help="resume from a checkpoint: same as the override train.resume=VALUE")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides such as train.steps=20 constraint.sigma_max=2")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in PASSTHROUGH:  # these parse their own arguments
+        module, _ = PASSTHROUGH[argv[0]]
+        return importlib.import_module(module).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -125,6 +125,41 @@ class DistConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Compressed communication between ranks (SPEC §5), built and validated by
+    `distlip.compress.CompressionConfig` (same field names). The default, identity with no
+    estimator named, keeps the engine's dense reduce-to-owner path.
+
+    compressor: identity | randk | randk_unscaled | topk, keeping `ratio` ∈ (0, 1] of each tensor.
+    estimator: dense | plain | diana | marina | ef21 | ef14; None picks dense (identity),
+      diana (randk) or ef21 (topk, randk_unscaled).
+    warmup_steps: dense steps before compression starts (they initialise the estimators).
+    shared_seed, seed: Rand-k masks shared by every rank (values all-reduced) or per rank.
+    marina_p: MARINA's dense-round probability (None: k/d). ef21_eta: EF21's momentum weight η;
+      below 1 the estimator's momentum replaces Muon's (β = 1 − η; 0.1 with Top-k at 1–10%).
+    allow_plain: run the plain estimator where it is known to fail (scaled Rand-k < 10%, Top-k).
+    downlink, downlink_ratio: identity | topk | randk_unscaled for the weights owners send back (EF21-P).
+    """
+
+    compressor: str = "identity"
+    ratio: float = 1.0
+    estimator: str | None = None
+    warmup_steps: int = 10
+    shared_seed: bool = True
+    seed: int = 0
+    marina_p: float | None = None
+    ef21_eta: float = 1.0
+    allow_plain: bool = False
+    downlink: str = "identity"
+    downlink_ratio: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether gradients go through an estimator (or weights through a compressed downlink)."""
+        return self.compressor != "identity" or self.estimator is not None or self.downlink != "identity"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
@@ -132,6 +167,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -153,6 +189,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         return tuple(value)
     if typ is dict and isinstance(value, dict):
         return dict(value)
+    arms = get_args(typ)
+    if type(None) in arms:  # `X | None`: None, or a value of X
+        return None if value is None else _coerce(value, next(a for a in arms if a is not type(None)), key)
     base = get_origin(typ) or typ
     if isinstance(base, type) and isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
@@ -300,3 +339,22 @@ def validate(cfg: Config) -> None:
     _require(cfg.dist.zero_stage in (0, 1, 2, 3),
              f"dist.zero_stage={cfg.dist.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     _require(t.log_every > 0 and t.eval_every >= 0 and t.certify_every >= 0, "train.log_every must be > 0; eval_every and certify_every ≥ 0")
+    validate_compression(cfg)
+
+
+def validate_compression(cfg: Config) -> None:
+    """The compression block, by the compress package's own checks, and what it can be combined with."""
+    from distlip.compress import CompressionConfig as Block  # local: the compress package imports torch
+
+    c = cfg.compression
+    try:
+        block = Block(**dataclasses.asdict(c))
+    except ConfigError as exc:
+        raise ConfigError(f"compression: {exc}") from None
+    _require(not c.enabled or cfg.optim.name == "muon",
+             "compression applies to distlip's sharded Muon path (matrices and the colnorm embedding); "
+             "use optim.name=muon, or leave compression.compressor=identity")
+    _require(not (c.enabled and block.estimator_name == "ef21" and c.ef21_eta < 1 and cfg.optim.nesterov),
+             f"compression.ef21_eta={c.ef21_eta} makes EF21 carry the momentum (β = 1 − η) and Muon then steps "
+             "without its own, which the Nesterov form cannot express; set optim.nesterov=false or "
+             "compression.ef21_eta=1.0")

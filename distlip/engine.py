@@ -11,21 +11,30 @@ Who updates what:
   copy the next forward reads (`safe_set_full_fp32_param` alone does not do that).
 
 With one process there is no communication and no DeepSpeed: the same code, all tensors owned.
+
+With the `compression:` block on (world size > 1), the reduce and the broadcast of the
+tensors distlip steps go through `distlip.exchange.CompressedExchange` instead: compressed
+gradients aggregated by an estimator on every rank, and optionally an EF21-P compressed
+downlink, after which the owner's master x (what is constrained, certified and saved:
+`master_weights()`) differs from the module weights w the forward reads. The
+DeepSpeed-held embedding's gradients stay dense (DeepSpeed reduces them itself).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from distlip.config import Config
+from distlip.certificate import embed_rms_max
+from distlip.config import Config, OptimConfig
 from distlip.constraints import Constrainer, embed_cap
 from distlip.errors import ConfigError
+from distlip.exchange import CompressedExchange
 from distlip.model import LipschitzTransformer, matrix_names
 from distlip.optim import Optimizers, StepInfo
 from distlip.sharding import plan_ownership
@@ -76,6 +85,10 @@ def check_distributed(cfg: Config, env: DistEnv) -> None:
     if t.batch_size % (env.world_size * t.grad_accum):
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by world size {env.world_size} × "
                           f"train.grad_accum={t.grad_accum}; pick a batch size that is")
+    if env.world_size == 1 and cfg.compression.enabled:
+        raise ConfigError(f"compression.compressor={cfg.compression.compressor} needs ≥ 2 processes (one process "
+                          "has no communication to compress): launch with torchrun --nproc_per_node 2 or more, or "
+                          "leave compression at its defaults")
     if env.world_size > 1 and cfg.optim.name == "adamw":
         raise ConfigError("the AdamW baseline runs on one process; use optim.name=muon for sharded training")
     if env.world_size > 1 and cfg.dist.zero_stage > 0 and cfg.optim.embed != "adam":
@@ -168,11 +181,23 @@ class Engine:
         ours = matrix_names(model) + ([] if self.ds else [EMBED])
         self.plan = plan_ownership({n: self.params[n].numel() for n in ours}, env.world_size)
         self.owned = self.plan.owned_by(env.rank)
-        self.optim = Optimizers({n: self.params[n] for n in self.owned}, cfg.optim)
+        self.exchange = (CompressedExchange(cfg.compression, self.params, self.plan, env.rank)
+                         if cfg.compression.enabled else None)
+        # What each owner steps and constrains: the master x under a compressed downlink, else the weight itself.
+        masters = self.exchange.masters if self.exchange else {}
+        self.held = {n: masters.get(n, self.params[n]) for n in self.owned}
+        self.optim = Optimizers(self.held, self._optim_config())
         c = cfg.constraint
         self.constrainer = Constrainer(c.method, {n: sigma_max[n] for n in matrix_names(model)},
                                        weight_decay=c.weight_decay, spectral_wd=c.spectral_wd,
                                        power_iters=c.power_iters, seed=cfg.train.seed)
+
+    def _optim_config(self) -> OptimConfig:
+        """EF21 with ef21_eta < 1 aggregates momentum v ← (1−η)v + ηg itself (β = 1 − η); stepping
+        Muon's own momentum on top would smooth twice, so the owner's Muon then runs with β = 0."""
+        if self.exchange is None or not self.exchange.carries_momentum:
+            return self.cfg.optim
+        return replace(self.cfg.optim, momentum=0.0, momentum_start=0.0, momentum_warmup=0)
 
     @torch.no_grad()
     def _broadcast_initial(self) -> None:
@@ -205,7 +230,7 @@ class Engine:
     # ---- the step -------------------------------------------------------------------------
     def step(self, step: int, total: int) -> StepInfo:
         with self.timer.phase("comm"):
-            grads = self._reduce_to_owners()
+            grads = self._reduce_to_owners() if self.exchange is None else self.exchange.gradients(self._grad, step)
         with self.timer.phase("optimizer"):
             info = self.optim.step(step, total, grads)
             if self.ds is not None:
@@ -217,18 +242,24 @@ class Engine:
             self._constrain_owned(info)
             self._cap_deepspeed_embedding()
         with self.timer.phase("comm"):
-            self._share_from_owners()
+            if self.exchange is not None and self.exchange.downlink is not None:
+                self.exchange.share(step)
+            else:
+                self._share_from_owners()
         return info
 
     def _flat(self, names: list[str], tensors) -> torch.Tensor:
         return torch.cat([tensors(n).reshape(-1) for n in names])
 
+    def _grad(self, name: str) -> torch.Tensor:
+        """This rank's local fp32 gradient of `name` (zeros when it took no part in the loss)."""
+        g = self.params[name].grad
+        return torch.zeros_like(self.params[name]) if g is None else g.float()
+
     @torch.no_grad()
     def _reduce_to_owners(self) -> dict[str, torch.Tensor]:
         """Mean gradient of every tensor this rank owns (each reduced only to its owner)."""
-        def grad(n):
-            g = self.params[n].grad
-            return torch.zeros_like(self.params[n]) if g is None else g.float()
+        grad = self._grad
         world = self.env.world_size
         if world == 1:
             return {n: grad(n) for n in self.owned}
@@ -251,11 +282,11 @@ class Engine:
         mats = [n for n in self.owned if n != EMBED]
         norms = {n: (None if info.update_norms.get(n) is None else info.update_norms[n] * margin) for n in mats}
         if mats:
-            new = self.constrainer.apply_many({n: self.params[n].data for n in mats}, lr=info.lr, update_norms=norms)
+            new = self.constrainer.apply_many({n: self.held[n].data for n in mats}, lr=info.lr, update_norms=norms)
             for n, w in new.items():
-                self.params[n].data.copy_(w)
+                self.held[n].data.copy_(w)
         if EMBED in self.owned and self.cfg.constraint.embed_cap:
-            e = self.params[EMBED]
+            e = self.held[EMBED]
             e.data.copy_(embed_cap(e.data))
 
     @torch.no_grad()
@@ -268,7 +299,10 @@ class Engine:
             if not names:
                 continue
             flat = self._flat(names, lambda n: self.params[n].data)
-            dist.broadcast(flat, src=rank)
+            if self.exchange is not None:
+                self.exchange.broadcast_dense(flat, rank)  # timed and counted with the compressed uplink
+            else:
+                dist.broadcast(flat, src=rank)
             if rank != self.env.rank:
                 for n, chunk in zip(names, flat.split([self.params[n].numel() for n in names])):
                     self.params[n].data.copy_(chunk.view_as(self.params[n]))
@@ -285,23 +319,62 @@ class Engine:
     def _cap_deepspeed_embedding(self) -> None:
         if self.ds is None or not self.cfg.constraint.embed_cap:
             return
-        p, capped = self.params[EMBED], embed_cap(self.embedding())
-        if self.cfg.dist.zero_stage == 0:
-            p.data.copy_(capped)
+        self.set_embedding(embed_cap(self.embedding()))
+
+    @torch.no_grad()
+    def set_embedding(self, full: torch.Tensor) -> None:
+        """Write the full fp32 embedding (vocab, d) on every rank: the weights the next forward
+        reads and, under ZeRO ≥ 1, DeepSpeed's fp32 master the next update starts from."""
+        p = self.params[EMBED]
+        if self.ds is None or self.cfg.dist.zero_stage == 0:
+            p.data.copy_(full)
             return
         from deepspeed.utils import safe_set_full_fp32_param
-        safe_set_full_fp32_param(p, capped)  # the fp32 master the next update starts from
+        safe_set_full_fp32_param(p, full)  # the fp32 master alone: the forward copy is separate
         if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's shard of the forward weights
             shard = p.ds_tensor
-            flat = capped.reshape(-1)[self.env.rank * shard.numel():(self.env.rank + 1) * shard.numel()]
+            flat = full.reshape(-1)[self.env.rank * shard.numel():(self.env.rank + 1) * shard.numel()]
             shard.data.zero_()
             shard.data[:flat.numel()].copy_(flat)
-        if p.data.numel() == capped.numel():  # ZeRO-1/2, or a ZeRO-3 parameter kept whole
-            p.data.copy_(capped)
+        if p.data.numel() == full.numel():  # ZeRO-1/2, or a ZeRO-3 parameter kept whole
+            p.data.copy_(full)
+
+    def embed_rms_max(self) -> float:
+        """Largest token-vector RMS of the certified embedding (its owner's master under a
+        compressed downlink, found without sending the embedding; a collective when world > 1)."""
+        if EMBED not in self.plan.owner:  # DeepSpeed's
+            return embed_rms_max(self.embedding())
+        mine = embed_rms_max(self.held[EMBED].data) if EMBED in self.owned else 0.0
+        return self.all_sum([mine])[0]
+
+    @torch.no_grad()
+    def master_weights(self) -> dict[str, torch.Tensor]:
+        """Every parameter's certified value by name, full and identical on every rank (a
+        collective): what to certify exactly and save. Under a compressed downlink each owner
+        broadcasts its masters x; otherwise these are the module weights themselves."""
+        weights = {n: p.data for n, p in self.params.items()}
+        weights[EMBED] = self.embedding()
+        if self.exchange is not None and self.exchange.downlink is not None:
+            for n, owner in self.plan.owner.items():
+                x = self.held[n].data.clone() if owner == self.env.rank else torch.empty_like(self.params[n].data)
+                dist.broadcast(x, src=owner)
+                weights[n] = x
+        return weights
 
     def log_fields(self) -> dict:
-        """Per-step fields the engine adds to each metrics record (communication accounting)."""
-        return {}
+        """Per-step fields the engine adds to each metrics record: with compression on, bytes per
+        rank per step (uplink, downlink, dense equivalent, ratio, totals) and codec time
+        (`CompressedExchange.log_fields`)."""
+        return {} if self.exchange is None else self.exchange.log_fields()
+
+    def compression_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """This rank's compression state by tensor name (estimator fields; "master" on the owner
+        under a compressed downlink); empty with compression off. See `CompressedExchange.state_dict`."""
+        return {} if self.exchange is None else self.exchange.state_dict()
+
+    def load_compression_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.exchange is not None:
+            self.exchange.load_state_dict(state)
 
     # ---- sums over ranks --------------------------------------------------------------------
     def all_sum(self, values: list[float]) -> list[float]:
@@ -314,5 +387,5 @@ class Engine:
     def owned_norms(self, norm_fn) -> dict[str, float]:
         """RMS→RMS norms of every matrix, each computed by its owner only, then summed."""
         names = matrix_names(self.model)
-        mine = norm_fn({n: self.params[n].data for n in names if n in self.owned})
+        mine = norm_fn({n: self.held[n].data for n in names if n in self.owned})
         return dict(zip(names, self.all_sum([mine.get(n, 0.0) for n in names])))

@@ -8,6 +8,7 @@ weights holds after every step, not just at the end.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -16,15 +17,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distlip.certificate import Certificate, SigmaEstimator, certify, embed_rms_max, exact_norms
+from distlip.certificate import Certificate, SigmaEstimator, certify, exact_norms
+from distlip.checkpoint import load_checkpoint, save_checkpoint
+from distlip.checkpoint_store import Checkpoint, CheckpointStore
 from distlip.config import Config
 from distlip.constraints import Constrainer
 from distlip.data.chars import InMemoryBatches, load_char_corpus, val_windows
-from distlip.engine import EMBED, DistEnv, Engine, check_distributed, init_distributed
+from distlip.engine import DistEnv, Engine, check_distributed, init_distributed
 from distlip.errors import ConfigError, DistlipError
 from distlip.export import matrix_caps, save_model
 from distlip.metrics import MetricsLogger, Progress
 from distlip.model import LipschitzTransformer, matrix_names
+from distlip.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
 from distlip.timing import StepTimer
 
 
@@ -131,6 +135,30 @@ class Trainer:
         self.engine = Engine(cfg, self.model, env, self.timer, self._sigma_max_map())
         self.estimator = SigmaEstimator(seed=cfg.train.seed)
         self.step, self.lr = 0, 0.0
+        if cfg.train.save_every < 0:
+            raise ConfigError(f"train.save_every={cfg.train.save_every} must be ≥ 0 (0: checkpoint at the end only)")
+        self.store = CheckpointStore.for_process_group(self.out, cfg.train.keep_last)
+        self.resumed = self._resume(cfg.train.resume)
+        self.saved_step = self.step if self.resumed else None
+
+    def _resume(self, resume: str) -> Checkpoint | None:
+        """Restore from train.resume ("" fresh, "auto", a tag or a path); collective. The newest
+        good checkpoint is found past torn or corrupt ones, with a warning naming each."""
+        ckpt = self.store.resolve(resume)
+        if ckpt is not None:
+            if ckpt.step > self.cfg.train.steps:
+                raise ConfigError(f"checkpoint {ckpt.path} is at step {ckpt.step}, past "
+                                  f"train.steps={self.cfg.train.steps}; raise train.steps to continue training it")
+            note = load_checkpoint(self, ckpt)
+            if self.env.is_main:
+                print(f"distlip: {note}", file=sys.stderr, flush=True)
+        return ckpt
+
+    def save(self) -> None:
+        """Checkpoint the whole state at this step boundary (collective; at most once per step)."""
+        if self.saved_step != self.step:
+            save_checkpoint(self, self.store)
+            self.saved_step = self.step
 
     def _sigma_max_map(self) -> dict[str, float]:
         c = self.cfg.constraint
@@ -165,7 +193,7 @@ class Trainer:
     def certificate(self, exact: bool) -> Certificate:
         """Each owner computes its matrices' norms; the sums give every rank the whole table."""
         norms = self.engine.owned_norms(exact_norms if exact else self.estimator)
-        return certify(norms, embed_rms_max(self.engine.embedding()), self.cfg.model, self.caps)
+        return certify(norms, self.engine.embed_rms_max(), self.cfg.model, self.caps)
 
     def train_step(self) -> tuple[float, Certificate | None]:
         loss = self.forward_backward()
@@ -187,18 +215,20 @@ class Trainer:
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         main = self.env.is_main
-        logger = MetricsLogger(self.out, enabled=main, tensorboard=t.tensorboard)
-        progress = Progress(t.steps, enabled=t.progress and main)
+        logger = MetricsLogger(self.out, enabled=main, tensorboard=t.tensorboard, append=self.resumed is not None)
+        progress = Progress(t.steps, initial=self.step, enabled=t.progress and main)
         n_params = sum(p.numel() for p in self.model.parameters())
         tokens_per_step = t.batch_size * cfg.model.context
         init_cert = self.certificate(exact=True)
-        logger.log({"step": 0, "event": "start", "loss": None, "lipschitz_bound": init_cert.bound,
-                    "world_size": self.env.world_size, "zero_stage": cfg.dist.zero_stage, "params": n_params,
+        logger.log({"step": self.step, "event": "resume" if self.resumed else "start", "loss": None,
+                    "lipschitz_bound": init_cert.bound, "world_size": self.env.world_size,
+                    "zero_stage": cfg.dist.zero_stage, "params": n_params,
                     "device": str(self.device), "dtype": t.dtype, "constraint": cfg.constraint.method})
         progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {cfg.constraint.method} σmax={cfg.constraint.sigma_max}, "
                        f"{t.steps} steps × {tokens_per_step} tokens on {self.device}")
         start = last_time = time.perf_counter()
-        last_step, cert, loss = 0, init_cert, float("nan")
+        last_step, cert, loss = self.step, init_cert, float("nan")
+        preemption = PreemptionHandler()  # SIGUSR2 / SIGTERM set a flag; all ranks agree at a step boundary
         try:
             while self.step < t.steps:
                 loss, new_cert = self.train_step()
@@ -220,6 +250,15 @@ class Trainer:
                     logger.log({"step": self.step, "loss": loss, "lipschitz_bound": cert.bound,
                                 "val_loss": vl, "val_acc": va})
                     progress.write(f"step {self.step}: val_loss {vl:.4f}  val_acc {va:.2%}  L≤{cert.bound:.3g}")
+                if (t.save_every and self.step % t.save_every == 0) or self.step == t.steps:
+                    self.save()
+                if preemption.should_stop():
+                    self.save()
+                    logger.log({"step": self.step, "event": "preempted"})
+                    if main:
+                        print(f"distlip: preemption signal: checkpoint of step {self.step} committed in {self.out}; "
+                              f"exiting with status {REQUEUE_EXIT_CODE} to be requeued", file=sys.stderr, flush=True)
+                    exit_for_requeue()
             train_time = time.perf_counter() - start
             final = self.certificate(exact=True)
             vl, va = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast)
@@ -228,11 +267,12 @@ class Trainer:
                        "max_cap_ratio": final.max_cap_ratio, "certified": not violations, "exact": True,
                        "train_seconds": train_time, "val_tokens": int(self.data.val_y.numel())}
             logger.log({"event": "final", **summary})
-            weights = {**{n: p.data for n, p in self.params.items()}, EMBED: self.engine.embedding()}
+            weights = self.engine.master_weights()
             if main:
                 save_model(self.out, weights, cfg, self.data.tokenizer,
                            {"certificate": {"lipschitz_bound": final.bound, "log10_bound": final.log10_bound}})
         finally:
+            preemption.close()
             progress.close()
             logger.close()
         return summary

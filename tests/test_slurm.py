@@ -234,3 +234,15 @@ def test_usr2_to_batch_shell_reaches_worker_through_real_torchrun(tmp_path):
     assert "USR2: time limit near" in out
     assert "requeueing job 4242" in out
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+def test_distlip_slurm_cmd_runs_distlip_slurm(monkeypatch, capsys):
+    from distlip.cli import main as distlip_main
+
+    env = {"SLURM_JOB_ID": str(JOB_ID), "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+           "SLURM_GPUS_ON_NODE": "8"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert distlip_main(["slurm-cmd", "--dry-run", "--", *TRAIN]) == 0
+    assert capsys.readouterr().out.split() == launch_command(env, TRAIN)

@@ -84,7 +84,8 @@ def validate(compressor: str, estimator: str, ratio: float, allow_plain: bool = 
     if isinstance(comp, RandK) and comp.scaled and ratio < PLAIN_RANDK_MIN_RATIO:
         raise ConfigError(
             f"plain scaled randk at ratio {ratio} has variance ω ≈ {1 / ratio - 1:.0f}×‖g‖² and diverges at "
-            "normal learning rates (SPEC §5): use estimator diana or marina, or set allow_plain: true"
+            "normal learning rates with gradient-scaled steps (SPEC §5; under Muon's fixed-norm step it trains, "
+            "far behind dense): use estimator diana or marina, or set allow_plain: true"
         )
     if isinstance(comp, TopK):
         raise ConfigError(

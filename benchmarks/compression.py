@@ -1,0 +1,189 @@
+"""Compressed communication (SPEC §5) on 2-process Shakespeare training: bytes, time, loss.
+
+Every method trains the same small model (d 64, 2 layers, context 64, batch 32, Muon with the
+soft cap at σmax 2, colnorm embedding so every tensor goes through the exchange) for the same
+number of steps with `distlip train` under torchrun (gloo). Per method: uplink and downlink
+bytes per rank per compressed step and their cumulative totals, ms per step spent compressing
+/ decompressing (exchange time outside collectives) and inside collectives, final validation
+loss on the whole held-out split. Writes a loss-vs-cumulative-uplink-bytes plot (periodic
+points on 256 validation windows, the last on the whole split).
+
+`--slow-link` (root) instead times dense against 1% compression as a real 2-node job across
+two network namespaces joined by a rate-limited veth (`benchmarks/slow_link.py`).
+
+    python benchmarks/compression.py [--steps 300] [--results benchmarks/RESULTS.md]
+    python benchmarks/compression.py --slow-link [--rate 100mbit] [--steps 100] [--results ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+from pathlib import Path
+
+from common import ROOT, TINY_SHAKESPEARE, final, table, train
+from slow_link import slow_link, train_two_nodes
+
+MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", "train.batch_size=32",
+         "optim.lr=0.5", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=2.0",
+         "train.certify_every=10", "train.threads=1", "compression.warmup_steps=2"]
+
+
+def method(compressor: str, estimator: str, ratio: float, *extra: str) -> list[str]:
+    return [f"compression.compressor={compressor}", f"compression.estimator={estimator}",
+            f"compression.ratio={ratio}", *extra]
+
+
+EF21_MOMENTUM = "compression.ef21_eta=0.1"  # EF21 compresses the momentum (β = 0.9); Muon adds none
+METHODS = {
+    "dense": ["compression.estimator=dense"],
+    "topk 10% + ef21": method("topk", "ef21", 0.1, EF21_MOMENTUM),
+    "topk 1% + ef21": method("topk", "ef21", 0.01, EF21_MOMENTUM),
+    "topk 1% + ef21, downlink topk 1%": method("topk", "ef21", 0.01, EF21_MOMENTUM, "compression.downlink=topk",
+                                               "compression.downlink_ratio=0.01"),
+    "topk 1% + ef14": method("topk", "ef14", 0.01),
+    "randk 10% + diana": method("randk", "diana", 0.1),
+    "randk 1% + diana": method("randk", "diana", 0.01),
+    "randk 1% + marina": method("randk", "marina", 0.01),
+    "randk 1% + marina, p 0.3": method("randk", "marina", 0.01, "compression.marina_p=0.3"),
+    "randk 1% + plain (allow_plain)": method("randk", "plain", 0.01, "compression.allow_plain=true"),
+}
+SLOW_LINK_METHODS = ["dense", "topk 1% + ef21", "topk 1% + ef21, downlink topk 1%"]
+SLOW_LINK_COLUMNS = [("method", "{}"), ("uplink B/step", "{:,.0f}"), ("downlink B/step", "{:,.0f}"),
+                     ("comm ms/step", "{:.1f}"), ("step ms", "{:.1f}"), ("tokens/s", "{:,.0f}")]
+COLUMNS = [("method", "{}"), ("uplink B/step", "{:,.0f}"), ("downlink B/step", "{:,.0f}"),
+           ("uplink total MB", "{:.2f}"), ("uplink ÷", "{:.1f}"), ("codec ms/step", "{:.2f}"),
+           ("collective ms/step", "{:.1f}"), ("step ms", "{:.1f}"), ("val loss", "{:.4f}")]
+
+
+def step_ms(record: dict) -> float:
+    """Wall ms per step from the trainer's phase timer (the exchange's own split excluded)."""
+    return sum(v for k, v in record.items() if k.startswith("ms_") and k not in ("ms_codec", "ms_collective"))
+
+
+def summarise(name: str, records: list[dict]) -> tuple[dict, list[tuple[float, float]]]:
+    """One table row, and the (cumulative uplink bytes, val loss) curve from the periodic evaluations."""
+    logs = [r for r in records if "uplink_bytes_total" in r]
+    steady = logs[1:] or logs  # the first record's window holds the dense warm-up steps
+    mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
+    totals = {r["step"]: r["uplink_bytes_total"] for r in logs}
+    curve = [(totals[r["step"]], r["val_loss"]) for r in records if "val_loss" in r and r["step"] in totals]
+    end = final(records)
+    curve.append((logs[-1]["uplink_bytes_total"], end["val_loss"]))
+    row = {"method": name, "uplink B/step": mean("uplink_bytes"), "downlink B/step": mean("downlink_bytes"),
+           "uplink total MB": logs[-1]["uplink_bytes_total"] / 1e6, "codec ms/step": mean("ms_codec"),
+           "collective ms/step": mean("ms_collective"), "step ms": sum(map(step_ms, steady)) / len(steady),
+           "val loss": end["val_loss"], "certified": end["certified"]}
+    return row, curve
+
+
+def plot(curves: dict[str, list[tuple[float, float]]], path: Path, steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative uplink bytes per rank")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"2-process Shakespeare, {steps} steps: loss vs gradient bytes")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), help="a subset of the method names")
+    ap.add_argument("--text", default=str(TINY_SHAKESPEARE), help="benchmark text (char-rnn tinyshakespeare)")
+    ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "compression_loss_vs_bytes.png"))
+    ap.add_argument("--results", default="", help="append the table to this markdown file")
+    ap.add_argument("--slow-link", action="store_true", help="time dense vs 1%% as 2 nodes over a shaped veth (root)")
+    ap.add_argument("--rate", default="100mbit", help="--slow-link bandwidth (tc tbf rate)")
+    args = ap.parse_args()
+    if not Path(args.text).is_file():
+        raise SystemExit(f"benchmark text {args.text} not found; pass --text PATH")
+
+    every = max(args.steps // 6, 10)
+    base = MODEL + ["data.source=text", f"data.path={args.text}", f"train.steps={args.steps}", "train.log_every=10",
+                    f"train.eval_every={every - every % 10}", "train.eval_windows=256"]
+    if args.slow_link:
+        time_slow_link(args, base)
+        return
+    rows, curves = [], {}
+    for i, name in enumerate(args.methods):
+        with tempfile.TemporaryDirectory() as tmp:
+            records = train(Path(tmp) / "run", "configs/shakespeare.yaml", base + METHODS[name], nproc=2,
+                            port=29700 + i)
+        row, curves[name] = summarise(name, records)
+        rows.append(row)
+        print(f"{name}: val loss {row['val loss']:.4f}", flush=True)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    for r in rows:
+        r["uplink ÷"] = dense["uplink total MB"] / r["uplink total MB"] if dense else None
+    text = table(rows, COLUMNS)
+    print(text)
+    plot(curves, Path(args.plot), args.steps)
+    if args.results:
+        append_results(Path(args.results), text, args)
+
+
+def time_slow_link(args: argparse.Namespace, base: list[str]) -> None:
+    """Step time of dense vs 1% compression as a real 2-node job over a `--rate` link."""
+    rows = []
+    with slow_link(args.rate):
+        for name in SLOW_LINK_METHODS:
+            with tempfile.TemporaryDirectory() as tmp:
+                records = train_two_nodes(Path(tmp) / "run", "configs/shakespeare.yaml", base + METHODS[name])
+            steady = [r for r in records if "uplink_bytes_total" in r][1:]
+            mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
+            rows.append({"method": name, "uplink B/step": mean("uplink_bytes"), "downlink B/step": mean("downlink_bytes"),
+                         "comm ms/step": mean("ms_comm"), "step ms": sum(map(step_ms, steady)) / len(steady),
+                         "tokens/s": mean("tokens_per_s")})
+            print(f"{name}: {rows[-1]['step ms']:.1f} ms/step", flush=True)
+    text = table(rows, SLOW_LINK_COLUMNS)
+    print(text)
+    if args.results:
+        command = f"python benchmarks/compression.py --slow-link --rate {args.rate} --steps {args.steps}"
+        with Path(args.results).open("a") as f:
+            f.write(f"""
+### Over a {args.rate} link
+
+Command: `{command} --results {args.results}`. The same model as above as a real 2-node torchrun
+job, one process per node, in two network namespaces joined by a veth shaped with `tc tbf rate
+{args.rate}` on both ends (gloo bound to the veth). Times are means over the logged windows after
+the first (warm-up) one; "comm" is the step's exchange phases.
+
+{text}
+""")
+
+
+def append_results(path: Path, text: str, args: argparse.Namespace) -> None:
+    command = f"python benchmarks/compression.py --steps {args.steps} --results {args.results}"
+    section = f"""
+## Compression
+
+Date: 2026-11-25. Machine: 2-core CPU ({platform.machine()}, CPython {platform.python_version()}), 2 processes
+over gloo on one host, shared with other jobs (times are indicative). Command: `{command}`.
+Model: d 64, 2 layers, 4 heads, context 64, batch 32 (two ranks × 16), {args.steps} steps, Muon lr 0.5 decayed
+linearly to 0, soft cap σmax 2, colnorm embedding; tinyshakespeare, validation loss on the whole held-out
+10%. Bytes are per rank per step after the 2 dense warm-up steps (ring all-reduce 2(M−1)/M·n, all-gather
+(M−1)·n, broadcast n; the busier of sent/received); "uplink ÷" is dense's cumulative uplink bytes over the
+method's (warm-up included). Codec time is the exchange's time outside collectives (compress, decompress,
+estimator arithmetic). Plot: `benchmarks/compression_loss_vs_bytes.png`.
+
+{text}
+"""
+    with path.open("a") as f:
+        f.write(section)
+
+
+if __name__ == "__main__":
+    main()

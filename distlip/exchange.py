@@ -1,0 +1,155 @@
+"""Compressed communication for the tensors distlip steps itself (SPEC §4–§5).
+
+`CompressedExchange` replaces the engine's dense reduce-to-owner and broadcast when the
+`compression:` block is on:
+
+- uplink: every rank passes its local gradient of every distlip-held tensor (the matrices,
+  and the embedding when it takes the colnorm step) through the estimator, in one fixed
+  order; every rank gets the same aggregate and the owner steps Muon with it. The gradient
+  is compressed, never Muon's orthogonalised update (Newton–Schulz is nonlinear).
+- downlink (EF21-P, when `compression.downlink` is not identity): the owner keeps the master
+  x of each tensor it owns (stepped and constrained there, and the certified weights) and
+  broadcasts C(x⁺ − w); every rank sets its module weights w ← w + C(x⁺ − w), so gradients
+  are taken at w. Without it the owners broadcast x⁺ densely and w = x.
+
+Tensors DeepSpeed holds (the embedding under optim.embed=adam) stay dense: DeepSpeed reduces
+their gradients itself, and those bytes are not counted here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from torch import Tensor
+
+from distlip.compress import ByteCounter, CompressionConfig, EF21Momentum, TorchComm
+from distlip.compress.accounting import DOWNLINK, broadcast_bytes
+from distlip.config import CompressionConfig as CompressionSection
+from distlip.errors import CheckpointError
+from distlip.sharding import OwnershipPlan
+
+
+class TimedComm:
+    """A `Comm` that also totals the seconds spent inside collectives, so that the rest of
+    the exchange's time is compression, decompression and estimator arithmetic."""
+
+    def __init__(self, comm: TorchComm) -> None:
+        self.comm, self.world_size, self.rank = comm, comm.world_size, comm.rank
+        self.seconds = 0.0
+
+    def _timed(self, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return self._timed(self.comm.all_reduce_sum, tensor)
+
+    def all_gather(self, tensor: Tensor) -> list[Tensor]:
+        return self._timed(self.comm.all_gather, tensor)
+
+    def broadcast(self, tensor: Tensor, src: int) -> Tensor:
+        return self._timed(self.comm.broadcast, tensor, src)
+
+
+class CompressedExchange:
+    """Uplink estimator, optional downlink, byte and time accounting for one rank.
+
+    params: the module's parameters by name (the working copies w every forward reads);
+    plan: who owns which distlip-held tensor (its key order is the exchange order).
+    `masters` holds, with a compressed downlink, the x of every tensor this rank owns (fp32,
+    shaped like the parameter): the tensors the owner steps and constrains. Without one it is
+    empty and the owner steps the module weights themselves.
+    """
+
+    def __init__(self, section: CompressionSection, params: dict[str, torch.nn.Parameter], plan: OwnershipPlan,
+                 rank: int) -> None:
+        self.params, self.plan, self.rank = params, plan, rank
+        self.counter = ByteCounter()
+        self.comm = TimedComm(TorchComm())
+        self.uplink, self.downlink = CompressionConfig(**dataclasses.asdict(section)).build(self.comm, self.counter)
+        self.masters = {n: params[n].data.clone() for n in plan.owned_by(rank)} if self.downlink else {}
+        # EF21 with η < 1 aggregates momentum rather than gradients (see Engine._optim_config).
+        self.carries_momentum = isinstance(self.uplink, EF21Momentum) and self.uplink.eta < 1.0
+        self._steps = 0
+        self._exchange_seconds = 0.0
+        self._totals = {"uplink_bytes_total": 0.0, "downlink_bytes_total": 0.0}
+
+    @torch.no_grad()
+    def gradients(self, grad_of, step: int) -> dict[str, Tensor]:
+        """The aggregate gradient of every tensor this rank owns. `grad_of(name)` is this rank's
+        local fp32 gradient; every rank aggregates every tensor (the estimators' collectives
+        run on all ranks), and keeps only its own."""
+        start = time.perf_counter()
+        mine = {}
+        for name, owner in self.plan.owner.items():
+            agg = self.uplink.aggregate(name, grad_of(name), step=step)
+            if owner == self.rank:
+                mine[name] = agg
+        self._exchange_seconds += time.perf_counter() - start
+        self._steps += 1
+        return mine
+
+    @torch.no_grad()
+    def share(self, step: int) -> None:
+        """EF21-P downlink: bring every rank's working copies w to within C of the owners' x⁺."""
+        start = time.perf_counter()
+        for name, owner in self.plan.owner.items():
+            self.downlink.sync(name, self.params[name].data, self.masters.get(name), step=step, owner=owner)
+        self._exchange_seconds += time.perf_counter() - start
+
+    def broadcast_dense(self, flat: Tensor, src: int) -> None:
+        """One owner's dense broadcast of its flat tensors (the engine's path without a
+        compressed downlink), timed and counted like the rest of the exchange."""
+        start = time.perf_counter()
+        self.comm.broadcast(flat, src)
+        sent, received = broadcast_bytes(flat.numel() * flat.element_size(), self.comm.world_size, src == self.rank)
+        self.counter.add(DOWNLINK, sent=sent, received=received, dense_sent=sent, dense_received=received)
+        self._exchange_seconds += time.perf_counter() - start
+
+    def log_fields(self) -> dict[str, float]:
+        """Per rank, averaged per step since the last call: bytes sent / received / the busier of
+        the two (`uplink_bytes`, `downlink_bytes`), the dense exchange's (`dense_bytes`, both
+        directions), their ratios (`compression_ratio` overall, `uplink_ratio`), cumulative
+        totals, and ms spent in the exchange's collectives vs compressing, decompressing and
+        estimator arithmetic (`ms_collective`, `ms_codec`)."""
+        n = max(self._steps, 1)
+        per_step = {k: v / n for k, v in self.counter.as_dict().items()}
+        self._totals["uplink_bytes_total"] += self.counter.uplink_bytes
+        self._totals["downlink_bytes_total"] += self.counter.downlink_bytes
+        moved = per_step["uplink_bytes"] + per_step["downlink_bytes"]
+        up = per_step["uplink_bytes"]
+        out = {**per_step, "compression_ratio": per_step["dense_bytes"] / moved if moved else 1.0,
+               "uplink_ratio": self.counter.uplink.dense_volume / self.counter.uplink_bytes if up else 1.0,
+               **self._totals,
+               "ms_collective": 1000 * self.comm.seconds / n,
+               "ms_codec": 1000 * (self._exchange_seconds - self.comm.seconds) / n}
+        self.counter.reset()
+        self.comm.seconds = self._exchange_seconds = 0.0
+        self._steps = 0
+        return out
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """{name: {field: tensor}} for this rank: the uplink estimator's fields for every
+        distlip-held tensor (see `distlip.compress.estimators`) and, with a compressed
+        downlink, "master" (x) for the tensors this rank owns."""
+        out = {name: dict(fields) for name, fields in self.uplink.state_dict().items()}
+        for name, x in self.masters.items():
+            out.setdefault(name, {})["master"] = x
+        return out
+
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        """Inverse of `state_dict`. Every rank must pass estimator fields for the same names (or
+        none: then every estimator restarts with a dense round); masters are taken by name, so
+        after a change of world size a dict merged over the old ranks' masters works."""
+        self.uplink.load_state_dict({n: {k: t for k, t in f.items() if k != "master"}
+                                     for n, f in state.items() if set(f) - {"master"}})
+        for name, x in self.masters.items():
+            saved = state.get(name, {}).get("master")
+            if saved is None:
+                raise CheckpointError(f"compression state has no master weights for {name!r}, which rank {self.rank} owns")
+            x.copy_(saved)  # in place: the optimiser holds this tensor

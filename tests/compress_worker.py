@@ -1,0 +1,149 @@
+"""Run under torchrun by tests/test_compress_train.py: every compressed-training check in one
+2-process launch. Each rank saves, per case, what the tests compare."""
+
+import sys
+
+import torch
+
+from distlip.certificate import exact_norms
+from distlip.config import load_config
+from distlip.errors import DistlipError
+from distlip.trainer import Trainer, evaluate
+
+# ---- tiny model: equivalence, certificate, state ------------------------------------------
+TINY_STEPS = 6
+TINY = ["train.progress=false", "train.tensorboard=false", "model.d_model=16", "model.n_layers=2", "model.n_heads=2",
+        "model.context=16", "train.batch_size=8", "train.eval_every=0", f"train.steps={TINY_STEPS}",
+        "optim.lr=0.2", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=1.2",
+        "train.threads=1", "compression.warmup_steps=1"]
+ZERO1 = ["optim.embed=adam", "dist.zero_stage=1"]  # the embedding held (and reduced densely) by DeepSpeed
+
+
+def family(compressor: str, estimator: str, ratio: float = 1.0) -> list[str]:
+    return [f"compression.compressor={compressor}", f"compression.estimator={estimator}", f"compression.ratio={ratio}"]
+
+
+# Ratio 1.0 (downlink ratio 1.0) of every estimator family: must equal the dense path bit for bit.
+RATIO_ONE = {
+    "dense": family("identity", "dense"),
+    "topk+ef21": family("topk", "ef21"),
+    "topk+ef14": family("topk", "ef14"),
+    "randk+diana": family("randk", "diana"),
+    "randk+marina": family("randk", "marina"),
+    "randk_unscaled+ef21": family("randk_unscaled", "ef21"),
+    "randk+plain": family("randk", "plain"),
+    "topk+ef21+downlink": family("topk", "ef21") + ["compression.downlink=topk", "compression.downlink_ratio=1.0"],
+    "zero1/topk+ef21": ZERO1 + family("topk", "ef21"),
+}
+REFERENCES = {"off": [], "zero1/off": ZERO1}
+# Compressed both ways: the masters must stay under their caps at every step.
+CERTIFIED = {
+    "topk5%+ef21+downlink5%": family("topk", "ef21", 0.05) + ["compression.downlink=topk",
+                                                              "compression.downlink_ratio=0.05"],
+    "randk5%+diana+downlink-randk5%": family("randk", "diana", 0.05) + ["compression.downlink=randk_unscaled",
+                                                                        "compression.downlink_ratio=0.05"],
+}
+
+
+def tiny(extra: list[str], out: str) -> Trainer:
+    return Trainer(load_config("configs/smoke.yaml", TINY + extra), out)
+
+
+def forward_weights(trainer: Trainer) -> dict:
+    return {n: p.data.clone() for n, p in trainer.params.items()}
+
+
+def run_tiny(extra: list[str], out: str) -> dict:
+    """Losses and, after every step, the forward weights (w) and exact norms of the masters (x)."""
+    trainer = tiny(extra, out)
+    record = {"losses": [], "weights": [], "master_norms": [], "master_minus_forward": [], "bytes": []}
+    for _ in range(TINY_STEPS):
+        record["losses"].append(trainer.train_step()[0])
+        record["weights"].append(forward_weights(trainer))
+        masters = trainer.engine.master_weights()
+        record["master_norms"].append(exact_norms({n: masters[n] for n in trainer.matrices}))
+        record["master_minus_forward"].append(max((masters[n] - p.data).abs().max().item()
+                                                  for n, p in trainer.params.items()))
+        record["bytes"].append(trainer.engine.log_fields())
+    record["certificate"] = trainer.certificate(exact=True).max_cap_ratio
+    return record
+
+
+def snapshot(trainer: Trainer) -> dict:
+    """Everything a resume needs, taken at a step boundary (deep copies)."""
+    e = trainer.engine
+    clone = lambda tree: {k: clone(v) if isinstance(v, dict) else v.clone() for k, v in tree.items()}  # noqa: E731
+    return {"weights": forward_weights(trainer), "momentum": clone(e.optim.state_dict()["momentum"]),
+            "constraint": clone(e.constrainer.state_dict()), "data": trainer.data.train.state_dict(),
+            "compression": clone(e.compression_state_dict()), "step": trainer.step}
+
+
+def restore(trainer: Trainer, snap: dict) -> None:
+    e = trainer.engine
+    for n, w in snap["weights"].items():
+        trainer.params[n].data.copy_(w)
+    e.optim.load_state_dict({"momentum": snap["momentum"]})
+    e.constrainer.load_state_dict(snap["constraint"])
+    trainer.data.train.load_state_dict(snap["data"])
+    e.load_compression_state_dict(snap["compression"])
+    trainer.step = snap["step"]
+
+
+def resume_case(extra: list[str], out: str) -> dict:
+    """Train 6 steps straight, and 3 steps + restore into a fresh trainer + 3 steps."""
+    straight = tiny(extra, f"{out}/a")
+    for _ in range(3):
+        straight.train_step()
+    snap = snapshot(straight)
+    for _ in range(3):
+        straight.train_step()
+    resumed = tiny(extra, f"{out}/b")
+    restore(resumed, snap)
+    for _ in range(3):
+        resumed.train_step()
+    return {"straight": straight.engine.master_weights(), "resumed": resumed.engine.master_weights(),
+            "state_names": sorted(snap["compression"])}
+
+
+# ---- Shakespeare: convergence under a fixed step budget --------------------------------------
+SHAKESPEARE_STEPS = 300
+SHAKESPEARE = ["train.progress=false", "train.tensorboard=false", "model.d_model=64", "model.n_layers=2",
+               "model.n_heads=4", "model.context=64", "train.batch_size=32", "train.eval_every=0",
+               f"train.steps={SHAKESPEARE_STEPS}", "train.certify_every=0", "train.threads=1",
+               "optim.lr=0.5", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=2.0",
+               "compression.warmup_steps=2"]
+EVAL_WINDOWS = 1024  # a fixed, evenly spaced sample of the validation split: 65,536 tokens
+METHODS = {
+    "dense": ["compression.estimator=dense"],
+    # EF21 compresses the momentum (η = 1 − β = 0.1; Muon adds none); lr 0.3 was its best of {0.15, 0.3, 0.5}.
+    "topk1%+ef21": family("topk", "ef21", 0.01) + ["compression.ef21_eta=0.1", "optim.lr=0.3"],
+    "randk1%+diana": family("randk", "diana", 0.01),
+    "randk1%+marina": family("randk", "marina", 0.01),
+    "randk1%+plain": family("randk", "plain", 0.01) + ["compression.allow_plain=true"],
+}
+
+
+def shakespeare(extra: list[str], out: str) -> dict:
+    trainer = Trainer(load_config("configs/shakespeare.yaml", SHAKESPEARE + extra), out)
+    losses, diverged = [], None
+    try:
+        for _ in range(SHAKESPEARE_STEPS):
+            losses.append(trainer.train_step()[0])
+    except DistlipError:  # a non-finite loss, seen by every rank at the same step
+        diverged = trainer.step
+    fields = trainer.engine.log_fields()
+    val = float("nan") if diverged is not None else evaluate(
+        trainer.engine, trainer.data.val_x, trainer.data.val_y, trainer.autocast, EVAL_WINDOWS)[0]
+    return {"losses": losses, "diverged": diverged, "val_loss": val, "uplink_total": fields["uplink_bytes_total"]}
+
+
+if __name__ == "__main__":
+    out_file, run_dir = sys.argv[1], sys.argv[2]
+    results = {
+        "ratio_one": {name: run_tiny(extra, f"{run_dir}/{name}") for name, extra in {**REFERENCES, **RATIO_ONE}.items()},
+        "certified": {name: run_tiny(extra, f"{run_dir}/{name}") for name, extra in CERTIFIED.items()},
+        "resume": {name: resume_case(extra, f"{run_dir}/resume-{name}") for name, extra in CERTIFIED.items()},
+        "shakespeare": {name: shakespeare(extra, f"{run_dir}/{name}") for name, extra in METHODS.items()},
+    }
+    torch.save(results, f"{out_file}.rank{torch.distributed.get_rank()}")
+    torch.distributed.destroy_process_group()
