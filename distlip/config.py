@@ -304,6 +304,25 @@ def validate_data(d: DataConfig) -> None:
     _require(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be ≥ 1 (batches prepared ahead)")
 
 
+def _check_soft_cap_step(cfg: Config) -> None:
+    """With Muon, the soft cap's coupling needs the largest update norm μ = lr·mult·1.14502·margin
+    to stay ≤ 0.3·σmax (beyond that the composite overshoots the cap): refuse before training."""
+    from distlip.constraints import SOFT_CAP_MAX_MU
+    from distlip.newton_schulz import NS_MAX_GAIN
+
+    c, o = cfg.constraint, cfg.optim
+    if c.method != "soft_cap" or o.name != "muon":
+        return
+    for group in ("qkv", "out", "mlp", "head"):
+        cap = (c.head_sigma_max or c.sigma_max) if group == "head" else c.sigma_max
+        mu = o.lr * o.lr_mult.get(group, 1.0) * NS_MAX_GAIN * c.margin
+        _require(mu <= SOFT_CAP_MAX_MU * cap,
+                 f"soft cap: the {group} matrices' Muon step (lr·mult·1.145·margin = {mu:.3g}) exceeds "
+                 f"{SOFT_CAP_MAX_MU}·sigma_max = {SOFT_CAP_MAX_MU * cap:.3g}, so the cap would overshoot; lower "
+                 f"optim.lr to ≤ {SOFT_CAP_MAX_MU * cap / (o.lr_mult.get(group, 1.0) * NS_MAX_GAIN * c.margin):.3g}, "
+                 "raise constraint.sigma_max, or use constraint.method=hard_cap")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that do not need data, devices or process groups."""
     from distlip.constraints import check_method  # local: constraints imports torch
@@ -322,6 +341,7 @@ def validate(cfg: Config) -> None:
     _require(c.sigma_max > 0, f"constraint.sigma_max={c.sigma_max} must be > 0 (it is the cap on each matrix)")
     _require(c.head_sigma_max >= 0, f"constraint.head_sigma_max={c.head_sigma_max} must be ≥ 0 (0 means same as sigma_max)")
     _require(c.power_iters >= 1, "constraint.power_iters must be ≥ 1")
+    _check_soft_cap_step(cfg)
     _require(o.name in ("muon", "adamw"), f"optim.name='{o.name}' is unknown{_closest(o.name, ['muon', 'adamw'])}; use muon or adamw")
     _require(o.embed in ("colnorm", "adam"), f"optim.embed='{o.embed}' is unknown; use colnorm or adam")
     unknown = set(o.lr_mult) - {"embed", "head", "qkv", "out", "mlp"}

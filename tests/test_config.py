@@ -34,6 +34,7 @@ def test_overrides_are_typed():
     (["data.source=text"], "data.path"),
     (["trainn.steps=3"], "did you mean 'train'"),
     (["train.steps"], "section.key=value"),
+    (["optim.lr=1.0", "constraint.sigma_max=2"], "lower optim.lr to"),
 ])
 def test_bad_config_is_one_clear_error(override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -45,3 +46,18 @@ def test_bad_config_is_one_clear_error(override, fragment):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")
+
+
+def test_bad_data_files_are_one_line_errors(tmp_path):
+    import subprocess
+    import sys
+    empty, binary = tmp_path / "empty.txt", tmp_path / "bin.txt"
+    empty.write_text("  \n")
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00")
+    for path, fragment in ((empty, "is empty"), (binary, "not UTF-8"), (tmp_path / "missing.txt", "not found")):
+        proc = subprocess.run([sys.executable, "-m", "distlip", "train", "--config", "configs/smoke.yaml",
+                               "--out", str(tmp_path / "run"), "data.source=text", f"data.path={path}"],
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("error: ") and fragment in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr.count("\n") == 1

@@ -113,7 +113,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
 
 
 def test_schedules():
-    cfg = load_config(SMOKE, ["optim.decay_start=0.6", "optim.final_lr_frac=0.1", "optim.lr=1",
+    cfg = load_config(SMOKE, ["optim.decay_start=0.6", "optim.final_lr_frac=0.1", "optim.lr=1", "constraint.method=hard_cap",
                               "optim.momentum_start=0.85", "optim.momentum=0.95", "optim.momentum_warmup=300"]).optim
     assert lr_at(cfg, 0, 101) == 1.0 and lr_at(cfg, 60, 101) == 1.0
     assert lr_at(cfg, 100, 101) == pytest.approx(0.1)
