@@ -19,7 +19,7 @@ from distlip.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import compress_worker as worker  # noqa: E402
-from test_distributed import torchrun  # noqa: E402
+from distlaunch import run_worker  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CAP = 1.2
@@ -27,10 +27,7 @@ CAP = 1.2
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("compress")
-    proc = torchrun([str(ROOT / "tests" / "compress_worker.py"), str(tmp / "res"), str(tmp / "runs")], tmp)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [torch.load(tmp / f"res.rank{r}", weights_only=False) for r in range(2)]
+    return run_worker("compress_worker.py", tmp_path_factory.mktemp("compress"))
 
 
 @pytest.mark.parametrize("name", sorted(worker.RATIO_ONE))

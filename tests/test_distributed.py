@@ -1,8 +1,6 @@
 """Sharded training on 2 CPU processes (gloo) matches single-process training at every ZeRO
 stage, keeps every matrix under its cap after every step, and keeps replicas identical."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,23 +13,14 @@ from distlip.trainer import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import dist_worker  # noqa: E402
+from distlaunch import run_worker  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def torchrun(args: list[str], tmp: Path, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + os.getpid() % 1000), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
-    proc = torchrun([str(ROOT / "tests" / "dist_worker.py"), str(tmp / "res"), str(tmp / "runs")], tmp)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [torch.load(tmp / f"res.rank{r}", weights_only=False) for r in range(2)]
+    return run_worker("dist_worker.py", tmp_path_factory.mktemp("dist"))
 
 
 def single_process(stage: int, method: str, tmp: Path) -> dict:

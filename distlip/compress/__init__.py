@@ -30,6 +30,7 @@ from distlip.compress.estimators import (
     check_pair,
 )
 from distlip.compress.transport import Comm, SingleProcessComm, TorchComm
+from distlip.config import CompressionConfig as CompressionSection
 from distlip.errors import ConfigError
 
 __all__ = [
@@ -94,32 +95,10 @@ def validate(compressor: str, estimator: str, ratio: float, allow_plain: bool = 
         )
 
 
-@dataclass(frozen=True)
-class CompressionConfig:
-    """The `compression:` config block.
-
-    compressor, ratio: uplink compressor (COMPRESSORS) and the fraction of coordinates kept.
-    estimator: one of ESTIMATORS; unset picks dense for identity, diana for randk and ef21
-      for topk / randk_unscaled ("plain" is never picked, only named).
-    shared_seed, seed: Rand-k masks shared by all ranks (all-reduce k values) or per rank.
-    warmup_steps: dense steps before compression starts (they initialise the estimators).
-    marina_p: MARINA's dense-round probability (unset: k/d); ef21_eta: EF21 momentum weight.
-    allow_plain: permit the plain estimator where `validate` would refuse it.
-    downlink, downlink_ratio: contractive compressor for the owner-to-workers weights
-      (EF21-P); "identity" keeps the dense all-gather and builds no Downlink.
-    """
-
-    compressor: str = "identity"
-    ratio: float = 1.0
-    estimator: str | None = None
-    shared_seed: bool = True
-    seed: int = 0
-    warmup_steps: int = 10
-    marina_p: float | None = None
-    ef21_eta: float = 1.0
-    allow_plain: bool = False
-    downlink: str = "identity"
-    downlink_ratio: float = 1.0
+@dataclass
+class CompressionConfig(CompressionSection):
+    """The `compression:` config block (fields and their meaning: `distlip.config.CompressionConfig`),
+    validated on construction and able to build its estimator and downlink."""
 
     def __post_init__(self) -> None:
         validate(self.compressor, self.estimator_name, self.ratio, self.allow_plain)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import random
 
-import torch
 from torch import Tensor
 
 from distlip.compress.accounting import ByteCounter
