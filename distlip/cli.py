@@ -15,7 +15,7 @@ from distlip.errors import DistlipError
 
 def _train(args: argparse.Namespace) -> int:
     from distlip.config import load_config
-    from distlip.engine import apply_launcher_zero_stage
+    from distlip.engine import apply_launcher_zero_stage, shutdown_distributed
     from distlip.trainer import Trainer, print_summary
 
     overrides = args.overrides + ([f"train.resume={args.resume}"] if args.resume is not None else [])
@@ -23,6 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out or cfg.train.out)
     trainer = Trainer(cfg, out)
     summary = trainer.run()
+    shutdown_distributed()
     if trainer.env.is_main:
         print_summary(summary, out)
     return 0 if summary["certified"] else 1

@@ -167,6 +167,14 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
         dist.init_process_group(backend)
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down in step on all ranks: leaving it to interpreter exit lets
+    gloo's worker threads be destroyed while still joinable, which aborts a rank at random."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class Engine:
     """One rank's share of training: forward, backward, and the step
     (communicate → optimise → constrain → share)."""

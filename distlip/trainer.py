@@ -23,7 +23,7 @@ from distlip.checkpoint_store import Checkpoint, CheckpointStore
 from distlip.config import Config
 from distlip.constraints import Constrainer
 from distlip.data.chars import InMemoryBatches, load_char_corpus, val_windows
-from distlip.engine import DistEnv, Engine, check_distributed, init_distributed
+from distlip.engine import DistEnv, Engine, check_distributed, init_distributed, shutdown_distributed
 from distlip.errors import ConfigError, DistlipError
 from distlip.export import matrix_caps, save_model
 from distlip.metrics import MetricsLogger, Progress
@@ -258,6 +258,7 @@ class Trainer:
                     if main:
                         print(f"distlip: preemption signal: checkpoint of step {self.step} committed in {self.out}; "
                               f"exiting with status {REQUEUE_EXIT_CODE} to be requeued", file=sys.stderr, flush=True)
+                    shutdown_distributed()
                     exit_for_requeue()
             train_time = time.perf_counter() - start
             final = self.certificate(exact=True)
