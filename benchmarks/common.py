@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +46,27 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     body = ["| " + " | ".join(fmt.format(r[k]) if r.get(k) is not None else "-" for k, fmt in columns) + " |"
             for r in rows]
     return "\n".join([head, sep, *body])
+
+
+def provenance() -> str:
+    """'Date: YYYY-MM-DD. Machine: ...' for a results section: today's date and this machine."""
+    try:
+        import torch
+        accel = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+        lib = f", torch {torch.__version__}{accel}"
+    except ImportError:
+        lib = ""
+    return (f"Date: {datetime.date.today().isoformat()}. Machine: {os.cpu_count()}-core CPU "
+            f"({platform.machine()}, {platform.python_implementation()} {platform.python_version()}{lib})")
+
+
+def write_section(path: Path, heading: str, section: str) -> None:
+    """Add (or replace) the results section that starts with `heading` (a '## ' line); other
+    sections are left as they are."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    path.write_text(text, encoding="utf-8")

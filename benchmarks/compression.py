@@ -18,11 +18,10 @@ two network namespaces joined by a rate-limited veth (`benchmarks/slow_link.py`)
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 from pathlib import Path
 
-from common import ROOT, TINY_SHAKESPEARE, final, table, train
+from common import ROOT, TINY_SHAKESPEARE, final, provenance, table, train
 from slow_link import slow_link, train_two_nodes
 
 MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", "train.batch_size=32",
@@ -170,7 +169,7 @@ def append_results(path: Path, text: str, args: argparse.Namespace) -> None:
     section = f"""
 ## Compression
 
-Date: 2026-11-25. Machine: 2-core CPU ({platform.machine()}, CPython {platform.python_version()}), 2 processes
+{provenance()}, 2 processes
 over gloo on one host, shared with other jobs (times are indicative). Command: `{command}`.
 Model: d 64, 2 layers, 4 heads, context 64, batch 32 (two ranks × 16), {args.steps} steps, Muon lr 0.5 decayed
 linearly to 0, soft cap σmax 2, colnorm embedding; tinyshakespeare, validation loss on the whole held-out

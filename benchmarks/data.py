@@ -16,13 +16,14 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow as pa
+
+from common import TINY_SHAKESPEARE, provenance, write_section
 
 from distlip.config import DataConfig
 from distlip.data.sources import shakespeare_plays
@@ -32,7 +33,6 @@ from distlip.data.tokenizers import load_tokenizer, train_bpe
 # SPEC §1.2: 393,216 tokens per step at 152.7 ms/step on 8 H100s
 TOKENS_PER_STEP, STEP_SECONDS, GPUS = 393_216, 0.1527, 8
 GPU_TOKENS_PER_S = TOKENS_PER_STEP / STEP_SECONDS / GPUS
-TINY = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 SECTION = "## Data pipeline throughput"
 
 
@@ -90,8 +90,8 @@ def main() -> None:
     pa.set_io_thread_count(1)
 
     corpora = {"packaged Shakespeare": "\n".join(shakespeare_plays())}
-    if TINY.is_file():
-        corpora["tinyshakespeare"] = TINY.read_text(encoding="utf-8")
+    if TINY_SHAKESPEARE.is_file():
+        corpora["tinyshakespeare"] = TINY_SHAKESPEARE.read_text(encoding="utf-8")
     start = time.perf_counter()
     bpe = train_bpe(corpora.values(), args.vocab_size)
     train_s = time.perf_counter() - start
@@ -113,8 +113,7 @@ def main() -> None:
                             f"| {cores} |")
     section = "\n".join([
         SECTION, "",
-        f"Date: 2026-11-25. Machine: 2-core CPU ({platform.machine()}, {platform.python_implementation()} "
-        f"{platform.python_version()}), one tokenizer thread. Command: `python benchmarks/data.py "
+        f"{provenance()}, one tokenizer thread. Command: `python benchmarks/data.py "
         f"--results benchmarks/RESULTS.md`. BPE trained here on the corpora in {train_s:.1f} s "
         f"({args.vocab_size} requested; a small corpus stops short) and measured on the same text, so its "
         "characters per token are optimistic. Best of "
@@ -128,18 +127,7 @@ def main() -> None:
         *rows, ""])
     print(section)
     if args.results:
-        write_section(Path(args.results), section)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Add (or replace) this benchmark's section; other sections are left as they are."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
+        write_section(Path(args.results), SECTION, section)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,3 @@
-import sys
+from distlip.cli import entry
 
-from distlip.cli import main
-
-sys.exit(main())
+entry()

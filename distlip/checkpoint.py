@@ -152,7 +152,7 @@ def read_rank_files(ckpt: Checkpoint) -> list[dict]:
     return files
 
 
-def _merged(files: list[dict], key: str) -> dict:
+def merged_field(files: list[dict], key: str) -> dict:
     """The by-name dicts stored under `key` in every rank file, as one dict (names are unique)."""
     out: dict = {}
     for rank, f in enumerate(files):
@@ -167,7 +167,7 @@ def _merged(files: list[dict], key: str) -> dict:
 def certified_weights(files: list[dict]) -> dict[str, torch.Tensor]:
     """Every parameter by name: the saved weights, or the owner's master x where a compressed
     downlink kept one (the certified value; the forward copy w only approaches it)."""
-    weights = _merged(files, "weights")
+    weights = merged_field(files, "weights")
     for comp in (f.get("compression", {}) for f in files):
         weights.update({n: fields["master"] for n, fields in comp.items() if "master" in fields})
     return weights
@@ -235,7 +235,10 @@ def load_checkpoint(trainer: Trainer, ckpt: Checkpoint) -> str:
     check_compatible(ckpt, trainer.cfg, trainer.data.tokenizer)
     files = read_rank_files(ckpt)
     engine, env, params = trainer.engine, trainer.env, trainer.params
-    weights = _merged(files, "weights")
+    # Module weights: the forward copies w only where this run keeps masters apart (a compressed
+    # downlink, restored by _load_compression); otherwise they are what the owners step, so x.
+    keeps_masters = bool(engine.exchange is not None and engine.exchange.masters)
+    weights = merged_field(files, "weights") if keeps_masters else certified_weights(files)
     for name, p in params.items():
         saved, shape = weights.get(name), tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 may hold p.data empty
         if saved is None or tuple(saved.shape) != shape:
@@ -246,13 +249,13 @@ def load_checkpoint(trainer: Trainer, ckpt: Checkpoint) -> str:
             params[name].data.copy_(weights[name])
         engine.set_embedding(weights[EMBED].to(trainer.device))
     owned = set(engine.owned)
-    adam = _merged(files, "adam")
-    engine.optim.load_state_dict({"momentum": _merged(files, "momentum"), "adam": adam})
+    adam = merged_field(files, "adam")
+    engine.optim.load_state_dict({"momentum": merged_field(files, "momentum"), "adam": adam})
     if engine.ds is not None and EMBED in adam:
         scatter_adam(engine.ds, params[EMBED], adam[EMBED])
-    engine.constrainer.load_state_dict({n: v for n, v in _merged(files, "constraint").items() if n in owned})
+    engine.constrainer.load_state_dict({n: v for n, v in merged_field(files, "constraint").items() if n in owned})
     trainer.estimator.load_state_dict(
-        {"vectors": {n: v.to(trainer.device) for n, v in _merged(files, "sigma").items() if n in owned}})
+        {"vectors": {n: v.to(trainer.device) for n, v in merged_field(files, "sigma").items() if n in owned}})
     same = ckpt.world_size == env.world_size
     mine = files[env.rank] if same else files[0]
     trainer.data.train.load_state_dict(mine["data"] if same else _common_data_state(files, ckpt, env))

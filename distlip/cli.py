@@ -15,7 +15,7 @@ from distlip.errors import DistlipError
 
 def _train(args: argparse.Namespace) -> int:
     from distlip.config import load_config
-    from distlip.engine import apply_launcher_zero_stage, shutdown_distributed
+    from distlip.engine import apply_launcher_zero_stage
     from distlip.trainer import Trainer, print_summary
 
     overrides = args.overrides + ([f"train.resume={args.resume}"] if args.resume is not None else [])
@@ -23,7 +23,6 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out or cfg.train.out)
     trainer = Trainer(cfg, out)
     summary = trainer.run()
-    shutdown_distributed()
     if trainer.env.is_main:
         print_summary(summary, out)
     return 0 if summary["certified"] else 1
@@ -143,5 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `distlip` console script and `python -m distlip`: main(), then `exit_process`, which
+    ends a launched rank without the teardown that can abort it after success."""
+    from distlip.engine import run_and_exit
+
+    run_and_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -454,15 +454,15 @@ class Constrainer:
 
         With a bound μ, the previous step left ‖W‖ ≤ σmax (the stored cap, not the working
         cap c = σmax(1 − margin)), so k = σmax(1 − λη) + μ; the margin is added to μ.
-        Without one, X is already weight-decayed and k = max(c, σ̃); matrices whose σ̃ is
-        beyond the soft cap's range get the hard cap instead.
+        Without one, X is already weight-decayed and k = max(c, σ̄), with σ̄ the guaranteed
+        upper bound of σ₁; matrices whose σ̄ is beyond the soft cap's range get the hard cap.
         """
         cap_list = caps.tolist()
         slack = [(self.sigma_max_for(n) - c) * (1.0 - lam_eta) for n, c in zip(names, cap_list)]
         if all(mu is not None for mu in mus):
             alphas = [soft_cap_alpha(c, mu + d, lam_eta) for c, mu, d in zip(cap_list, mus, slack)]
             return soft_cap(X, torch.tensor(alphas, dtype=X.dtype, device=X.device))
-        sigma, _, _ = self._estimate(names, X)
+        sigma = sigma_upper_bound(X)  # from above: an under-estimate would leave σ₁ over the cap
         alphas, fallback = [], []
         for i, (c, mu, d, s) in enumerate(zip(cap_list, mus, slack, sigma.tolist())):
             if mu is None and s - c > SOFT_CAP_MAX_MU * c:

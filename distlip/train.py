@@ -3,6 +3,7 @@
 import sys
 
 from distlip.cli import main
+from distlip.engine import run_and_exit
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run_and_exit(lambda: main(["train", *sys.argv[1:]]))

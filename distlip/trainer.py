@@ -23,7 +23,7 @@ from distlip.checkpoint_store import Checkpoint, CheckpointStore
 from distlip.config import Config
 from distlip.constraints import Constrainer
 from distlip.data.chars import InMemoryBatches, load_char_corpus, val_windows
-from distlip.engine import DistEnv, Engine, check_distributed, init_distributed, shutdown_distributed
+from distlip.engine import DistEnv, Engine, check_distributed, init_distributed
 from distlip.errors import ConfigError, DistlipError
 from distlip.export import matrix_caps, save_model
 from distlip.metrics import MetricsLogger, Progress
@@ -195,6 +195,14 @@ class Trainer:
         norms = self.engine.owned_norms(exact_norms if exact else self.estimator)
         return certify(norms, self.engine.embed_rms_max(), self.cfg.model, self.caps)
 
+    def _phase_times(self) -> dict[str, float]:
+        """ms per step per phase (device-synchronised), averaged over steps and over ranks: under
+        owner-computes each rank's optimiser and constraint work differs (collective)."""
+        times = self.timer.averages()
+        keys = sorted(k for k in times if k.startswith("ms_"))
+        mean = [v / self.env.world_size for v in self.engine.all_sum([times[k] for k in keys])]
+        return {**times, **dict(zip(keys, mean))}
+
     def train_step(self) -> tuple[float, Certificate | None]:
         loss = self.forward_backward()
         if not math.isfinite(loss):
@@ -241,7 +249,7 @@ class Trainer:
                     last_time, last_step = now, self.step
                     record = {"step": self.step, "loss": loss, "lr": self.lr,
                               "lipschitz_bound": cert.bound, "max_cap_ratio": cert.max_cap_ratio,
-                              "tokens_per_s": tok_s, **self.timer.averages(), **self.engine.log_fields()}
+                              "tokens_per_s": tok_s, **self._phase_times(), **self.engine.log_fields()}
                     logger.log(record)
                     progress.update(self.step, {"loss": f"{loss:.3f}", "tok/s": f"{tok_s:,.0f}",
                                                 "L≤": f"{cert.bound:.3g}"})
@@ -258,7 +266,6 @@ class Trainer:
                     if main:
                         print(f"distlip: preemption signal: checkpoint of step {self.step} committed in {self.out}; "
                               f"exiting with status {REQUEUE_EXIT_CODE} to be requeued", file=sys.stderr, flush=True)
-                    shutdown_distributed()
                     exit_for_requeue()
             train_time = time.perf_counter() - start
             final = self.certificate(exact=True)

@@ -5,9 +5,17 @@ import json
 import sys
 
 from distlip.cli import main
+from distlip.engine import run_and_exit
 
-if __name__ == "__main__":
+
+def run_all() -> int:
+    """Each command in turn; the first non-zero status (or preemption's exit) ends the launch."""
     for argv in json.loads(sys.argv[1]):
         status = main(argv)
         if status:
-            sys.exit(status)
+            return status
+    return 0
+
+
+if __name__ == "__main__":
+    run_and_exit(run_all)

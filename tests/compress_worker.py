@@ -7,6 +7,7 @@ import torch
 
 from distlip.certificate import exact_norms
 from distlip.config import load_config
+from distlip.engine import exit_process
 from distlip.errors import DistlipError
 from distlip.trainer import Trainer, evaluate
 
@@ -16,7 +17,9 @@ TINY = ["train.progress=false", "train.tensorboard=false", "model.d_model=16", "
         "model.context=16", "train.batch_size=8", "train.eval_every=0", f"train.steps={TINY_STEPS}",
         "optim.lr=0.2", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=1.2",
         "train.threads=1", "compression.warmup_steps=1"]
-ZERO1 = ["optim.embed=adam", "dist.zero_stage=1"]  # the embedding held (and reduced densely) by DeepSpeed
+# The embedding held (and reduced densely) by DeepSpeed; stage 3 also partitions it.
+ZERO1 = ["optim.embed=adam", "dist.zero_stage=1"]
+ZERO3 = ["optim.embed=adam", "dist.zero_stage=3"]
 
 
 def family(compressor: str, estimator: str, ratio: float = 1.0) -> list[str]:
@@ -34,8 +37,9 @@ RATIO_ONE = {
     "randk+plain": family("randk", "plain"),
     "topk+ef21+downlink": family("topk", "ef21") + ["compression.downlink=topk", "compression.downlink_ratio=1.0"],
     "zero1/topk+ef21": ZERO1 + family("topk", "ef21"),
+    "zero3/randk+diana": ZERO3 + family("randk", "diana"),
 }
-REFERENCES = {"off": [], "zero1/off": ZERO1}
+REFERENCES = {"off": [], "zero1/off": ZERO1, "zero3/off": ZERO3}
 # Compressed both ways: the masters must stay under their caps at every step.
 CERTIFIED = {
     "topk5%+ef21+downlink5%": family("topk", "ef21", 0.05) + ["compression.downlink=topk",
@@ -146,4 +150,4 @@ if __name__ == "__main__":
         "shakespeare": {name: shakespeare(extra, f"{run_dir}/{name}") for name, extra in METHODS.items()},
     }
     torch.save(results, f"{out_file}.rank{torch.distributed.get_rank()}")
-    torch.distributed.destroy_process_group()
+    exit_process(0)

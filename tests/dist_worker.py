@@ -1,12 +1,14 @@
 """Run under torchrun by tests/test_distributed.py: trains the tiny model at every ZeRO stage
 with each constraint family and records, per rank, what the test compares."""
 
+import hashlib
 import sys
 
 import torch
 
 from distlip.certificate import exact_norms
 from distlip.config import load_config
+from distlip.engine import exit_process
 from distlip.trainer import Trainer
 
 STAGES = (0, 1, 2, 3)
@@ -31,7 +33,7 @@ def run(stage: int, method: str, out: str) -> dict:
         forward = {n: p.data for n, p in trainer.params.items() if n != "embed.weight"}
         record["max_norm"].append(max(exact_norms(forward).values()))
         flat = torch.cat([t.reshape(-1) for t in forward.values()] + [trainer.engine.embedding().reshape(-1)])
-        record["digest"].append(flat.double().sum().item())
+        record["digest"].append(hashlib.sha256(flat.numpy().tobytes()).hexdigest())  # bit-level identity
     record["weights"] = {**{n: p.data.clone() for n, p in trainer.params.items() if n != "embed.weight"},
                          "embed.weight": trainer.engine.embedding().clone()}
     record["owned"] = list(trainer.engine.owned)
@@ -46,3 +48,4 @@ if __name__ == "__main__":
     results = {(s, m): run(s, m, f"{run_dir}/{s}_{m}") for s in STAGES for m in METHODS}
     rank = torch.distributed.get_rank()
     torch.save(results, f"{out_file}.rank{rank}")
+    exit_process(0)

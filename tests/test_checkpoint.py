@@ -9,6 +9,9 @@ import signal
 import pytest
 import torch
 
+from safetensors.torch import load_file, save_file
+
+from distlip.certificate import exact_norms
 from distlip.checkpoint import RANK_FILE, open_model, read_rank_files
 from distlip.checkpoint_store import CheckpointStore, CheckpointWarning
 from distlip.cli import build_parser
@@ -143,8 +146,19 @@ def test_export_sample_and_certify_work_on_checkpoints(tmp_path, capsys):
         expected = trainer.engine.forward(x)
         assert torch.equal(exported(x), expected) and torch.equal(from_ckpt(x), expected)
     assert caps == caps_ckpt
-    assert cli(["certify", str(ckpt)]) == 0
-    assert "lipschitz_bound" in capsys.readouterr().out
+    for source in (ckpt, tmp_path / "exported"):
+        assert cli(["certify", str(source)]) == 0
+        assert capsys.readouterr().out.splitlines()[-1].startswith("lipschitz_bound: ")
+    # A matrix pushed over its cap after export: certify still prints the table and the bound, and fails.
+    weights = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    weights["blocks.0.mlp.fc_in.weight"] *= 2 * caps["blocks.0.mlp.fc_in.weight"] / exact_norms(
+        {"w": weights["blocks.0.mlp.fc_in.weight"]})["w"]
+    save_file(weights, str(tmp_path / "exported" / "model.safetensors"))
+    assert cli(["certify", str(tmp_path / "exported")]) == 1
+    out, err = capsys.readouterr()
+    assert "blocks.0.mlp.fc_in.weight" in next(line for line in out.splitlines() if "EXCEEDS" in line)
+    assert out.splitlines()[-1].startswith("lipschitz_bound: ")
+    assert err.strip() == "error: 1 matrices exceed their cap: blocks.0.mlp.fc_in.weight"
     for source in (ckpt, tmp_path / "exported"):
         assert cli(["sample", str(source), "--prompt", "ROMEO:", "--tokens", "20", "--seed", "3"]) == 0
     first, second = capsys.readouterr().out.splitlines()[-2:]

@@ -46,7 +46,8 @@ def test_sharded_matches_single_process(sharded, stage, method, tmp_path):
 @pytest.mark.parametrize("method", dist_worker.METHODS)
 def test_every_step_capped_and_ranks_identical(sharded, stage, method):
     a, b = sharded[0][(stage, method)], sharded[1][(stage, method)]
-    assert max(a["max_norm"]) <= 1.2 * (1 + 1e-3)
+    for rank in (a, b):  # exact SVD of each rank's forward weights after every step
+        assert max(rank["max_norm"]) <= 1.2 * (1 + 1e-3)
     assert a["digest"] == b["digest"]  # every step, bit for bit
     for name in a["weights"]:
         assert torch.equal(a["weights"][name], b["weights"][name]), name

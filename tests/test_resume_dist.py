@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distlip.checkpoint import export_checkpoint, open_model
+from distlip.checkpoint import certified_weights, export_checkpoint, find_checkpoint, merged_field, open_model, read_rank_files
 from distlip.cli import main as cli
 from distlip.config import load_config
 from distlip.export import load_model
@@ -250,3 +250,18 @@ def test_two_rank_checkpoint_exports_without_a_process_group(runs, tmp_path):
     with torch.no_grad():
         logits = exported(x)
         assert torch.equal(logits, from_ckpt(x)) and torch.equal(logits, trained(x))
+
+
+def test_compressed_downlink_checkpoint_resumes_uncompressed_from_the_certified_masters(runs, tmp_path, capsys):
+    """Under an EF21-P downlink the forward copies w only approach the owners' masters x; a run
+    without compression (here on 1 process) must continue from x, the certified weights."""
+    ckpt = runs["ref_compressed"] / "step_000010"
+    files = read_rank_files(find_checkpoint(ckpt))
+    forward, masters = merged_field(files, "weights"), certified_weights(files)
+    assert any(not torch.equal(forward[n], masters[n]) for n in masters)  # w really lags x here
+    cfg = load_config("configs/smoke.yaml", [*COMMON, *COLNORM, f"train.steps={STEPS}", f"train.resume={ckpt}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert "compression state (compression is off in this run)" in capsys.readouterr().err
+    for name, x in masters.items():
+        assert torch.equal(trainer.params[name].data, x), name
+    assert not trainer.certificate(exact=True).violations(trainer.caps)
