@@ -90,6 +90,8 @@ class DataConfig:
     text_sample_by: str = "document"  # text files: one document per file | paragraph | line
     epochs: int = 0  # streaming: passes over the source before it ends (0: repeat forever)
     prefetch: int = 4  # streaming: batches prepared ahead by the background thread
+    seq_len: int = 0  # tokens per training row (0: model.context; at most model.context)
+    document_mask: bool = False  # attend only within a document (packed rows; needs the tokenizer's EOT)
 
 
 @dataclass
@@ -359,6 +361,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.dist.zero_stage in (0, 1, 2, 3),
              f"dist.zero_stage={cfg.dist.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     _require(t.log_every > 0 and t.eval_every >= 0 and t.certify_every >= 0, "train.log_every must be > 0; eval_every and certify_every ≥ 0")
+    _require(0 <= cfg.data.seq_len <= cfg.model.context,
+             f"data.seq_len={cfg.data.seq_len} is longer than model.context={cfg.model.context}: the rotary table "
+             f"and the certificate cover model.context positions; set data.seq_len ≤ {cfg.model.context} "
+             "(0 uses model.context) or raise model.context")
     validate_compression(cfg)
 
 

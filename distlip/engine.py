@@ -36,6 +36,7 @@ import torch.distributed as dist
 from distlip.certificate import embed_rms_max
 from distlip.config import Config, OptimConfig
 from distlip.constraints import Constrainer, embed_cap
+from distlip.data.packing import document_causal_mask
 from distlip.errors import ConfigError
 from distlip.exchange import CompressedExchange
 from distlip.model import LipschitzTransformer, matrix_names
@@ -197,8 +198,10 @@ class Engine:
     (communicate → optimise → constrain → share)."""
 
     def __init__(self, cfg: Config, model: LipschitzTransformer, env: DistEnv, timer: StepTimer,
-                 sigma_max: dict[str, float]):
+                 sigma_max: dict[str, float], document_eot: int | None = None):
+        """document_eot: with it, attention stays inside the documents that this token starts."""
         self.cfg, self.model, self.env, self.timer = cfg, model, env, timer
+        self.document_eot = document_eot
         self.params = dict(model.named_parameters())
         self.device = next(model.parameters()).device
         self._broadcast_initial()
@@ -241,7 +244,8 @@ class Engine:
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) → logits (B, T, vocab_size)."""
         h = self.ds(idx) if self.ds is not None else self.model.embed(idx)
-        return self.model.logits_from_embeddings(h)
+        mask = None if self.document_eot is None else document_causal_mask(idx, self.document_eot)
+        return self.model.logits_from_embeddings(h, mask)
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         """Accumulate one micro-batch's gradients (mean over the step's micro-batches)."""

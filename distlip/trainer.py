@@ -57,7 +57,8 @@ class Data:
 def build_data(cfg: Config, env: DistEnv) -> Data:
     """In-memory char data for the packaged Shakespeare / a local text file; the streaming
     pipeline (sharded by rank, packed, resumable) for everything else."""
-    d, t, T = cfg.data, cfg.train, cfg.model.context
+    d, t = cfg.data, cfg.train
+    T = d.seq_len or cfg.model.context
     micro = t.batch_size // (env.world_size * t.grad_accum)
     if d.source in ("shakespeare", "text") and d.tokenizer == "char":
         tok, train_ids, val_ids = load_char_corpus(d.source, d.path, d.val_fraction)
@@ -132,7 +133,7 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if cfg.train.dtype == "bfloat16" else nullcontext())
         self.timer = StepTimer(self.device)
-        self.engine = Engine(cfg, self.model, env, self.timer, self._sigma_max_map())
+        self.engine = Engine(cfg, self.model, env, self.timer, self._sigma_max_map(), self._document_eot())
         self.estimator = SigmaEstimator(seed=cfg.train.seed)
         self.step, self.lr = 0, 0.0
         if cfg.train.save_every < 0:
@@ -159,6 +160,16 @@ class Trainer:
         if self.saved_step != self.step:
             save_checkpoint(self, self.store)
             self.saved_step = self.step
+
+    def _document_eot(self) -> int | None:
+        if not self.cfg.data.document_mask:
+            return None
+        eot = self.data.tokenizer.eot_id
+        if eot is None:
+            raise ConfigError(f"data.document_mask=true needs documents separated by an end-of-text token, which "
+                              f"data.source={self.cfg.data.source} with this tokenizer does not have; "
+                              "set data.document_mask=false or stream jsonl/parquet/hub documents")
+        return eot
 
     def _sigma_max_map(self) -> dict[str, float]:
         c = self.cfg.constraint
@@ -226,7 +237,7 @@ class Trainer:
         logger = MetricsLogger(self.out, enabled=main, tensorboard=t.tensorboard, append=self.resumed is not None)
         progress = Progress(t.steps, initial=self.step, enabled=t.progress and main)
         n_params = sum(p.numel() for p in self.model.parameters())
-        tokens_per_step = t.batch_size * cfg.model.context
+        tokens_per_step = t.batch_size * (cfg.data.seq_len or cfg.model.context)
         init_cert = self.certificate(exact=True)
         logger.log({"step": self.step, "event": "resume" if self.resumed else "start", "loss": None,
                     "lipschitz_bound": init_cert.bound, "world_size": self.env.world_size,

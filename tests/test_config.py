@@ -35,6 +35,7 @@ def test_overrides_are_typed():
     (["trainn.steps=3"], "did you mean 'train'"),
     (["train.steps"], "section.key=value"),
     (["optim.lr=1.0", "constraint.sigma_max=2"], "lower optim.lr to"),
+    (["data.seq_len=64"], "data.seq_len=64 is longer than model.context=32"),
 ])
 def test_bad_config_is_one_clear_error(override, fragment):
     with pytest.raises(ConfigError) as err:

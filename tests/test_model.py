@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from distlip.config import ModelConfig
+from distlip.config import ModelConfig, load_config
+from distlip.data.packing import document_causal_mask
+from distlip.errors import ConfigError
 from distlip.model import GELU_MAX_SLOPE, LipschitzTransformer, is_output_projection, padded_vocab
+from distlip.trainer import Trainer
 
 
 def tiny(**kw) -> LipschitzTransformer:
@@ -93,3 +96,30 @@ def test_causal_logits_and_padded_head():
     idx2 = idx.clone()
     idx2[0, 7] = (idx2[0, 7] + 1) % 50
     torch.testing.assert_close(model(idx2)[:, :7], out[:, :7])  # the future does not leak
+
+
+def test_document_mask_keeps_attention_inside_each_packed_document():
+    model = tiny()
+    with torch.no_grad():  # non-zero output projections, so attention reaches the logits
+        for name, p in model.named_parameters():
+            if is_output_projection(name):
+                p.copy_(torch.randn_like(p) * 0.3)
+    eot = 49
+    x = torch.tensor([[eot, 3, 4, 5, eot, 6, 7, 8, 9, eot, 10, 11]])
+    other = x.clone()
+    other[0, 1:4] = torch.tensor([20, 21, 22])  # change only the first document
+    masked = lambda t: model(t, document_causal_mask(t, eot))  # noqa: E731
+    with torch.no_grad():
+        same = masked(x)[0, 4:] - masked(other)[0, 4:]
+        leaks = model(x)[0, 4:] - model(other)[0, 4:]
+    assert same.abs().max() == 0  # later documents never see the first
+    assert leaks.abs().max() > 1e-3  # plain causal attention does
+    mask = document_causal_mask(x, eot)[0, 0]
+    assert mask.tril().equal(mask) and mask.diagonal().all()
+
+
+def test_document_mask_needs_an_end_of_text_token(tmp_path):
+    cfg = load_config("configs/smoke.yaml", ["data.document_mask=true", "train.progress=false",
+                                             "train.tensorboard=false"])
+    with pytest.raises(ConfigError, match="data.document_mask=true needs documents separated"):
+        Trainer(cfg, tmp_path)

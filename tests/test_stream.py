@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -17,13 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distlip.config import DataConfig
+from distlip.config import DataConfig, load_config
 from distlip.data.packing import Packer, ShuffleBuffer, document_ids
 from distlip.data.sources import first_invalid_utf8, shakespeare_plays
 from distlip.data.stream import StreamingBatches, load_stream_tokenizer
 from distlip.data.tokenizer_cli import main as tokenizer_main
 from distlip.data.tokenizers import BPETokenizer, EOT_TOKEN, load_tokenizer, tokenizer_from_dict, train_bpe
 from distlip.errors import DataError
+from distlip.trainer import Trainer
 
 WORDS = ["the", "king", "doth", "🙂", "中文", "東京", "naïve", "straße", "😀👍", "\n", "—", "a", "rose"]
 B, T = 2, 16
@@ -353,13 +355,15 @@ def test_bpe_round_trips_unseen_unicode_and_rebuilds_from_its_dict(bpe):
 
 
 def test_tokenizer_train_cli_round_trips_shakespeare(tmp_path, capsys):
-    assert tokenizer_main(["train", "--vocab-size", "320", "--out", str(tmp_path), "--max-chars", "40000"]) == 0
+    """The whole packaged default corpus (38 plays, ~5M characters; ~7 s)."""
+    assert tokenizer_main(["train", "--vocab-size", "2000", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "vocab size: 320" in out and "characters per token" in out and "round-trip: exact" in out
+    assert "vocab size: 2000" in out and "round-trip: exact on all 38 documents" in out
     tok = BPETokenizer.from_file(tmp_path)
-    text = shakespeare_plays()[0][:40000]
-    assert tok.decode(tok.encode(text)) == text
-    assert len(tok.encode(text)) < len(text)  # merges were learned
+    plays = shakespeare_plays()
+    ids = tok.encode_batch(plays)
+    assert [tok.decode(i) for i in ids] == plays
+    assert sum(map(len, ids)) < sum(map(len, plays)) / 2  # merges were learned
     assert tokenizer_main(["train", "--vocab-size", "300", "--out", str(tmp_path), "--source", "jsonl"]) == 2
 
 
@@ -370,3 +374,27 @@ def test_char_tokenizer_streams_the_packaged_shakespeare():
         x, y = sb.next_batch()
     assert x.shape == (4, 64) and torch.equal(x[:, 1:], y[:, :-1])
     assert tok.eot_id == tok.vocab_size - 1 and int(x.max()) < tok.vocab_size
+
+
+def test_trainer_streams_jsonl_with_document_masked_attention(tmp_path):
+    """The streaming pipeline end to end in the trainer: packed jsonl documents, document-causal
+    attention, periodic evaluation on the held-out stream, and a certified export."""
+    write_jsonl(tmp_path / "data", make_corpus(2, 60, seed=5))
+    cfg = load_config("configs/smoke.yaml", [
+        "data.source=jsonl", f"data.path={tmp_path / 'data'}", "data.val_tokens=2000", "data.document_mask=true",
+        "train.steps=4", "train.eval_every=2", "train.progress=false", "train.tensorboard=false"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.engine.document_eot == trainer.data.tokenizer.eot_id is not None
+    summary = trainer.run()
+    assert summary["certified"] and math.isfinite(summary["val_loss"]) and summary["val_tokens"] >= 1000
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_rows_shorter_than_the_context(tmp_path):
+    write_jsonl(tmp_path / "data", make_corpus(1, 40, seed=6))
+    cfg = load_config("configs/smoke.yaml", ["data.source=jsonl", f"data.path={tmp_path / 'data'}",
+                                             "data.val_tokens=500", "data.seq_len=16", "train.progress=false"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    x, y = trainer.data.train.next_batch()
+    assert x.shape == y.shape == (cfg.train.batch_size, 16) and trainer.data.val_x.shape[1] == 16
+    assert math.isfinite(trainer.train_step()[0])

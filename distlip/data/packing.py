@@ -90,6 +90,15 @@ class Packer:
         self.size = sum(len(c) for c in self.chunks)
 
 
+def document_causal_mask(x: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Boolean attention mask (batch, 1, seq_len, seq_len) for packed rows x (batch, seq_len):
+    True where query i may attend to key j, i.e. j ≤ i within the same document."""
+    ids = document_ids(x, eot_id)
+    T = x.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return ((ids[:, :, None] == ids[:, None, :]) & causal)[:, None]
+
+
 def document_ids(x: torch.Tensor, eot_id: int) -> torch.Tensor:
     """Per-token document index within each row, (batch, seq_len) int64, for document-causal
     attention: a query may attend to a key only where the ids are equal.
