@@ -99,8 +99,8 @@ def check_distributed(cfg: Config, env: DistEnv) -> None:
         raise ConfigError(f"dist.zero_stage={cfg.dist.zero_stage} shards Adam state, but optim.embed=colnorm leaves "
                           "DeepSpeed no parameters (distlip's owner-computes step already shards every optimizer "
                           "state); set optim.embed=adam, or dist.zero_stage=0")
-    if env.world_size > 1:
-        deepspeed_config(cfg, env.world_size)  # refuses a contradicting user JSON early
+    if env.world_size > 1 or cfg.dist.deepspeed_config:
+        deepspeed_config(cfg, env.world_size)  # refuses a missing or contradicting user JSON early
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -157,6 +157,13 @@ def _check_user_deepspeed(user: dict, ours: dict, path: Path) -> None:
     opt = user.get("optimizer", {}).get("type")
     if opt is not None and opt.lower() not in ("adam", "adamw"):
         refuse(f"optimizer.type={opt} is not supported", "distlip runs Muon itself and gives DeepSpeed Adam only")
+    fields = {"lr": "optim.lr × optim.lr_mult.embed", "betas": "optim.betas", "eps": "optim.eps",
+              "weight_decay": "constraint.weight_decay (the embedding's Adam takes none)"}
+    given, generated = user.get("optimizer", {}).get("params", {}), ours["optimizer"]["params"]
+    for key, where in fields.items():
+        if key in given and given[key] != "auto" and given[key] != generated[key]:
+            refuse(f"optimizer.params.{key}={given[key]} contradicts the config ({generated[key]})",
+                   f"set it through {where}, or remove it")
 
 
 def init_distributed(env: DistEnv, device: torch.device) -> None:

@@ -241,7 +241,9 @@ class Trainer:
         init_cert = self.certificate(exact=True)
         logger.log({"step": self.step, "event": "resume" if self.resumed else "start", "loss": None,
                     "lipschitz_bound": init_cert.bound, "world_size": self.env.world_size,
-                    "zero_stage": cfg.dist.zero_stage, "params": n_params,
+                    # the stage in effect: one process (or the colnorm embedding) runs without DeepSpeed
+                    "zero_stage": cfg.dist.zero_stage if self.engine.ds is not None else 0,
+                    "deepspeed": self.engine.ds is not None, "params": n_params,
                     "device": str(self.device), "dtype": t.dtype, "constraint": cfg.constraint.method})
         progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {cfg.constraint.method} σmax={cfg.constraint.sigma_max}, "
                        f"{t.steps} steps × {tokens_per_step} tokens on {self.device}")

@@ -51,12 +51,19 @@ def test_generated_deepspeed_config_matches_the_typed_config():
     ({"train_batch_size": 99}, "train_batch_size=99"),
     ({"bf16": {"enabled": True}}, "train.dtype=bfloat16"),
     ({"optimizer": {"type": "Lamb"}}, "not supported"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": 0.3}}}, "optimizer.params.lr=0.3 contradicts"),
+    ({"optimizer": {"params": {"betas": [0.9, 0.99]}}}, "set it through optim.betas"),
 ])
 def test_contradicting_user_deepspeed_json_is_refused(tmp_path, user, fragment):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     with pytest.raises(ConfigError, match=fragment):
         check_distributed(cfg("dist.zero_stage=2", "optim.embed=adam", f"dist.deepspeed_config={path}"), DistEnv(0, 2, 0))
+
+
+def test_user_deepspeed_json_is_checked_on_one_process_too(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        check_distributed(cfg(f"dist.deepspeed_config={tmp_path / 'missing.json'}"), DistEnv(0, 1, 0))
 
 
 def test_user_deepspeed_json_adds_settings(tmp_path):
