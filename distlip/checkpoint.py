@@ -258,11 +258,15 @@ def load_checkpoint(trainer: Trainer, ckpt: Checkpoint) -> str:
         {"vectors": {n: v.to(trainer.device) for n, v in merged_field(files, "sigma").items() if n in owned}})
     same = ckpt.world_size == env.world_size
     mine = files[env.rank] if same else files[0]
-    trainer.data.train.load_state_dict(mine["data"] if same else _common_data_state(files, ckpt, env))
+    data_state = mine["data"] if same else _common_data_state(files, ckpt, env, trainer.cfg.data.restart_on_resize)
+    if data_state is not None:
+        trainer.data.train.load_state_dict(data_state)
     torch.set_rng_state(mine["rng"]["torch"])
     if trainer.device.type == "cuda" and "cuda" in mine["rng"]:
         torch.cuda.set_rng_state(mine["rng"]["cuda"], trainer.device)
     reset = _load_compression(trainer, files, same)
+    if data_state is None:
+        reset.append("the data stream's per-rank position (the stream restarts from its beginning)")
     trainer.step = ckpt.step
     if same:
         return f"resumed from {ckpt.path} at step {ckpt.step}" + (f"; reset: {', '.join(reset)}" if reset else "")
@@ -272,7 +276,8 @@ def load_checkpoint(trainer: Trainer, ckpt: Checkpoint) -> str:
         embed = f", the embedding's Adam state from {before} into {_adam_holder(trainer.cfg, env.world_size)}"
     return (f"resumed from {ckpt.path} at step {ckpt.step} on {env.world_size} rank(s), written by {ckpt.world_size}: "
             f"re-sharded by name the momenta and power-iteration vectors of {len(trainer.matrices)} matrices{embed}; "
-            f"data pipeline and RNG from rank 0's state; reset: {', '.join(reset) or 'nothing'}")
+            f"{'RNG' if data_state is None else 'data pipeline and RNG'} from rank 0's state; "
+            f"reset: {', '.join(reset) or 'nothing'}")
 
 
 def _adam_holder(cfg: Config, world_size: int) -> str:
@@ -280,14 +285,18 @@ def _adam_holder(cfg: Config, world_size: int) -> str:
     return f"DeepSpeed ZeRO-{cfg.dist.zero_stage}" if deepspeed else "torch Adam"
 
 
-def _common_data_state(files: list[dict], ckpt: Checkpoint, env: DistEnv):
+def _common_data_state(files: list[dict], ckpt: Checkpoint, env: DistEnv, restart: bool):
     """The data state at another world size: only one every old rank shares (the in-memory
-    source draws the global batch on every rank) can be carried over."""
+    source draws the global batch on every rank) can be carried over. A per-rank streaming
+    position cannot: refused, or None (the stream starts afresh) when `restart` allows it."""
     first = files[0]["data"]
-    if not all(_equal(first, f["data"]) for f in files[1:]):
-        raise CheckpointError(f"{ckpt.path}: the data pipeline's position is per rank, so it cannot move from "
-                              f"{ckpt.world_size} ranks to {env.world_size}; resume on {ckpt.world_size} ranks")
-    return first
+    if all(_equal(first, f["data"]) for f in files[1:]):
+        return first
+    if restart:
+        return None
+    raise CheckpointError(f"{ckpt.path}: the data pipeline's position is per rank, so it cannot move from "
+                          f"{ckpt.world_size} ranks to {env.world_size}; resume on {ckpt.world_size} ranks, or set "
+                          "data.restart_on_resize=true to restart the stream from its beginning")
 
 
 def _equal(a, b) -> bool:

@@ -11,7 +11,9 @@ the STEPS-step reference, and is resumed with train.steps=STEPS.
 
 import contextlib
 import json
+import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from safetensors.torch import load_file
 from distlip.checkpoint import certified_weights, export_checkpoint, find_checkpoint, merged_field, open_model, read_rank_files
 from distlip.cli import main as cli
 from distlip.config import load_config
+from distlip.errors import CheckpointError
 from distlip.export import load_model
 from distlip.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE_ENV
 from distlip.slurm import FORWARDED_SIGNALS
@@ -45,6 +48,22 @@ COLNORM = ["optim.embed=colnorm", "dist.zero_stage=0"]
 # Top-k gradients with EF21 and an EF21-P top-k downlink: per-rank estimator state and owners' masters.
 COMPRESSED = [*COLNORM, "compression.compressor=topk", "compression.ratio=0.5", "compression.downlink=topk",
               "compression.downlink_ratio=0.5", "compression.warmup_steps=2"]
+# A streamed jsonl corpus: the pipeline's position is per rank.
+def stream(corpus: Path) -> list[str]:
+    return ["data.source=jsonl", f"data.path={corpus}", "data.val_tokens=300"]
+
+
+def write_corpus(directory: Path) -> Path:
+    """Two jsonl files of short documents (one per rank under split_dataset_by_node)."""
+    directory.mkdir()
+    rng = random.Random(0)
+    words = ["thou", "art", "the", "king", "of", "rose", "night", "and", "wherefore"]
+    for f in range(2):
+        lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 40)))}) for _ in range(200)]
+        (directory / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n")
+    return directory
+
+
 # Runs stopped cleanly after 10 steps (a prefix of the reference: the learning rate is constant) and resumed.
 SPLIT = {"colnorm": COLNORM, "compressed": COMPRESSED}
 FOREVER = "train.steps=1000000"
@@ -122,8 +141,9 @@ def runs(tmp_path_factory):
     """Every run, in three launches. Returns paths and what the test observed while interrupting."""
     tmp = tmp_path_factory.mktemp("resume")
     base = 29700 + os.getpid() % 200
-    names = ["one", "ref_adam", "ref_adam0", "one_to_two", "usr2", "kill", *SPLIT, *(f"ref_{n}" for n in SPLIT)]
+    names = ["one", "ref_adam", "ref_adam0", "one_to_two", "usr2", "kill", "stream", *SPLIT, *(f"ref_{n}" for n in SPLIT)]
     r = {name: tmp / name for name in names}
+    corpus = write_corpus(tmp / "corpus")
     torch.set_num_threads(1)
     assert cli(train(r["one"], "optim.embed=adam", f"train.steps={STEPS}")) == 0  # 1-process reference
 
@@ -136,6 +156,7 @@ def runs(tmp_path_factory):
                    *(train(r[f"ref_{n}"], *mode, f"train.steps={STEPS}") for n, mode in SPLIT.items()),
                    *(train(r[n], *mode, "train.steps=10") for n, mode in SPLIT.items()),
                    train(r["one_to_two"], *ADAM_Z3, f"train.steps={STEPS}", "--resume", str(r["one"] / "step_000010")),
+                   train(r["stream"], *COLNORM, *stream(corpus), "train.steps=10"),
                    train(r["usr2"], *ADAM_Z0, FOREVER)], log1, base, {REQUEUE_FILE_ENV: str(marker)})
     wait_until(lambda: last_step(r["usr2"]) >= 5, proc, log1)
     signalled_after = last_step(r["usr2"])
@@ -155,7 +176,7 @@ def runs(tmp_path_factory):
     log3 = tmp / "launch3.log"
     assert finish(launch([train(r["kill"], *ADAM_Z1, f"train.steps={STEPS}", "--resume", "auto")], log3, base + 2),
                   log3) == 0, log3.read_text()[-3000:]
-    return {**r, "marker": marker, "signalled_after": signalled_after, "usr2_status": usr2_status,
+    return {**r, "corpus": corpus, "marker": marker, "signalled_after": signalled_after, "usr2_status": usr2_status,
             "logs": [log1.read_text(), log2.read_text(), log3.read_text()]}
 
 
@@ -264,4 +285,20 @@ def test_compressed_downlink_checkpoint_resumes_uncompressed_from_the_certified_
     assert "compression state (compression is off in this run)" in capsys.readouterr().err
     for name, x in masters.items():
         assert torch.equal(trainer.params[name].data, x), name
+    assert not trainer.certificate(exact=True).violations(trainer.caps)
+
+
+def test_streaming_checkpoint_moves_to_another_world_size_only_when_asked(runs, tmp_path, capsys):
+    """A stream's position is per rank: resuming it on 1 process is refused with the fix named,
+    and with data.restart_on_resize=true the stream restarts and training goes on certified."""
+    ckpt = runs["stream"] / "step_000010"
+    base = [*COMMON, *COLNORM, *stream(runs["corpus"]), "train.steps=14", f"train.resume={ckpt}"]
+    with pytest.raises(CheckpointError, match="cannot move from 2 ranks to 1.*data.restart_on_resize=true"):
+        Trainer(load_config("configs/smoke.yaml", base), tmp_path / "refused")
+    trainer = Trainer(load_config("configs/smoke.yaml", [*base, "data.restart_on_resize=true"]), tmp_path / "run")
+    note = capsys.readouterr().err
+    assert "reset: the data stream's per-rank position (the stream restarts from its beginning)" in note
+    assert trainer.step == 10
+    for _ in range(4):
+        assert math.isfinite(trainer.train_step()[0])
     assert not trainer.certificate(exact=True).violations(trainer.caps)
