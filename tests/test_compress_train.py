@@ -87,11 +87,19 @@ def shakespeare(ranks):
 # uplink bytes, over lr {0.15, 0.3, 0.5}, η {0.05, 0.1, 0.3, 1}, 2-20 dense warm-up steps. Not a budget or noise
 # effect: +19% at 1000 steps, +22% with a 4x batch. EF21's ū stays 40-80% away from the mean momentum: Muon's
 # fixed-norm steps move the gradient faster than 1% of coordinates per step can follow. Top-k 10%: +5%.
-@pytest.mark.xfail(strict=True, reason="Top-k 1% + EF21 ends 15-18% above dense at this budget (see comment)")
-def test_topk_one_percent_ef21_matches_dense_with_30x_fewer_uplink_bytes(shakespeare):
+@pytest.mark.xfail(strict=True, reason="Top-k 1% + EF21 ends 15-19% above dense at this budget (see comment)")
+def test_topk_one_percent_ef21_ends_within_3_percent_of_dense(shakespeare):
     dense, topk = shakespeare["dense"], shakespeare["topk1%+ef21"]
     assert topk["val_loss"] <= 1.03 * dense["val_loss"], (topk["val_loss"], dense["val_loss"])
-    assert dense["uplink_total"] >= 30 * topk["uplink_total"]
+
+
+def test_topk_one_percent_ef21_sends_30x_fewer_uplink_bytes_and_converges(shakespeare):
+    """Counted over the whole run, dense warm-up included (2 ranks: all-gather of values + int32
+    indices vs a ring all-reduce)."""
+    dense, topk = shakespeare["dense"], shakespeare["topk1%+ef21"]
+    assert dense["uplink_total"] >= 30 * topk["uplink_total"], (dense["uplink_total"], topk["uplink_total"])
+    first, last = sum(topk["losses"][:10]) / 10, sum(topk["losses"][-10:]) / 10
+    assert topk["diverged"] is None and last < first - 1.0, (first, last)
 
 
 def test_randk_one_percent_with_diana_converges(shakespeare):
