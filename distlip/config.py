@@ -91,8 +91,8 @@ class DataConfig:
     epochs: int = 0  # streaming: passes over the source before it ends (0: repeat forever)
     prefetch: int = 4  # streaming: batches prepared ahead by the background thread
     seq_len: int = 0  # tokens per training row (0: model.context; at most model.context)
-    document_mask: bool = False
-    restart_on_resize: bool = False  # resume at another world size restarts a per-rank stream (else refused)  # attend only within a document (packed rows; needs the tokenizer's EOT)
+    document_mask: bool = False  # attend only within a document (packed rows; needs the tokenizer's EOT)
+    restart_on_resize: bool = False  # resume at another world size restarts a per-rank stream (else refused)
 
 
 @dataclass
@@ -171,6 +171,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+
+    def seq_len(self) -> int:
+        """Tokens per training row: data.seq_len, or model.context when it is 0."""
+        return self.data.seq_len or self.model.context
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -57,8 +57,7 @@ class Data:
 def build_data(cfg: Config, env: DistEnv) -> Data:
     """In-memory char data for the packaged Shakespeare / a local text file; the streaming
     pipeline (sharded by rank, packed, resumable) for everything else."""
-    d, t = cfg.data, cfg.train
-    T = d.seq_len or cfg.model.context
+    d, t, T = cfg.data, cfg.train, cfg.seq_len()
     micro = t.batch_size // (env.world_size * t.grad_accum)
     if d.source in ("shakespeare", "text") and d.tokenizer == "char":
         tok, train_ids, val_ids = load_char_corpus(d.source, d.path, d.val_fraction)
@@ -237,7 +236,7 @@ class Trainer:
         logger = MetricsLogger(self.out, enabled=main, tensorboard=t.tensorboard, append=self.resumed is not None)
         progress = Progress(t.steps, initial=self.step, enabled=t.progress and main)
         n_params = sum(p.numel() for p in self.model.parameters())
-        tokens_per_step = t.batch_size * (cfg.data.seq_len or cfg.model.context)
+        tokens_per_step = t.batch_size * cfg.seq_len()
         init_cert = self.certificate(exact=True)
         logger.log({"step": self.step, "event": "resume" if self.resumed else "start", "loss": None,
                     "lipschitz_bound": init_cert.bound, "world_size": self.env.world_size,
