@@ -5,11 +5,12 @@
 
 - uplink: every rank passes its local gradient of every distlip-held tensor (the matrices,
   and the embedding when it takes the colnorm step) through the estimator, in one fixed
-  order; every rank gets the same aggregate and the owner steps Muon with it. The gradient
+  order; the messages travel in one reduce-scatter and one all-to-all, so each owner alone
+  computes the aggregate of its tensors and steps Muon with it. The gradient
   is compressed, never Muon's orthogonalised update (Newton–Schulz is nonlinear).
 - downlink (EF21-P, when `compression.downlink` is not identity): the owner keeps the master
   x of each tensor it owns (stepped and constrained there, and the certified weights) and
-  broadcasts C(x⁺ − w); every rank sets its module weights w ← w + C(x⁺ − w), so gradients
+  broadcasts C(x⁺ − w) (one broadcast per owner); every rank sets its module weights w ← w + C(x⁺ − w), so gradients
   are taken at w. Without it the owners broadcast x⁺ densely and w = x.
 
 Tensors DeepSpeed holds (the embedding under optim.embed=adam) stay dense: DeepSpeed reduces
@@ -49,8 +50,14 @@ class TimedComm:
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         return self._timed(self.comm.all_reduce_sum, tensor)
 
+    def reduce_scatter_sum(self, tensor: Tensor) -> Tensor:
+        return self._timed(self.comm.reduce_scatter_sum, tensor)
+
     def all_gather(self, tensor: Tensor) -> list[Tensor]:
         return self._timed(self.comm.all_gather, tensor)
+
+    def all_to_all(self, tensor: Tensor, send_sizes: list[int], recv_sizes: list[int]) -> Tensor:
+        return self._timed(self.comm.all_to_all, tensor, send_sizes, recv_sizes)
 
     def broadcast(self, tensor: Tensor, src: int) -> Tensor:
         return self._timed(self.comm.broadcast, tensor, src)
@@ -82,24 +89,22 @@ class CompressedExchange:
     @torch.no_grad()
     def gradients(self, grad_of, step: int) -> dict[str, Tensor]:
         """The aggregate gradient of every tensor this rank owns. `grad_of(name)` is this rank's
-        local fp32 gradient; every rank aggregates every tensor (the estimators' collectives
-        run on all ranks), and keeps only its own."""
+        local fp32 gradient. Every rank compresses every tensor; one reduce-scatter and one
+        all-to-all (`transport.mean_many`) bring each owner the messages of its tensors."""
         start = time.perf_counter()
-        mine = {}
-        for name, owner in self.plan.owner.items():
-            agg = self.uplink.aggregate(name, grad_of(name), step=step)
-            if owner == self.rank:
-                mine[name] = agg
+        grads = {name: grad_of(name) for name in self.plan.owner}
+        mine = self.uplink.aggregate_many(grads, step=step, owners=self.plan.owner)
         self._exchange_seconds += time.perf_counter() - start
         self._steps += 1
         return mine
 
     @torch.no_grad()
     def share(self, step: int) -> None:
-        """EF21-P downlink: bring every rank's working copies w to within C of the owners' x⁺."""
+        """EF21-P downlink: bring every rank's working copies w to within C of the owners' x⁺
+        (one broadcast per owner)."""
         start = time.perf_counter()
-        for name, owner in self.plan.owner.items():
-            self.downlink.sync(name, self.params[name].data, self.masters.get(name), step=step, owner=owner)
+        self.downlink.sync_many({name: (self.params[name].data, self.masters.get(name), owner)
+                                 for name, owner in self.plan.owner.items()}, step=step)
         self._exchange_seconds += time.perf_counter() - start
 
     def broadcast_dense(self, flat: Tensor, src: int) -> None:

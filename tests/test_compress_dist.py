@@ -26,7 +26,7 @@ from distlip.compress import (
     TopK,
     TorchComm,
 )
-from distlip.compress.accounting import all_gather_bytes, broadcast_bytes, ring_all_reduce_bytes
+from distlip.compress.accounting import all_gather_bytes, broadcast_bytes, reduce_scatter_bytes, ring_all_reduce_bytes
 
 WORLD = 2
 D, STEPS, WARMUP = 400, 6, 2
@@ -69,6 +69,18 @@ class RecordingComm:
         self.received += cost
         return self.comm.all_gather(tensor)
 
+    def reduce_scatter_sum(self, tensor):
+        cost = reduce_scatter_bytes(tensor.nbytes // self.world_size, self.world_size)
+        self.sent += cost
+        self.received += cost
+        return self.comm.reduce_scatter_sum(tensor)
+
+    def all_to_all(self, tensor, send_sizes, recv_sizes):
+        others = [r for r in range(self.world_size) if r != self.rank]
+        self.sent += sum(send_sizes[r] for r in others) * tensor.element_size()
+        self.received += sum(recv_sizes[r] for r in others) * tensor.element_size()
+        return self.comm.all_to_all(tensor, send_sizes, recv_sizes)
+
     def broadcast(self, tensor, src):
         sent, received = broadcast_bytes(tensor.nbytes, self.world_size, self.rank == src)
         self.sent += sent
@@ -88,6 +100,15 @@ def _run(cls, compressor, comm):
     return outs, est
 
 
+def _run_owned(cls, compressor, comm):
+    """The same, in one reduce-scatter / all-to-all per step: tensor p{i} is owned by rank i."""
+    est = cls(compressor, comm, warmup_steps=WARMUP)
+    grads = _grads(comm.rank)
+    owners = {"p0": 0, "p1": 1}
+    outs = [est.aggregate_many({"p0": grads[s, 0], "p1": grads[s, 1]}, step=s, owners=owners) for s in range(STEPS)]
+    return outs, est
+
+
 def _worker(rank: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     comm = TorchComm()
@@ -104,6 +125,13 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         outs, est = _run(cls, make(0.05), recording)
         record["aggregates"][key] = outs
         record["bytes"][key] = (est.counter.uplink.sent, est.counter.uplink.received, recording.sent, recording.received)
+
+    record["owned"] = {}
+    for key, (cls, make) in PAIRS.items():
+        recording = RecordingComm(comm)
+        outs, est = _run_owned(cls, make(0.05), recording)
+        record["owned"][key] = {
+            "outs": outs, "bytes": (est.counter.uplink.sent, est.counter.uplink.received, recording.sent, recording.received)}
 
     record["dense"] = _run(Dense, Identity(), comm)[0]
     record["ratio_one"] = {key: _run(cls, make(1.0), comm)[0] for key, (cls, make) in RATIO_ONE.items()}
@@ -169,6 +197,19 @@ def test_byte_counter_matches_tensors_sent(records, key):
     for record in records:
         counted_sent, counted_received, sent, received = record["bytes"][key]
         assert (counted_sent, counted_received) == (sent, received)
+
+
+@pytest.mark.parametrize("key", PAIRS)
+def test_owner_only_exchange_gives_each_owner_the_all_reduce_bits(records, key):
+    """Reduce-scatter and all-to-all over gloo: rank i gets exactly the aggregate of p{i} that
+    the all-reduce / all-gather path gives, nothing else, and counts the bytes it moved."""
+    for rank, record in enumerate(records):
+        owned = record["owned"][key]
+        assert all(set(step) == {f"p{rank}"} for step in owned["outs"])
+        assert _same([step[f"p{rank}"] for step in owned["outs"]], record["aggregates"][key][rank::2])
+        counted_sent, counted_received, sent, received = owned["bytes"]
+        assert (counted_sent, counted_received) == (sent, received)
+        assert counted_sent < record["bytes"][key][0]  # fewer bytes than the all-reduce path
 
 
 def test_byte_counter_against_message_sizes(records):

@@ -79,10 +79,13 @@ class ThreadComm:
         self.rank = rank
         self.world_size = group.world_size
         self.calls = 0
+        self.collectives = 0  # calls of any collective, for the bucketing test
+        self.moved = [0.0, 0.0]  # bytes this rank really sent and received
 
     def _exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         slots = self.group.slots[self.calls % 2]
         self.calls += 1
+        self.collectives += 1
         slots[self.rank] = tensor.clone()
         self.group.barrier.wait()
         return list(slots)
@@ -99,6 +102,20 @@ class ThreadComm:
 
     def broadcast(self, tensor, src):
         return tensor.copy_(self._exchange(tensor)[src])
+
+    def reduce_scatter_sum(self, tensor):
+        chunk = tensor.numel() // self.world_size
+        parts = [p[self.rank * chunk:(self.rank + 1) * chunk] for p in self._exchange(tensor)]
+        self.moved = [m + (self.world_size - 1) * chunk * tensor.element_size() for m in self.moved]
+        return sum(parts[1:], parts[0].clone())
+
+    def all_to_all(self, tensor, send_sizes, recv_sizes):
+        sent = self._exchange(tensor)
+        starts = [sum(send_sizes[:self.rank]) for _ in sent]
+        pieces = [p[s:s + n] for p, s, n in zip(sent, starts, recv_sizes)]
+        self.moved[0] += sum(n for r, n in enumerate(send_sizes) if r != self.rank) * tensor.element_size()
+        self.moved[1] += sum(n for r, n in enumerate(recv_sizes) if r != self.rank) * tensor.element_size()
+        return torch.cat(pieces)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -436,3 +453,116 @@ def test_downlink_tracks_the_master_on_three_workers():
     message = TopK(0.05).message_bytes(d, torch.float32)
     assert owner.downlink.sent == other.downlink.received == 2 * d * 4 + (steps - 2) * message
     assert owner.downlink.received == other.downlink.sent == 0
+
+
+# ---------------------------------------------------------------- bucketed and owner-only exchange
+
+# Sizes chosen so one step mixes dense messages (the 1-coordinate tensor, and "late", which
+# starts at step 3) with compressed ones; rank 1 owns nothing.
+SIZES = {"a": 40, "b": 1, "c": 64, "d": 30, "late": 25}
+OWNERS = {"a": 0, "b": 0, "c": 2, "d": 0, "late": 2}
+
+
+def _step_grads(rank: int, step: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * rank + step)
+    return {n: torch.randn(d, generator=gen) for n, d in SIZES.items() if n != "late" or step >= 3}
+
+
+@pytest.mark.parametrize(
+    "cls,compressor",
+    [
+        (Dense, Identity()), (Plain, RandK(0.1, shared_seed=False)), (Diana, RandK(0.1)),
+        (Diana, RandK(0.1, shared_seed=False)), (Marina, RandK(0.1)), (EF21Momentum, TopK(0.1)),
+        (EF14, TopK(0.1)), (EF21Momentum, RandK(0.1, scaled=False)),
+    ],
+)
+def test_bucketed_and_owner_only_exchanges_equal_per_tensor_aggregation(cls, compressor):
+    """Three workers, six steps (two dense warm-up): one `aggregate_many` call per step takes at
+    most two collectives and gives every rank the bits of one `aggregate` call per tensor; with
+    owners, each owner gets exactly those bits for its tensors and other ranks get nothing."""
+
+    def worker(comm):
+        single, many, owned = (cls(compressor, comm, warmup_steps=2) for _ in range(3))
+        steps = []
+        for step in range(6):
+            grads = _step_grads(comm.rank, step)
+            ref = {n: single.aggregate(n, g, step=step) for n, g in grads.items()}
+            before = comm.collectives
+            got = many.aggregate_many(grads, step=step)
+            calls = comm.collectives - before
+            mine = owned.aggregate_many(grads, step=step, owners=OWNERS)
+            steps.append((ref, got, calls, mine))
+        return steps
+
+    for rank, steps in enumerate(ThreadGroup(3).run(worker)):
+        for ref, got, calls, mine in steps:
+            assert calls <= 2
+            assert set(got) == set(ref) and all(torch.equal(bits(got[n]), bits(ref[n])) for n in ref)
+            assert set(mine) == {n for n in ref if OWNERS[n] == rank}
+            assert all(torch.equal(bits(mine[n]), bits(ref[n])) for n in mine)
+
+
+def test_owner_only_bytes_are_what_the_collectives_move():
+    """Reduce-scatter of the dense messages, all-to-all of the sparse ones: the counter matches
+    the bytes really sent and received, per rank, and the dense equivalent is the reduce-scatter
+    of every tensor whole (chunk = the busiest owner's bytes)."""
+    world = 3
+
+    def worker(comm):
+        est = EF21Momentum(TopK(0.1), comm, warmup_steps=1)
+        est.aggregate_many(_step_grads(comm.rank, 0), step=0, owners=OWNERS)
+        est.counter.reset()
+        comm.moved = [0.0, 0.0]
+        est.aggregate_many(_step_grads(comm.rank, 3), step=3, owners=OWNERS)  # "late" and "b" dense
+        return est.counter.uplink, comm.moved
+
+    busiest = max(sum(4 * SIZES[n] for n, o in OWNERS.items() if o == r) for r in range(world))
+    for traffic, (sent, received) in ThreadGroup(world).run(worker):
+        assert (traffic.sent, traffic.received) == (sent, received)
+        assert traffic.dense_sent == traffic.dense_received == (world - 1) * busiest
+        assert traffic.volume < traffic.dense_volume / 2
+
+
+def test_sparse_messages_of_narrow_dtypes_pack_and_unpack():
+    """bf16 values with an odd k put the int32 indices after a 2-byte gap: the gathered mean
+    still equals the mean of each rank's decompressed message."""
+    d, ratio = 50, 0.1  # k = 5
+    grads = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+
+    def worker(comm):
+        est = Plain(TopK(ratio), comm)
+        est.aggregate_many({f"t{i}": grads[comm.rank, i] for i in range(3)}, step=0)  # the dense first round
+        return est.aggregate_many({f"t{i}": grads[comm.rank, i] for i in range(3)}, step=1)
+
+    expected = [sum(TopK(ratio).decompress(TopK(ratio).compress(grads[r, i], step=1, tensor_id=f"t{i}", rank=r), d)
+                    for r in range(2)) / 2 for i in range(3)]
+    for got in ThreadGroup(2).run(worker):
+        assert all(torch.equal(got[f"t{i}"], expected[i]) for i in range(3))
+
+
+def test_downlink_sends_one_broadcast_per_owner():
+    """Four tensors held by two owners: `sync_many` equals one `sync` per tensor, bit for bit,
+    in two broadcasts."""
+    d, owners = 60, {"p": 0, "q": 1, "r": 0, "s": 1}
+    shifts = torch.randn(4, len(owners), d, generator=torch.Generator().manual_seed(8))
+
+    def worker(comm):
+        single, many = Downlink(TopK(0.1), comm, warmup_steps=1), Downlink(TopK(0.1), comm, warmup_steps=1)
+        w1 = {n: torch.zeros(d) for n in owners}
+        w2 = {n: torch.zeros(d) for n in owners}
+        masters = {n: torch.zeros(d) for n, o in owners.items() if o == comm.rank}
+        calls = []
+        for step in range(4):
+            for i, n in enumerate(owners):
+                if n in masters:
+                    masters[n] -= 0.1 * shifts[step, i]
+            for n, o in owners.items():
+                single.sync(n, w1[n], masters.get(n), step=step, owner=o)
+            before = comm.collectives
+            many.sync_many({n: (w2[n], masters.get(n), o) for n, o in owners.items()}, step=step)
+            calls.append(comm.collectives - before)
+        return w1, w2, calls
+
+    for w1, w2, calls in ThreadGroup(2).run(worker):
+        assert calls == [2] * 4
+        assert all(torch.equal(w1[n], w2[n]) for n in owners)

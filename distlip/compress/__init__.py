@@ -4,8 +4,8 @@ The trainer builds everything from one `compression:` block:
 
     cfg = CompressionConfig.from_dict(block)          # ConfigError on any bad key or pair
     uplink, downlink = cfg.build(TorchComm(), counter)
-    agg = uplink.aggregate(name, grad, step=step)     # every rank steps with agg
-    if downlink: downlink.sync(name, param.data, master, step=step, owner=owner)
+    mine = uplink.aggregate_many(grads, step=step, owners=owner_of)   # {name: aggregate} of my tensors
+    if downlink: downlink.sync_many({name: (param.data, master_or_None, owner)}, step=step)
 
 Modules: `compressors` (tensor to message), `transport` (collectives), `estimators`
 (aggregation and the EF21-P downlink), `accounting` (bytes per rank).

@@ -2,7 +2,9 @@
 
 Cost model per rank, with M ranks and n bytes per rank's tensor or message:
 - ring all-reduce: sends and receives 2·(M−1)/M·n;
+- ring reduce-scatter of M chunks of c bytes: sends and receives (M−1)·c;
 - all-gather: sends and receives (M−1)·n (its own message out, everyone else's in);
+- all-to-all: sends every other rank its piece, receives one piece from each;
 - broadcast: the root sends n, every other rank receives n.
 On a full-duplex link the busier direction sets the time, so the headline figure of a
 direction is max(sent, received). For a 162M-parameter bf16 model on 8 ranks this gives
@@ -20,6 +22,11 @@ DOWNLINK = "downlink"
 def ring_all_reduce_bytes(nbytes: int, world_size: int) -> float:
     """Bytes one rank sends (and receives) in a ring all-reduce of `nbytes`."""
     return 2.0 * (world_size - 1) / world_size * nbytes
+
+
+def reduce_scatter_bytes(chunk_bytes: int, world_size: int) -> float:
+    """Bytes one rank sends (and receives) in a ring reduce-scatter of `world_size` chunks of `chunk_bytes`."""
+    return float((world_size - 1) * chunk_bytes)
 
 
 def all_gather_bytes(nbytes: int, world_size: int) -> float:

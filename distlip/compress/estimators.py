@@ -1,16 +1,22 @@
 """Gradient estimators over compressed communication (SPEC §5), and the EF21-P downlink.
 
-An estimator turns each rank's local gradient of one tensor into the aggregate that every
-rank steps with; the aggregate is bit-identical on all ranks. State is kept per tensor,
-keyed by the name passed to `aggregate`, as flat (d,) tensors in the gradient's dtype.
-Fields ending in `_bar` or `_hat` are the same on every rank; the others are this rank's
-own, so a checkpoint stores `state_dict()` per rank (after a change of world size, drop
-it: the next call re-initialises densely).
+An estimator turns each rank's local gradient of one tensor into the aggregate that a rank
+steps with, bit-identical on every rank that computes it. A step runs in three phases over
+all its tensors at once: `prepare` compresses each rank's tensor (and updates this rank's own
+state), one bucketed exchange averages the messages (`transport.mean_many`: two collectives
+at most), and `finish` turns each mean into the aggregate (updating the state every rank
+shares). `aggregate_many` runs the three; `aggregate` does it for one tensor.
+
+State is kept per tensor, keyed by name, as flat (d,) tensors in the gradient's dtype. Fields
+ending in `_bar` or `_hat` are the shared part: the same on every rank that finishes the
+tensor (every rank, or only its owner when `aggregate_many` is given owners); the others are
+this rank's own. A checkpoint stores `state_dict()` per rank (after a change of world size,
+drop it: the next call re-initialises densely).
 
 Dense rounds: the first call for a tensor, every step below `warmup_steps`, and every call
-whose compressor keeps all d coordinates run the estimator's dense path: one all-reduce,
-after which the reference state equals what the identity compressor would leave (h = g
-for DIANA, u = v for EF21, e = 0 for EF14). So ratio 1.0 reproduces `Dense` bit for bit.
+whose compressor keeps all d coordinates send the estimator's dense message, after which the
+reference state equals what the identity compressor would leave (h = g for DIANA, u = v for
+EF21, e = 0 for EF14). So ratio 1.0 reproduces `Dense` bit for bit.
 
 Valid (estimator, compressor) pairs, enforced by `check_pair`:
 - Dense: identity only (it sends everything anyway);
@@ -31,14 +37,16 @@ from torch import Tensor
 
 from distlip.compress.accounting import ByteCounter
 from distlip.compress.compressors import Compressor, Identity, Message, stream_seed
-from distlip.compress.transport import Comm, SingleProcessComm, broadcast_message, mean_dense, mean_messages
+from distlip.compress.transport import Comm, SingleProcessComm, broadcast_messages, mean_many
 from distlip.errors import ConfigError
 
 State = dict[str, Tensor]
 
 
 class Estimator:
-    """Base class. Subclasses implement `_dense` and `_compressed` on flat (d,) tensors.
+    """Base class. Subclasses implement `_prepare` (this rank's message and own state) and
+    `_finish` (the aggregate from the mean message, and the shared state), each for dense and
+    compressed rounds, on flat (d,) tensors.
 
     compressor: what each rank sends (default Identity); comm: the collectives (default one
     process); warmup_steps: steps below this are dense; seed: for shared random choices
@@ -65,22 +73,26 @@ class Estimator:
         self.counter = counter if counter is not None else ByteCounter()
         self._state: dict[str, State] = {}
 
-    def aggregate(self, name: str, grad: Tensor, *, step: int) -> Tensor:
-        """The aggregate for tensor `name` at optimiser `step`, shaped like `grad` (a new tensor).
+    def aggregate_many(self, grads: dict[str, Tensor], *, step: int,
+                       owners: dict[str, int] | None = None) -> dict[str, Tensor]:
+        """The aggregate of every tensor in `grads` at optimiser `step`, shaped like its gradient.
 
-        Every rank must call this for the same names and steps, in the same order.
+        With `owners` ({name: rank}), each aggregate is computed on its owner only (reduce-scatter
+        and all-to-all: fewer bytes) and the result holds this rank's tensors; without, every
+        rank gets every aggregate. Every rank must pass the same names, in the same order, with
+        the same owners, at the same steps.
         """
-        flat = grad.reshape(-1)
-        d = flat.numel()
-        dense = (
-            name not in self._state
-            or step < self.warmup_steps
-            or self.compressor.keeps_all(d)
-            or self._dense_round(name, step, d)
-        )
-        state = self._state.setdefault(name, {})
-        out = self._dense(state, flat) if dense else self._compressed(state, flat, name, step)
-        return out.view_as(grad)
+        names = list(grads)
+        dense = {n: self._is_dense(n, grads[n].numel(), step) for n in names}
+        messages = [self._prepare_one(n, grads[n].reshape(-1), step, dense[n]) for n in names]
+        means = mean_many(self.comm, messages, [grads[n].numel() for n in names], self.counter,
+                          None if owners is None else [owners[n] for n in names])
+        return {n: self._finish(self._state[n], mean, dense[n]).view_as(grads[n])
+                for n, mean in zip(names, means) if mean is not None}
+
+    def aggregate(self, name: str, grad: Tensor, *, step: int) -> Tensor:
+        """The aggregate for one tensor, on every rank (a new tensor shaped like `grad`)."""
+        return self.aggregate_many({name: grad}, step=step)[name]
 
     def state_dict(self) -> dict[str, State]:
         """Per-tensor state keyed by name: {name: {field: (d,) tensor}} (references, not copies)."""
@@ -89,24 +101,31 @@ class Estimator:
     def load_state_dict(self, state: dict[str, State]) -> None:
         self._state = {name: {key: t.clone() for key, t in fields.items()} for name, fields in state.items()}
 
+    def _is_dense(self, name: str, d: int, step: int) -> bool:
+        return (name not in self._state or step < self.warmup_steps or self.compressor.keeps_all(d)
+                or self._dense_round(name, step, d))
+
+    def _prepare_one(self, name: str, g: Tensor, step: int, dense: bool) -> Message:
+        state = self._state.setdefault(name, {})
+        return Message(self._prepare_dense(state, g)) if dense else self._prepare(state, g, name, step)
+
     def _dense_round(self, name: str, step: int, d: int) -> bool:
         """Whether this step is an extra dense round (MARINA's coin); decided identically on all ranks."""
         return False
 
-    def _dense(self, state: State, g: Tensor) -> Tensor:
+    def _prepare_dense(self, state: State, g: Tensor) -> Tensor:
+        """What this rank sends whole in a dense round (may alias `g`)."""
+        return g
+
+    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
         raise NotImplementedError
 
-    def _compressed(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
-        raise NotImplementedError
-
-    def _mean(self, x: Tensor) -> Tensor:
-        return mean_dense(self.comm, x, self.counter)
+    def _finish(self, state: State, mean: Tensor, dense: bool) -> Tensor:
+        """The aggregate, from the mean over ranks of the decompressed messages."""
+        return mean
 
     def _compress(self, x: Tensor, name: str, step: int) -> Message:
         return self.compressor.compress(x, step=step, tensor_id=name, rank=self.comm.rank)
-
-    def _mean_of(self, message: Message, d: int) -> Tensor:
-        return mean_messages(self.comm, message, d, self.counter)
 
 
 def check_pair(estimator: Estimator | type[Estimator], compressor: Compressor) -> None:
@@ -132,13 +151,10 @@ def check_pair(estimator: Estimator | type[Estimator], compressor: Compressor) -
 
 
 class Dense(Estimator):
-    """Plain all-reduce mean of the gradients: the oracle every estimator is compared with."""
+    """Plain mean of the gradients: the oracle every estimator is compared with."""
 
     name = "dense"
     requires = "identity"
-
-    def _dense(self, state: State, g: Tensor) -> Tensor:
-        return self._mean(g)
 
 
 class Plain(Estimator):
@@ -150,11 +166,8 @@ class Plain(Estimator):
 
     name = "plain"
 
-    def _dense(self, state: State, g: Tensor) -> Tensor:
-        return self._mean(g)
-
-    def _compressed(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
-        return self._mean_of(self._compress(g, name, step), g.numel())
+    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
+        return self._compress(g, name, step)
 
 
 class Diana(Estimator):
@@ -162,26 +175,30 @@ class Diana(Estimator):
 
     ĝ = h̄ + mean Δ; h_m += αΔ_m; h̄ += α·mean Δ with α = 1/(ω+1). The shifts learn each
     rank's gradient, so the compressed part, and its variance, shrinks as training settles.
-    State: h (this rank's shift), h_bar (the mean shift, the same on all ranks).
+    State: h (this rank's shift), h_bar (the mean shift).
     """
 
     name = "diana"
     requires = "unbiased"
 
-    def _dense(self, state: State, g: Tensor) -> Tensor:
-        mean = self._mean(g)
-        state["h"] = g.clone()
-        state["h_bar"] = mean.clone()
-        return mean
+    def _alpha(self, d: int) -> float:
+        return 1.0 / (self.compressor.omega(d) + 1.0)
 
-    def _compressed(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
-        d = g.numel()
-        alpha = 1.0 / (self.compressor.omega(d) + 1.0)
+    def _prepare_dense(self, state: State, g: Tensor) -> Tensor:
+        state["h"] = g.clone()
+        return g
+
+    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
         message = self._compress(g - state["h"], name, step)
-        mean_delta = self._mean_of(message, d)
-        out = state["h_bar"] + mean_delta
-        self.compressor.add_into(state["h"], message, alpha)
-        state["h_bar"].add_(mean_delta, alpha=alpha)
+        self.compressor.add_into(state["h"], message, self._alpha(g.numel()))
+        return message
+
+    def _finish(self, state: State, mean: Tensor, dense: bool) -> Tensor:
+        if dense:
+            state["h_bar"] = mean.clone()
+            return mean
+        out = state["h_bar"] + mean
+        state["h_bar"].add_(mean, alpha=self._alpha(mean.numel()))
         return out
 
 
@@ -193,7 +210,7 @@ class Marina(Estimator):
     noise (the original evaluates both points on one minibatch, which costs a second
     backward pass). The coin is drawn per tensor from (seed, step, name), the same on every
     rank, which spreads the dense rounds of different tensors over different steps.
-    p defaults to k/d. State: g_prev (this rank's last gradient), g_hat (the same on all ranks).
+    p defaults to k/d. State: g_prev (this rank's last gradient), g_hat (the estimate).
     """
 
     name = "marina"
@@ -209,16 +226,20 @@ class Marina(Estimator):
         p = self.p if self.p is not None else self.compressor.k(d) / d
         return random.Random(stream_seed(self.seed, step, name, "marina")).random() < p
 
-    def _dense(self, state: State, g: Tensor) -> Tensor:
-        mean = self._mean(g)
+    def _prepare_dense(self, state: State, g: Tensor) -> Tensor:
         state["g_prev"] = g.clone()
-        state["g_hat"] = mean.clone()
-        return mean
+        return g
 
-    def _compressed(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
+    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
         message = self._compress(g - state["g_prev"], name, step)
-        state["g_hat"].add_(self._mean_of(message, g.numel()))
         state["g_prev"].copy_(g)
+        return message
+
+    def _finish(self, state: State, mean: Tensor, dense: bool) -> Tensor:
+        if dense:
+            state["g_hat"] = mean.clone()
+            return mean
+        state["g_hat"].add_(mean)
         return state["g_hat"].clone()
 
 
@@ -228,7 +249,7 @@ class EF21Momentum(Estimator):
     Returns ū. With η = 1 (default) v is the gradient itself and this is plain EF21; the
     optimiser's own momentum then applies to ū. With η < 1 ū is already an EMA momentum
     (β = 1 − η): compress momentum, and do not apply momentum to ū again. v starts at the
-    first gradient. State: v (η < 1 only), u (this rank's), u_bar (the same on all ranks).
+    first gradient. State: v (η < 1 only), u (this rank's), u_bar (the mean of the u_m).
     """
 
     name = "ef21"
@@ -250,18 +271,22 @@ class EF21Momentum(Estimator):
             v.lerp_(g, self.eta)
         return v
 
-    def _dense(self, state: State, g: Tensor) -> Tensor:
+    def _prepare_dense(self, state: State, g: Tensor) -> Tensor:
         v = self._momentum(state, g)
-        mean = self._mean(v)
         state["u"] = v.clone()
-        state["u_bar"] = mean.clone()
-        return mean
+        return v
 
-    def _compressed(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
+    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
         v = self._momentum(state, g)
         message = self._compress(v - state["u"], name, step)
         self.compressor.add_into(state["u"], message)
-        state["u_bar"].add_(self._mean_of(message, g.numel()))
+        return message
+
+    def _finish(self, state: State, mean: Tensor, dense: bool) -> Tensor:
+        if dense:
+            state["u_bar"] = mean.clone()
+            return mean
+        state["u_bar"].add_(mean)
         return state["u_bar"].clone()
 
 
@@ -274,16 +299,16 @@ class EF14(Estimator):
     name = "ef14"
     requires = "contractive"
 
-    def _dense(self, state: State, g: Tensor) -> Tensor:
+    def _prepare_dense(self, state: State, g: Tensor) -> Tensor:
         e = state.pop("e", None)
-        return self._mean(g if e is None else g + e)
+        return g if e is None else g + e
 
-    def _compressed(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
+    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
         e = state.get("e")
         p = g.clone() if e is None else g + e
         message = self._compress(p, name, step)
         state["e"] = self.compressor.add_into(p, message, -1.0)
-        return self._mean_of(message, g.numel())
+        return message
 
 
 class Downlink:
@@ -314,12 +339,30 @@ class Downlink:
         self.warmup_steps = warmup_steps
         self.counter = counter if counter is not None else ByteCounter()
 
-    def sync(self, name: str, weights: Tensor, master: Tensor | None, *, step: int, owner: int) -> Tensor:
-        """Update this rank's working copy `weights` (contiguous, any shape) in place; returns it.
+    def sync_many(self, tensors: dict[str, tuple[Tensor, Tensor | None, int]], *, step: int) -> None:
+        """Update this rank's working copies in place: {name: (weights, master, owner)}.
 
-        master: the owner's x⁺ (same shape, any float dtype); None on other ranks.
-        Dense (w ← x⁺ exactly) during warm-up and when the compressor keeps everything.
+        weights: the contiguous working copy w (any shape); master: the owner's x⁺ (same
+        shape, any float dtype), None on other ranks; owner: the rank that holds x. One
+        broadcast per owner carries all its tensors. Dense (w ← x⁺ exactly) during warm-up and
+        when the compressor keeps everything. Every rank passes the same names and owners.
         """
+        for owner in dict.fromkeys(o for _, _, o in tensors.values()):
+            names = [n for n, (_, _, o) in tensors.items() if o == owner]
+            messages = [self._message(n, *tensors[n][:2], owner, step) for n in names]
+            flats = [tensors[n][0].view(-1) for n in names]
+            broadcast_messages(self.comm, messages, [f.numel() for f in flats], owner=owner, counter=self.counter)
+            for flat, message in zip(flats, messages):
+                if message.indices is not None:  # dense messages were received into w itself
+                    self.compressor.add_into(flat, message)
+
+    def sync(self, name: str, weights: Tensor, master: Tensor | None, *, step: int, owner: int) -> Tensor:
+        """`sync_many` for one tensor; returns `weights`."""
+        self.sync_many({name: (weights, master, owner)}, step=step)
+        return weights
+
+    def _message(self, name: str, weights: Tensor, master: Tensor | None, owner: int, step: int) -> Message:
+        """The owner's message for one tensor, or the buffers another rank receives it into."""
         flat = weights.view(-1)
         d = flat.numel()
         is_owner = self.comm.rank == owner
@@ -328,16 +371,9 @@ class Downlink:
         if step < self.warmup_steps or self.compressor.keeps_all(d):
             if is_owner:
                 flat.copy_(master.reshape(-1))
-            broadcast_message(self.comm, Message(flat), d, owner=owner, counter=self.counter)
-            return weights
+            return Message(flat)
         tensor_id = f"{name}/downlink"  # masks independent of the uplink's for the same tensor
         if is_owner:
             shift = (master.reshape(-1) - flat).to(flat.dtype)
-            message = self.compressor.compress(shift, step=step, tensor_id=tensor_id, rank=owner)
-        else:
-            message = self.compressor.empty_message(
-                d, flat.dtype, flat.device, step=step, tensor_id=tensor_id, rank=owner
-            )
-        broadcast_message(self.comm, message, d, owner=owner, counter=self.counter)
-        self.compressor.add_into(flat, message)
-        return weights
+            return self.compressor.compress(shift, step=step, tensor_id=tensor_id, rank=owner)
+        return self.compressor.empty_message(d, flat.dtype, flat.device, step=step, tensor_id=tensor_id, rank=owner)
