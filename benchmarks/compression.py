@@ -173,9 +173,11 @@ def append_results(path: Path, text: str, args: argparse.Namespace) -> None:
 over gloo on one host, shared with other jobs (times are indicative). Command: `{command}`.
 Model: d 64, 2 layers, 4 heads, context 64, batch 32 (two ranks × 16), {args.steps} steps, Muon lr 0.5 decayed
 linearly to 0, soft cap σmax 2, colnorm embedding; tinyshakespeare, validation loss on the whole held-out
-10%. Bytes are per rank per step after the 2 dense warm-up steps (ring all-reduce 2(M−1)/M·n, all-gather
-(M−1)·n, broadcast n; the busier of sent/received); "uplink ÷" is dense's cumulative uplink bytes over the
-method's (warm-up included). Codec time is the exchange's time outside collectives (compress, decompress,
+10%. Bytes are per rank per step after the 2 dense warm-up steps, the busier of sent/received. The uplink
+is one bucketed exchange to the tensors' owners per step: a ring reduce-scatter ((M−1)·chunk, chunk = the
+busiest owner's share) of dense and shared-mask values, an all-to-all of Top-k (values, int32 indices); the
+downlink is one broadcast per owner (n). "uplink ÷" is dense's cumulative uplink bytes over the method's
+(warm-up included). Codec time is the exchange's time outside collectives (compress, decompress,
 estimator arithmetic). Plot: `benchmarks/compression_loss_vs_bytes.png`.
 
 {text}
