@@ -3,8 +3,9 @@ communication as it would be between nodes. Needs root (network namespaces).
 
 `slow_link(rate)` creates namespaces dlbench0 / dlbench1 joined by a veth pair (10.77.0.1 and
 10.77.0.2) shaped by `tc tbf` on both ends, and always deletes them on exit (which removes the
-veth pair too). `train_two_nodes` runs `distlip train` as a real 2-node torchrun job across it,
-one process per node; gloo binds to the veth (`GLOO_SOCKET_IFNAME`), not to 127.0.0.1.
+veth pair too). `two_nodes` runs a script as a real 2-node torchrun job across it, one process
+per node (`train_two_nodes`: `distlip train`); gloo binds to the veth (`GLOO_SOCKET_IFNAME`), not
+to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -50,17 +51,16 @@ def slow_link(rate: str = "100mbit") -> Iterator[None]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def train_two_nodes(out: Path, config: str, overrides: list[str], port: int = 29911,
-                    timeout: int = 900) -> list[dict]:
-    """`distlip train` as a 2-node job over the slow link (inside `slow_link()`); metrics records."""
+def two_nodes(python_args: list[str], port: int = 29911, timeout: int = 900) -> list[str]:
+    """`python -m torch.distributed.run … <python_args>` as a 2-node job over the slow link (inside
+    `slow_link()`), one process per node; each node's output. Raises if either node fails."""
     env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    args = ["--config", config, "--out", str(out), "train.progress=false", "train.tensorboard=false", *overrides]
     procs = []
     try:
         for rank, (ns, veth) in enumerate(zip(NAMESPACES, VETHS)):
             cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                    "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr", ADDRESSES[0],
-                   "--master_port", str(port), "-m", "distlip.train", *args]
+                   "--master_port", str(port), *python_args]
             procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**env, "GLOO_SOCKET_IFNAME": veth},
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         logs = [p.communicate(timeout=timeout)[0] for p in procs]
@@ -68,6 +68,14 @@ def train_two_nodes(out: Path, config: str, overrides: list[str], port: int = 29
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    if any(p.returncode not in (0, 1) for p in procs):
-        raise RuntimeError("2-node training failed:\n" + "\n".join(log[-1500:] for log in logs))
+    if any(p.returncode not in (0, 1) for p in procs):  # 1: training finished but a cap was exceeded
+        raise RuntimeError("2-node job failed:\n" + "\n".join(log[-1500:] for log in logs))
+    return logs
+
+
+def train_two_nodes(out: Path, config: str, overrides: list[str], port: int = 29911,
+                    timeout: int = 900) -> list[dict]:
+    """`distlip train` as a 2-node job over the slow link (inside `slow_link()`); metrics records."""
+    args = ["--config", config, "--out", str(out), "train.progress=false", "train.tensorboard=false", *overrides]
+    two_nodes(["-m", "distlip.train", *args], port, timeout)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

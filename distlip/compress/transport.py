@@ -105,7 +105,9 @@ class TorchComm:
 
     def reduce_scatter_sum(self, tensor: Tensor) -> Tensor:
         out = tensor.new_empty(tensor.numel() // self.world_size)
-        dist.reduce_scatter_tensor(out, tensor, op=dist.ReduceOp.SUM, group=self.group)
+        # Newer torch renames reduce_scatter_tensor (same arguments) and warns on the old name.
+        reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+        reduce_scatter(out, tensor, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
     def all_gather(self, tensor: Tensor) -> list[Tensor]:
