@@ -46,6 +46,9 @@ def shapes(preset: str) -> dict[str, torch.Size]:
     from distlip.model import LipschitzTransformer, matrix_names
 
     cfg = load_config(preset, [])
+    if not cfg.model.vocab_size:
+        raise SystemExit(f"--preset {preset} sets no model.vocab_size (its tokenizer decides it): "
+                         "pass a preset that fixes it, e.g. configs/nanogpt-145m.yaml")
     with torch.device("meta"):
         model = LipschitzTransformer(cfg.model)
     params = dict(model.named_parameters())
@@ -154,14 +157,17 @@ def worker(args: argparse.Namespace) -> None:
             n = sum(s.numel() for s in sizes.values())
             where = f"2 nodes over {args.slow_link}" if args.slow_link else args.device
             launch = f"--slow-link {args.slow_link}" if args.slow_link else f"--nproc {world} --device {args.device}"
-            command = f"python benchmarks/compression_145m.py {launch} --steps {args.steps} --results benchmarks/RESULTS.md"
-            write_section(Path(args.results), f"## Compression of the 145M model's gradients ({where})", f"""## Compression of the 145M model's gradients ({where})
+            command = (f"python benchmarks/compression_145m.py {launch} --steps {args.steps} "
+                       "--results benchmarks/RESULTS.md")
+            heading = f"## Compression of the 145M model's gradients ({where})"
+            write_section(Path(args.results), heading, f"""{heading}
 
 {provenance()}.
-Command: `{command}`. {len(sizes)} tensors, {n / 1e6:.1f}M fp32 coordinates ({Path(args.preset).name}), {world} processes,
-owner-computes ownership; random gradients; per rank per step, averaged over {args.steps} steps after {WARMUP} dense
-ones and over ranks. Uplink: one bucketed exchange to the owners; downlink: one broadcast per owner (dense rows:
-the engine's flat broadcast of the new weights). "vs dense": total time over dense's.
+Command: `{command}`. {len(sizes)} tensors, {n / 1e6:.1f}M fp32 coordinates
+({Path(args.preset).name}), {world} processes, owner-computes ownership; random gradients; per rank per step,
+averaged over {args.steps} steps after {WARMUP} dense ones and over ranks. Uplink: one bucketed exchange to the
+owners; downlink: one broadcast per owner (dense rows: the engine's flat broadcast of the new weights).
+"vs dense": total time over dense's.
 
 {text}
 """)
@@ -182,6 +188,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    shapes(args.preset)  # a bad preset fails here, in one line, before any process starts
     worker_args = [__file__, "--worker", *sys.argv[1:]]
     if args.results:  # the workers run elsewhere (the slow link's from the repository root)
         worker_args += ["--results", str(Path(args.results).resolve())]

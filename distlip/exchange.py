@@ -10,8 +10,8 @@
   is compressed, never Muon's orthogonalised update (Newton–Schulz is nonlinear).
 - downlink (EF21-P, when `compression.downlink` is not identity): the owner keeps the master
   x of each tensor it owns (stepped and constrained there, and the certified weights) and
-  broadcasts C(x⁺ − w) (one broadcast per owner); every rank sets its module weights w ← w + C(x⁺ − w), so gradients
-  are taken at w. Without it the owners broadcast x⁺ densely and w = x.
+  broadcasts C(x⁺ − w), one broadcast per owner; every rank sets its module weights
+  w ← w + C(x⁺ − w), so gradients are taken at w. Without it the owners broadcast x⁺ densely and w = x.
 
 Tensors DeepSpeed holds (the embedding under optim.embed=adam) stay dense: DeepSpeed reduces
 their gradients itself, and those bytes are not counted here.

@@ -119,25 +119,21 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         "own": RandK(0.05, shared_seed=False, seed=3).mask(D, step=4, tensor_id="w", rank=rank),
     }
 
-    record["aggregates"], record["bytes"] = {}, {}
+    # Per pair, the per-tensor exchange to everyone ("all") and the bucketed one to the owners ("owned").
+    record["all"], record["owned"] = {}, {}
     for key, (cls, make) in PAIRS.items():
-        recording = RecordingComm(comm)
-        outs, est = _run(cls, make(0.05), recording)
-        record["aggregates"][key] = outs
-        record["bytes"][key] = (est.counter.uplink.sent, est.counter.uplink.received, recording.sent, recording.received)
-
-    record["owned"] = {}
-    for key, (cls, make) in PAIRS.items():
-        recording = RecordingComm(comm)
-        outs, est = _run_owned(cls, make(0.05), recording)
-        record["owned"][key] = {
-            "outs": outs, "bytes": (est.counter.uplink.sent, est.counter.uplink.received, recording.sent, recording.received)}
+        for kind, run in (("all", _run), ("owned", _run_owned)):
+            recording = RecordingComm(comm)
+            outs, est = run(cls, make(0.05), recording)
+            counted = (est.counter.uplink.sent, est.counter.uplink.received)
+            record[kind][key] = {"outs": outs, "bytes": (*counted, recording.sent, recording.received)}
 
     record["dense"] = _run(Dense, Identity(), comm)[0]
     record["ratio_one"] = {key: _run(cls, make(1.0), comm)[0] for key, (cls, make) in RATIO_ONE.items()}
 
     record["downlink"] = {}
-    for key, compressor in {"topk": TopK(0.05), "randk-unscaled": RandK(0.05, scaled=False), "ratio-one": TopK(1.0)}.items():
+    downlinks = {"topk": TopK(0.05), "randk-unscaled": RandK(0.05, scaled=False), "ratio-one": TopK(1.0)}
+    for key, compressor in downlinks.items():
         recording = RecordingComm(comm)
         down = Downlink(compressor, recording, warmup_steps=1)
         steps = torch.randn(STEPS, 2, D, generator=torch.Generator().manual_seed(7))
@@ -180,7 +176,7 @@ def test_shared_seed_masks_agree_across_ranks(records):
 
 @pytest.mark.parametrize("key", PAIRS)
 def test_aggregate_is_bit_identical_on_both_ranks(records, key):
-    r0, r1 = (r["aggregates"][key] for r in records)
+    r0, r1 = (r["all"][key]["outs"] for r in records)
     assert _same(r0, r1)
     # The compressed steps really differ from the dense mean (the check is not vacuous).
     assert not _same(r0[2 * WARMUP:], records[0]["dense"][2 * WARMUP:])
@@ -195,7 +191,7 @@ def test_ratio_one_equals_dense_all_reduce(records, key):
 @pytest.mark.parametrize("key", PAIRS)
 def test_byte_counter_matches_tensors_sent(records, key):
     for record in records:
-        counted_sent, counted_received, sent, received = record["bytes"][key]
+        counted_sent, counted_received, sent, received = record["all"][key]["bytes"]
         assert (counted_sent, counted_received) == (sent, received)
 
 
@@ -206,10 +202,10 @@ def test_owner_only_exchange_gives_each_owner_the_all_reduce_bits(records, key):
     for rank, record in enumerate(records):
         owned = record["owned"][key]
         assert all(set(step) == {f"p{rank}"} for step in owned["outs"])
-        assert _same([step[f"p{rank}"] for step in owned["outs"]], record["aggregates"][key][rank::2])
+        assert _same([step[f"p{rank}"] for step in owned["outs"]], record["all"][key]["outs"][rank::2])
         counted_sent, counted_received, sent, received = owned["bytes"]
         assert (counted_sent, counted_received) == (sent, received)
-        assert counted_sent < record["bytes"][key][0]  # fewer bytes than the all-reduce path
+        assert counted_sent < record["all"][key]["bytes"][0]  # fewer bytes than the all-reduce path
 
 
 def test_byte_counter_against_message_sizes(records):
@@ -217,8 +213,8 @@ def test_byte_counter_against_message_sizes(records):
     k, dense = 20, ring_all_reduce_bytes(D * 4, WORLD)
     warm = 2 * WARMUP * dense  # two tensors
     compressed = 2 * (STEPS - WARMUP)
-    assert records[0]["bytes"]["diana/randk"][0] == warm + compressed * ring_all_reduce_bytes(k * 4, WORLD)
-    assert records[0]["bytes"]["ef21/topk"][0] == warm + compressed * all_gather_bytes(k * 8, WORLD)
+    assert records[0]["all"]["diana/randk"]["bytes"][0] == warm + compressed * ring_all_reduce_bytes(k * 4, WORLD)
+    assert records[0]["all"]["ef21/topk"]["bytes"][0] == warm + compressed * all_gather_bytes(k * 8, WORLD)
 
 
 @pytest.mark.parametrize("key", ["topk", "randk-unscaled", "ratio-one"])
