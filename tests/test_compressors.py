@@ -29,7 +29,7 @@ from distlip.compress import (
     validate,
 )
 from distlip.compress.accounting import all_gather_bytes, ring_all_reduce_bytes
-from distlip.compress.compressors import INDEX_BYTES
+from distlip.compress.compressors import INDEX_BYTES, sample_without_replacement
 from distlip.errors import ConfigError
 
 # Tolerance for Monte-Carlo means, in standard errors (the draws are seeded, so fixed).
@@ -168,6 +168,28 @@ def test_topk_contracts_and_keeps_largest(d, ratio):
     assert kept.sum() == k
     if k < d:
         assert x[kept].abs().min() >= x[~kept].abs().max()
+
+
+@pytest.mark.parametrize("d,k", [(8, 2), (40, 3), (8, 5)])  # the last takes the randperm branch (4k > d)
+def test_sampling_without_replacement_is_uniform_over_subsets(d, k):
+    """Every k-subset of [0, d) comes up equally often (each count within Z standard errors),
+    and every draw holds k distinct coordinates in range."""
+    gen = torch.Generator().manual_seed(11)
+    n = 20000
+    counts: dict[tuple, int] = {}
+    for _ in range(n):
+        s = sample_without_replacement(d, k, gen).tolist()
+        assert len(set(s)) == k and all(0 <= i < d for i in s)
+        key = tuple(sorted(s)) if math.comb(d, k) <= 100 else tuple(sorted(s))[:1]  # smallest element otherwise
+        counts[key] = counts.get(key, 0) + 1
+    if math.comb(d, k) <= 100:
+        p = 1 / math.comb(d, k)
+        assert len(counts) == math.comb(d, k)
+        expected = {key: p for key in counts}
+    else:  # P(min = m) = C(d−1−m, k−1) / C(d, k)
+        expected = {(m,): math.comb(d - 1 - m, k - 1) / math.comb(d, k) for m in range(d - k + 1)}
+    for key, p in expected.items():
+        assert abs(counts.get(key, 0) - n * p) <= Z * math.sqrt(n * p * (1 - p)), (key, counts.get(key, 0), n * p)
 
 
 def test_masks_shared_or_per_rank_and_private():

@@ -199,18 +199,43 @@ class RandK(Compressor):
     ) -> Tensor:
         """(k,) int32 coordinates of S, uniform without replacement; `rank` is ignored with a shared seed.
 
-        Costs one randperm of d on `device` (the same device type gives the same S on every rank).
+        The same device type gives the same S on every rank. Costs O(k log k) when k ≤ d/4 (see
+        `sample_without_replacement`), one randperm of d otherwise.
         """
         parts = (self.seed, step, tensor_id) if self.shared_seed else (self.seed, step, tensor_id, rank)
         generator = torch.Generator(device=device)
         generator.manual_seed(stream_seed(*parts))
-        return torch.randperm(d, generator=generator, dtype=INDEX_DTYPE, device=device)[: self.k(d)]
+        return sample_without_replacement(d, self.k(d), generator, device).to(INDEX_DTYPE)
 
     def _scale(self, d: int) -> float:
         return d / self.k(d) if self.scaled else 1.0
 
     def _select(self, x: Tensor, *, step: int, tensor_id: int | str, rank: int) -> Tensor:
         return self.mask(x.numel(), step=step, tensor_id=tensor_id, rank=rank, device=x.device)
+
+
+def sample_without_replacement(d: int, k: int, generator: torch.Generator,
+                               device: torch.device | str | None = None) -> Tensor:
+    """k distinct integers from [0, d), every k-subset equally likely, as (k,) int64.
+
+    For k ≤ d/4: draw uniform integers with replacement and keep the first k distinct ones in
+    draw order, which is sequential sampling without replacement (uniform), in O(k log k)
+    rather than a randperm's O(d): 124M coordinates at 1% take milliseconds instead of
+    seconds. About k²/2d draws repeat, so a few more than k are drawn, and more if needed.
+    """
+    if 4 * k > d:
+        return torch.randperm(d, generator=generator, device=device)[:k]
+    drawn = torch.empty(0, dtype=torch.long, device=device)
+    while True:
+        extra = k - drawn.numel() + k * k // d + 16
+        more = torch.randint(d, (extra,), generator=generator, device=device)
+        drawn = torch.cat([drawn, more])
+        values, inverse = torch.unique(drawn, return_inverse=True)
+        if values.numel() >= k:
+            break
+    positions = torch.arange(drawn.numel(), device=device)
+    first = torch.full_like(values, drawn.numel()).scatter_reduce_(0, inverse, positions, "amin")
+    return values[first.argsort()[:k]]
 
 
 class TopK(Compressor):
