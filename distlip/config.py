@@ -137,7 +137,7 @@ class CompressionConfig:
     estimator: dense | plain | diana | marina | ef21 | ef14; None picks dense (identity),
       diana (randk) or ef21 (topk, randk_unscaled).
     warmup_steps: dense steps before compression starts (they initialise the estimators).
-    shared_seed, seed: Rand-k masks shared by every rank (values all-reduced) or per rank.
+    shared_seed, seed: Rand-k masks shared by every rank (values summed by reduce-scatter) or per rank.
     marina_p: MARINA's dense-round probability (None: k/d). ef21_eta: EF21's momentum weight η;
       below 1 the estimator's momentum replaces Muon's (β = 1 − η; 0.1 with Top-k at 1–10%).
     allow_plain: run the plain estimator where it is known to fail (scaled Rand-k < 10%, Top-k).
