@@ -230,3 +230,33 @@ def test_downlink_working_copies_identical(records, key):
         assert _same(r0["weights"], owned)
     else:
         assert not _same(r0["weights"], owned)
+
+
+def _three_rank_worker(rank: int, store: str, out_dir: str) -> None:
+    """Owner-only and to-everyone exchanges of three tensors, none owned by rank 2."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
+    comm, owners = TorchComm(), {"a": 0, "b": 1, "c": 0}
+    record = {}
+    for key, (cls, compressor) in {"ef21/topk": (EF21Momentum, TopK(0.1)), "diana/randk": (Diana, RandK(0.1))}.items():
+        everyone, owned = cls(compressor, comm, warmup_steps=1), cls(compressor, comm, warmup_steps=1)
+        record[key] = []
+        for step in range(4):
+            gen = torch.Generator().manual_seed(10 * step + rank)
+            grads = {n: torch.randn(D, generator=gen) for n in owners}
+            record[key].append((everyone.aggregate_many(grads, step=step),
+                                owned.aggregate_many(grads, step=step, owners=owners)))
+    torch.save(record, os.path.join(out_dir, f"three{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_owner_only_exchange_on_three_ranks_one_owning_nothing(tmp_path):
+    """Gloo's reduce-scatter and all-to-all with an empty share: each owner gets its tensors' means
+    (equal to the all-reduce path's up to summation order), and rank 2 gets nothing."""
+    mp.spawn(_three_rank_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=3, join=True)
+    owners = {"a": 0, "b": 1, "c": 0}
+    for rank in range(3):
+        for key, steps in torch.load(tmp_path / f"three{rank}.pt").items():
+            for everyone, owned in steps:
+                assert set(owned) == {n for n, o in owners.items() if o == rank}, key
+                for n, mean in owned.items():
+                    torch.testing.assert_close(mean, everyone[n], rtol=1e-6, atol=1e-6)

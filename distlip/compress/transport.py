@@ -192,64 +192,78 @@ def mean_many(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], cou
 
     messages[i] is this rank's message for tensor i of sizes[i] coordinates (every rank passes
     messages of the same shapes). With `owners`, mean i is computed on rank owners[i] only and
-    is None elsewhere; without, every rank gets every mean.
+    is None elsewhere; without, every rank gets every mean. On more than 2 ranks the owner may
+    sum in another order than an all-reduce would (the last bit can differ).
     """
-    world, n = comm.world_size, len(messages)
-    out: list[Tensor | None] = [None] * n
+    sums: list[Tensor | None] = [None] * len(messages)
+    summable = [i for i, m in enumerate(messages) if _summable(m)]
+    sparse = [i for i, m in enumerate(messages) if not _summable(m)]
     sent = received = 0.0
-
-    summable = [i for i in range(n) if _summable(messages[i])]
     for dtype in dict.fromkeys(messages[i].values.dtype for i in summable):  # one bucket per dtype, in order
         ids = [i for i in summable if messages[i].values.dtype == dtype]
-        if owners is None:
-            flat = torch.cat([messages[i].values for i in ids])
-            summed = comm.all_reduce_sum(flat).div_(world).split([messages[i].values.numel() for i in ids])
-            cost = ring_all_reduce_bytes(flat.nbytes, world)
-        else:
-            by_owner = [[i for i in ids if owners[i] == r] for r in range(world)]
-            chunk = max(sum(messages[i].values.numel() for i in group) for group in by_owner)
-            flat = messages[ids[0]].values.new_zeros(world * chunk)
-            for r, group in enumerate(by_owner):
-                if group:
-                    pieces = torch.cat([messages[i].values for i in group])
-                    flat[r * chunk:r * chunk + pieces.numel()].copy_(pieces)
-            mine_ids = by_owner[comm.rank]
-            total = sum(messages[i].values.numel() for i in mine_ids)
-            summed = comm.reduce_scatter_sum(flat)[:total].div_(world).split(
-                [messages[i].values.numel() for i in mine_ids])
-            ids = mine_ids
-            cost = reduce_scatter_bytes(chunk * dtype.itemsize, world)
-        for i, values in zip(ids, summed):
-            out[i] = _expand(messages[i], values, sizes[i])
+        cost = _sum_values(comm, messages, sizes, ids, owners, sums)
         sent, received = sent + cost, received + cost
-
-    sparse = [i for i in range(n) if not _summable(messages[i])]
     if sparse:
-        if owners is None:
-            parts = comm.all_gather(_pack([messages[i] for i in sparse], with_indices=True))
-            like = [messages[i] for i in sparse]
-            cost = all_gather_bytes(parts[0].nbytes, world)
-            sent, received = sent + cost, received + cost
-        else:
-            by_owner = [[messages[i] for i in sparse if owners[i] == r] for r in range(world)]
-            pieces = [_pack(group, with_indices=True) for group in by_owner]
-            like = by_owner[comm.rank]
-            send_sizes = [p.numel() for p in pieces]
-            recv = comm.all_to_all(torch.cat(pieces), send_sizes, [send_sizes[comm.rank]] * world)
-            parts = list(recv.split(send_sizes[comm.rank]))
-            sent += sum(size for r, size in enumerate(send_sizes) if r != comm.rank)
-            received += (world - 1) * send_sizes[comm.rank]
-            sparse = [i for i in sparse if owners[i] == comm.rank]
-        totals = [messages[i].values.new_zeros(sizes[i]) for i in sparse]
-        for part in parts:  # rank order: the same sums on every rank
-            for total, m in zip(totals, _unpack(part, like, with_indices=True)):
-                Compressor.add_into(total, m)
-        for i, total in zip(sparse, totals):
-            out[i] = total.div_(world)
-
-    dense = _dense_cost([sizes[i] * messages[i].values.element_size() for i in range(n)], owners, world)
+        cost_sent, cost_received = _sum_sparse(comm, messages, sizes, sparse, owners, sums)
+        sent, received = sent + cost_sent, received + cost_received
+    world = comm.world_size
+    dense = _dense_cost([d * m.values.element_size() for d, m in zip(sizes, messages)], owners, world)
     counter.add(UPLINK, sent=sent, received=received, dense_sent=dense, dense_received=dense)
-    return out
+    return [None if total is None else total.div_(world) for total in sums]
+
+
+def _sum_values(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], ids: list[int],
+                owners: Sequence[int] | None, sums: list[Tensor | None]) -> float:
+    """Sum over ranks of dense or shared-support messages `ids` (one dtype), as dense (d,) tensors
+    into sums[i] where this rank gets them: one all-reduce of their values, or one reduce-scatter
+    whose chunk r holds rank r's tensors (padded to the largest). Returns the bytes this rank
+    sent (= received)."""
+    world = comm.world_size
+    if owners is None:
+        flat = torch.cat([messages[i].values for i in ids])
+        summed = comm.all_reduce_sum(flat).split([messages[i].values.numel() for i in ids])
+        cost = ring_all_reduce_bytes(flat.nbytes, world)
+    else:
+        by_owner = [[i for i in ids if owners[i] == r] for r in range(world)]
+        chunk = max(sum(messages[i].values.numel() for i in group) for group in by_owner)
+        flat = messages[ids[0]].values.new_zeros(world * chunk)
+        for r, group in enumerate(by_owner):
+            if group:
+                pieces = torch.cat([messages[i].values for i in group])
+                flat[r * chunk:r * chunk + pieces.numel()].copy_(pieces)
+        ids = by_owner[comm.rank]
+        numel = [messages[i].values.numel() for i in ids]
+        summed = comm.reduce_scatter_sum(flat)[:sum(numel)].split(numel)
+        cost = reduce_scatter_bytes(chunk * flat.element_size(), world)
+    for i, values in zip(ids, summed):
+        sums[i] = _expand(messages[i], values, sizes[i])
+    return cost
+
+
+def _sum_sparse(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], ids: list[int],
+                owners: Sequence[int] | None, sums: list[Tensor | None]) -> tuple[float, float]:
+    """Sum over ranks of the sparse messages `ids`, as dense (d,) tensors into sums[i] where this
+    rank gets them: every rank's packed (values, indices) by one all-gather, or each owner's by
+    one all-to-all; scatter-added in rank order. Returns the bytes this rank (sent, received)."""
+    world, rank = comm.world_size, comm.rank
+    if owners is None:
+        parts = comm.all_gather(_pack([messages[i] for i in ids], with_indices=True))
+        sent = received = all_gather_bytes(parts[0].nbytes, world)
+    else:
+        pieces = [_pack([messages[i] for i in ids if owners[i] == r], with_indices=True) for r in range(world)]
+        counts = [p.numel() for p in pieces]
+        parts = list(comm.all_to_all(torch.cat(pieces), counts, [counts[rank]] * world).split(counts[rank]))
+        sent = float(sum(n for r, n in enumerate(counts) if r != rank))
+        received = float((world - 1) * counts[rank])
+        ids = [i for i in ids if owners[i] == rank]
+    like = [messages[i] for i in ids]
+    totals = [messages[i].values.new_zeros(sizes[i]) for i in ids]
+    for part in parts:  # rank order: the same sums on every rank
+        for total, m in zip(totals, _unpack(part, like, with_indices=True)):
+            Compressor.add_into(total, m)
+    for i, total in zip(ids, totals):
+        sums[i] = total
+    return sent, received
 
 
 def _dense_cost(nbytes: Sequence[int], owners: Sequence[int] | None, world: int) -> float:
