@@ -44,8 +44,9 @@ METHODS = {
     "topk 1% + ef14": method("topk", "ef14", 0.01),
     "randk 10% + diana": method("randk", "diana", 0.1),
     "randk 1% + diana": method("randk", "diana", 0.01),
-    "randk 1% + marina": method("randk", "marina", 0.01),
+    "randk 1% + marina": method("randk", "marina", 0.01),  # on one batch: two backward passes per step
     "randk 1% + marina, p 0.3": method("randk", "marina", 0.01, "compression.marina_p=0.3"),
+    "randk 1% + marina, one pass": method("randk", "marina", 0.01, "compression.marina_same_batch=false"),
     "randk 1% + plain (allow_plain)": method("randk", "plain", 0.01, "compression.allow_plain=true"),
 }
 SLOW_LINK_METHODS = ["dense", "topk 1% + ef21", "topk 1% + ef21, downlink topk 1%"]

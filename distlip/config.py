@@ -138,7 +138,10 @@ class CompressionConfig:
       diana (randk) or ef21 (topk, randk_unscaled).
     warmup_steps: dense steps before compression starts (they initialise the estimators).
     shared_seed, seed: Rand-k masks shared by every rank (values summed by reduce-scatter) or per rank.
-    marina_p: MARINA's dense-round probability (None: k/d). ef21_eta: EF21's momentum weight η;
+    marina_p: MARINA's dense-round probability (None: k/d). marina_same_batch: MARINA's difference
+      g(x⁺) − g(x) on one minibatch, by a second backward pass at the previous weights (true: the
+      published method), or against the previous step's gradient in one pass (false: it drifts).
+    ef21_eta: EF21's momentum weight η;
       below 1 the estimator's momentum replaces Muon's (β = 1 − η; 0.1 with Top-k at 1–10%).
     allow_plain: run the plain estimator where it is known to fail (scaled Rand-k < 10%, Top-k).
     downlink, downlink_ratio: identity | topk | randk_unscaled for the weights owners send back (EF21-P).
@@ -151,6 +154,7 @@ class CompressionConfig:
     shared_seed: bool = True
     seed: int = 0
     marina_p: float | None = None
+    marina_same_batch: bool = True
     ef21_eta: float = 1.0
     allow_plain: bool = False
     downlink: str = "identity"

@@ -22,6 +22,8 @@ DeepSpeed-held embedding's gradients stay dense (DeepSpeed reduces them itself).
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import sys
@@ -218,6 +220,9 @@ class Engine:
         self.owned = self.plan.owned_by(env.rank)
         self.exchange = (CompressedExchange(cfg.compression, self.params, self.plan, env.rank)
                          if cfg.compression.enabled else None)
+        # The second backward pass (MARINA on one batch): None outside it, its gradients inside.
+        self._previous_grads: dict[str, torch.Tensor] | None = None
+        self._pending_previous: dict[str, torch.Tensor] | None = None
         # What each owner steps and constrains: the master x under a compressed downlink, else the weight itself.
         masters = self.exchange.masters if self.exchange else {}
         self.held = {n: masters.get(n, self.params[n]) for n in self.owned}
@@ -250,23 +255,58 @@ class Engine:
     # ---- forward / backward -------------------------------------------------------------
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) → logits (B, T, vocab_size)."""
-        h = self.ds(idx) if self.ds is not None else self.model.embed(idx)
+        if self.ds is None:
+            h = self.model.embed(idx)
+        elif self._previous_grads is not None:  # the second pass: DeepSpeed's embedding takes no part
+            with torch.no_grad():
+                h = self.ds(idx).detach()
+        else:
+            h = self.ds(idx)
         mask = None if self.document_eot is None else document_causal_mask(idx, self.document_eot)
         return self.model.logits_from_embeddings(h, mask)
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         """Accumulate one micro-batch's gradients (mean over the step's micro-batches)."""
-        if self.ds is None:
+        if self.ds is None or self._previous_grads is not None:
             (loss / self.cfg.train.grad_accum).backward()
             return
         self.ds.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
         if not last_micro:
             self.ds.step()  # DeepSpeed counts micro-steps; it only updates at the boundary
 
+    def needs_previous_gradients(self, step: int) -> bool:
+        """Whether `step` needs a second backward pass of its batch `at_previous_weights` (MARINA)."""
+        return self.exchange is not None and self.exchange.needs_previous(step)
+
+    @contextlib.contextmanager
+    def at_previous_weights(self):
+        """Inside: the module holds the working copies of before the last step, and `forward` /
+        `backward` fill fresh gradients of distlip's tensors there (DeepSpeed's embedding is held
+        fixed and gets none). On exit the current weights and gradients are back, and the second
+        pass's gradients wait for `step`."""
+        saved = {n: (self.params[n].data, self.params[n].grad) for n in self.plan.owner}
+        self._previous_grads = {}
+        try:
+            for n in saved:
+                self.params[n].data = self.exchange.previous[n]  # swapped, not copied: restored below
+                self.params[n].grad = None
+            yield
+            self._previous_grads = {n: self._grad(n) for n in saved}
+        finally:
+            grads, self._previous_grads = self._previous_grads, None
+            for n, (data, grad) in saved.items():
+                self.params[n].data, self.params[n].grad = data, grad
+            self._pending_previous = grads
+
     # ---- the step -------------------------------------------------------------------------
     def step(self, step: int, total: int) -> StepInfo:
         with self.timer.phase("comm"):
-            grads = self._reduce_to_owners() if self.exchange is None else self.exchange.gradients(self._grad, step)
+            if self.exchange is None:
+                grads = self._reduce_to_owners()
+            else:
+                previous, self._pending_previous = self._pending_previous, None
+                grads = self.exchange.gradients(self._grad, step, previous)
+                self.exchange.remember()  # before this step changes the working copies
         with self.timer.phase("optimizer"):
             info = self.optim.step(step, total, grads)
             if self.ds is not None:

@@ -25,7 +25,7 @@ import time
 import torch
 from torch import Tensor
 
-from distlip.compress import ByteCounter, CompressionConfig, EF21Momentum, TorchComm
+from distlip.compress import ByteCounter, CompressionConfig, EF21Momentum, Marina, TorchComm
 from distlip.compress.accounting import DOWNLINK, broadcast_bytes
 from distlip.config import CompressionConfig as CompressionSection
 from distlip.errors import CheckpointError
@@ -70,7 +70,9 @@ class CompressedExchange:
     plan: who owns which distlip-held tensor (its key order is the exchange order).
     `masters` holds, with a compressed downlink, the x of every tensor this rank owns (fp32,
     shaped like the parameter): the tensors the owner steps and constrains. Without one it is
-    empty and the owner steps the module weights themselves.
+    empty and the owner steps the module weights themselves. `previous` holds, for MARINA on
+    one batch, every tensor's working copy before the last step (`remember`): the weights the
+    second backward pass runs at.
     """
 
     def __init__(self, section: CompressionSection, params: dict[str, torch.nn.Parameter], plan: OwnershipPlan,
@@ -82,18 +84,35 @@ class CompressedExchange:
         self.masters = {n: params[n].data.clone() for n in plan.owned_by(rank)} if self.downlink else {}
         # EF21 with η < 1 aggregates momentum rather than gradients (see Engine._optim_config).
         self.carries_momentum = isinstance(self.uplink, EF21Momentum) and self.uplink.eta < 1.0
+        same_batch = isinstance(self.uplink, Marina) and self.uplink.same_batch
+        self.previous = {n: torch.empty_like(params[n].data) for n in plan.owner} if same_batch else {}
+        self._remembered = False
         self._steps = 0
         self._exchange_seconds = 0.0
         self._totals = {"uplink_bytes_total": 0.0, "downlink_bytes_total": 0.0}
 
+    def needs_previous(self, step: int) -> bool:
+        """Whether `gradients` at `step` needs this rank's gradients at the `previous` weights."""
+        sizes = {n: self.params[n].numel() for n in self.plan.owner}
+        return bool(self.previous) and self.uplink.needs_previous(sizes, step)
+
     @torch.no_grad()
-    def gradients(self, grad_of, step: int) -> dict[str, Tensor]:
+    def remember(self, weights: dict[str, Tensor] | None = None) -> None:
+        """Keep `weights` (default: the current working copies) as the next step's `previous`;
+        a no-op unless MARINA runs on one batch."""
+        for name, before in self.previous.items():
+            before.copy_(self.params[name].data if weights is None else weights[name])
+        self._remembered = True
+
+    @torch.no_grad()
+    def gradients(self, grad_of, step: int, previous: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The aggregate gradient of every tensor this rank owns. `grad_of(name)` is this rank's
-        local fp32 gradient. Every rank compresses every tensor; one reduce-scatter and one
-        all-to-all (`transport.mean_many`) bring each owner the messages of its tensors."""
+        local fp32 gradient; `previous` its gradients at the `previous` weights on the same
+        batch, when `needs_previous`. Every rank compresses every tensor; one reduce-scatter and
+        one all-to-all (`transport.mean_many`) bring each owner the messages of its tensors."""
         start = time.perf_counter()
         grads = {name: grad_of(name) for name in self.plan.owner}
-        mine = self.uplink.aggregate_many(grads, step=step, owners=self.plan.owner)
+        mine = self.uplink.aggregate_many(grads, step=step, owners=self.plan.owner, previous=previous)
         self._exchange_seconds += time.perf_counter() - start
         self._steps += 1
         return mine
@@ -145,14 +164,24 @@ class CompressedExchange:
         out = {name: dict(fields) for name, fields in self.uplink.state_dict().items()}
         for name, x in self.masters.items():
             out.setdefault(name, {})["master"] = x
+        if self._remembered:
+            for name, before in self.previous.items():
+                out.setdefault(name, {})["previous"] = before
         return out
 
     def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
         """Inverse of `state_dict`. Every rank must pass estimator fields for the same names (or
         none: then every estimator restarts with a dense round); masters are taken by name, so
         after a change of world size a dict merged over the old ranks' masters works."""
-        self.uplink.load_state_dict({n: {k: t for k, t in f.items() if k != "master"}
-                                     for n, f in state.items() if set(f) - {"master"}})
+        own = {"master", "previous"}  # the exchange's fields; the rest are the estimator's
+        # Checkpoints load on the CPU: the estimator's fields go back to the device they work on.
+        estimator = {n: {k: t.to(self.params[n].device) for k, t in f.items() if k not in own}
+                     for n, f in state.items() if set(f) - own}
+        if self.previous and not all("previous" in state.get(n, {}) for n in self.previous):
+            estimator = {}  # no previous weights to take the second pass at: restart with a dense round
+        self.uplink.load_state_dict(estimator)
+        if estimator and self.previous:
+            self.remember({n: state[n]["previous"] for n in self.previous})
         for name, x in self.masters.items():
             saved = state.get(name, {}).get("master")
             if saved is None:

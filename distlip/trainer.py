@@ -187,18 +187,28 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------
     def forward_backward(self) -> float:
-        """Accumulate gradients over micro-batches; returns the mean loss over all ranks."""
-        accum, total = self.cfg.train.grad_accum, 0.0
+        """Accumulate gradients over micro-batches; returns the mean loss over all ranks. MARINA
+        on one batch then runs the same micro-batches again at the previous weights."""
+        accum, total, batches = self.cfg.train.grad_accum, 0.0, []
         for i in range(accum):
             with self.timer.phase("data"):
                 x, y = self.data.train.next_batch()
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.timer.phase("forward"), self.autocast:
-                loss = F.cross_entropy(self.engine.forward(x).flatten(0, 1), y.flatten())
-            with self.timer.phase("backward"):
-                self.engine.backward(loss, last_micro=i == accum - 1)
-            total += loss.item()
+            total += self._micro_step(x, y, last=i == accum - 1).item()
+            batches.append((x, y))
+        if self.engine.needs_previous_gradients(self.step):
+            with self.engine.at_previous_weights():
+                for x, y in batches:
+                    self._micro_step(x, y, last=False)
         return self.engine.all_sum([total / accum])[0] / self.env.world_size
+
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; its loss."""
+        with self.timer.phase("forward"), self.autocast:
+            loss = F.cross_entropy(self.engine.forward(x).flatten(0, 1), y.flatten())
+        with self.timer.phase("backward"):
+            self.engine.backward(loss, last_micro=last)
+        return loss.detach()
 
     def certificate(self, exact: bool) -> Certificate:
         """Each owner computes its matrices' norms; the sums give every rank the whole table."""

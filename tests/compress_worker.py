@@ -49,6 +49,13 @@ CERTIFIED = {
 }
 
 
+# Resumed mid-run: the certified pairs, and MARINA on one batch (its previous weights are state).
+RESUMED = {**CERTIFIED, "randk5%+marina": family("randk", "marina", 0.05)}
+# MARINA's second pass holds DeepSpeed's embedding fixed: after the first compressed step (1) the
+# embedding must be what DIANA's run gives, since both took the same dense step 0.
+ZERO1_MARINA = {name: ZERO1 + family("randk", name, 0.05) for name in ("marina", "diana")}
+
+
 def tiny(extra: list[str], out: str) -> Trainer:
     return Trainer(load_config("configs/smoke.yaml", TINY + extra), out)
 
@@ -122,7 +129,8 @@ METHODS = {
     # EF21 compresses the momentum (η = 1 − β = 0.1; Muon adds none); lr 0.3 was its best of {0.15, 0.3, 0.5}.
     "topk1%+ef21": family("topk", "ef21", 0.01) + ["compression.ef21_eta=0.1", "optim.lr=0.3"],
     "randk1%+diana": family("randk", "diana", 0.01),
-    "randk1%+marina": family("randk", "marina", 0.01),
+    "randk1%+marina": family("randk", "marina", 0.01),  # on one batch: a second backward pass
+    "randk1%+marina-one-pass": family("randk", "marina", 0.01) + ["compression.marina_same_batch=false"],
     "randk1%+plain": family("randk", "plain", 0.01) + ["compression.allow_plain=true"],
 }
 
@@ -146,7 +154,8 @@ if __name__ == "__main__":
     results = {
         "ratio_one": {name: run_tiny(extra, f"{run_dir}/{name}") for name, extra in {**REFERENCES, **RATIO_ONE}.items()},
         "certified": {name: run_tiny(extra, f"{run_dir}/{name}") for name, extra in CERTIFIED.items()},
-        "resume": {name: resume_case(extra, f"{run_dir}/resume-{name}") for name, extra in CERTIFIED.items()},
+        "resume": {name: resume_case(extra, f"{run_dir}/resume-{name}") for name, extra in RESUMED.items()},
+        "zero1_marina": {name: run_tiny(extra, f"{run_dir}/zero1-{name}") for name, extra in ZERO1_MARINA.items()},
         "shakespeare": {name: shakespeare(extra, f"{run_dir}/{name}") for name, extra in METHODS.items()},
     }
     torch.save(results, f"{out_file}.rank{torch.distributed.get_rank()}")

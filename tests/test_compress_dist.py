@@ -7,6 +7,7 @@ records in the parent process.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ PAIRS = {
     "plain/randk-own": (Plain, lambda r: RandK(r, shared_seed=False, seed=1)),
     "diana/randk": (Diana, lambda r: RandK(r, seed=1)),
     "diana/randk-own": (Diana, lambda r: RandK(r, shared_seed=False, seed=1)),
-    "marina/randk": (Marina, lambda r: RandK(r, seed=1)),
+    "marina/randk": (partial(Marina, same_batch=False), lambda r: RandK(r, seed=1)),  # one gradient per step
     "ef21/topk": (EF21Momentum, TopK),
     "ef21/randk-unscaled": (EF21Momentum, lambda r: RandK(r, scaled=False, seed=1)),
     "ef14/topk": (EF14, TopK),

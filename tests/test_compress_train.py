@@ -1,8 +1,9 @@
 """Compressed communication in real 2-process training (gloo): ratio 1.0 is dense training bit
 for bit, the certificate holds on the masters at every step when both directions are
 compressed, and the compression state resumes exactly. On Shakespeare: Top-k 1% + EF21
-against dense (a known gap, see its xfail), Rand-k 1% + DIANA converges, MARINA at p = k/d
-learns then drifts, and plain scaled Rand-k 1% is refused and, when forced, far behind dense.
+against dense (a known gap, see its xfail), Rand-k 1% + DIANA converges, MARINA on one batch
+converges while its one-pass variant drifts, and plain scaled Rand-k 1% is refused and, when
+forced, far behind dense. MARINA's second pass leaves DeepSpeed's embedding alone.
 
 One torchrun launch runs everything (tests/compress_worker.py); the tests compare its records.
 """
@@ -66,7 +67,7 @@ def test_masters_certified_at_every_step_under_both_way_compression(ranks, name)
         assert all(torch.equal(w_a[n], w_b[n]) for n in w_a)
 
 
-@pytest.mark.parametrize("name", sorted(worker.CERTIFIED))
+@pytest.mark.parametrize("name", sorted(worker.RESUMED))
 def test_compression_state_resumes_exactly(ranks, name):
     for rank in ranks:
         case = rank["resume"][name]
@@ -109,16 +110,38 @@ def test_randk_one_percent_with_diana_converges(shakespeare):
     assert run["val_loss"] < 2.8
 
 
-def test_randk_one_percent_with_marina_learns_then_drifts(shakespeare):
-    """MARINA at p = k/d: between dense rounds (~100 steps apart) every step adds Rand-k noise
-    (ω = 99) on the difference of two different minibatches' gradients, so the estimate drifts
-    from the gradient: the loss falls at first, then the run falls far behind DIANA (measured
-    3.85 vs 2.56; p = 0.3 still ends at 2.63). Evaluating both gradients on one minibatch (a
-    second backward pass) is what the method's analysis assumes."""
-    run, diana = shakespeare["randk1%+marina"], shakespeare["randk1%+diana"]
+def test_randk_one_percent_with_marina_on_one_batch_converges(shakespeare):
+    """MARINA as published: g(x⁺) − g(x) on one minibatch (a second backward pass at the
+    previous weights), dense rounds with probability k/d. The differences shrink with the step,
+    so the estimate does not drift (measured 2.64, DIANA 2.56, dense 2.11)."""
+    run = shakespeare["randk1%+marina"]
+    means = [sum(run["losses"][i:i + 30]) / 30 for i in range(0, len(run["losses"]), 30)]
+    assert run["diverged"] is None and run["val_loss"] < 2.9
+    assert means[-1] < means[len(means) // 2] < means[0] - 1.0, means
+
+
+def test_randk_one_percent_with_one_pass_marina_learns_then_drifts(shakespeare):
+    """The one-pass variant (the previous step's gradient, on another minibatch): every step adds
+    ω = 99 Rand-k noise on the difference of two minibatches' gradients, so between dense rounds
+    (~100 steps apart) the estimate drifts: the loss falls at first, then the run falls far behind
+    MARINA on one batch (measured 3.92 vs 2.64)."""
+    run, exact = shakespeare["randk1%+marina-one-pass"], shakespeare["randk1%+marina"]
     means = [sum(run["losses"][i:i + 10]) / 10 for i in range(0, len(run["losses"]), 10)]
     assert run["diverged"] is None and min(means) < means[0] - 0.5, means
-    assert run["val_loss"] > diana["val_loss"] + 0.5
+    assert run["val_loss"] > exact["val_loss"] + 0.5
+
+
+def test_marinas_second_pass_leaves_the_deepspeed_embedding_alone(ranks):
+    """ZeRO-1 with DeepSpeed's Adam on the embedding: the second backward pass runs at step 1
+    (the first compressed step). Had it added to DeepSpeed's gradient, the embedding after step 1
+    would differ from DIANA's run, which took the same dense step 0 and one ordinary pass."""
+    marina, diana = ranks[0]["zero1_marina"]["marina"], ranks[0]["zero1_marina"]["diana"]
+    assert torch.equal(marina["weights"][1]["embed.weight"], diana["weights"][1]["embed.weight"])
+    after = marina["weights"][1], diana["weights"][1]
+    assert any(not torch.equal(after[0][n], after[1][n]) for n in after[0])  # the matrices' estimates differ
+    for rank in ranks:  # and the ranks stay identical
+        for w_a, w_b in zip(rank["zero1_marina"]["marina"]["weights"], ranks[0]["zero1_marina"]["marina"]["weights"]):
+            assert all(torch.equal(w_a[n], w_b[n]) for n in w_a)
 
 
 def test_plain_scaled_randk_one_percent_is_refused_and_far_behind_dense_when_forced(shakespeare):

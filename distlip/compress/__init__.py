@@ -127,7 +127,8 @@ class CompressionConfig(CompressionSection):
         counter = counter if counter is not None else ByteCounter()
         compressor = make_compressor(self.compressor, self.ratio, seed=self.seed, shared_seed=self.shared_seed)
         cls = ESTIMATORS[self.estimator_name]
-        options = {"p": self.marina_p} if cls is Marina else {"eta": self.ef21_eta} if cls is EF21Momentum else {}
+        options = ({"p": self.marina_p, "same_batch": self.marina_same_batch} if cls is Marina
+                   else {"eta": self.ef21_eta} if cls is EF21Momentum else {})
         uplink = cls(compressor, comm, warmup_steps=self.warmup_steps, seed=self.seed, counter=counter, **options)
         downlink = None
         if self.downlink != "identity":

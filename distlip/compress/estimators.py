@@ -7,8 +7,9 @@ state), one bucketed exchange averages the messages (`transport.mean_many`: two 
 at most), and `finish` turns each mean into the aggregate (updating the state every rank
 shares). `aggregate_many` runs the three; `aggregate` does it for one tensor.
 
-State is kept per tensor, keyed by name, as flat (d,) tensors in the gradient's dtype. Fields
-ending in `_bar` or `_hat` are the shared part: the same on every rank that finishes the
+State is kept per tensor, keyed by name, as flat (d,) tensors in the gradient's dtype, plus
+"step", the last step the tensor was aggregated at (0-d int64; its absence marks a tensor not yet
+seen, whose next round is dense). Fields ending in `_bar` or `_hat` are the shared part: the same on every rank that finishes the
 tensor (every rank, or only its owner when `aggregate_many` is given owners); the others are
 this rank's own. A checkpoint stores `state_dict()` per rank (after a change of world size,
 drop it: the next call re-initialises densely).
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import random
 
+import torch
 from torch import Tensor
 
 from distlip.compress.accounting import ByteCounter
@@ -72,19 +74,23 @@ class Estimator:
         self.seed = seed
         self.counter = counter if counter is not None else ByteCounter()
         self._state: dict[str, State] = {}
+        self._previous: dict[str, Tensor] = {}
 
-    def aggregate_many(self, grads: dict[str, Tensor], *, step: int,
-                       owners: dict[str, int] | None = None) -> dict[str, Tensor]:
+    def aggregate_many(self, grads: dict[str, Tensor], *, step: int, owners: dict[str, int] | None = None,
+                       previous: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The aggregate of every tensor in `grads` at optimiser `step`, shaped like its gradient.
 
         With `owners` ({name: rank}), each aggregate is computed on its owner only (reduce-scatter
         and all-to-all: fewer bytes) and the result holds this rank's tensors; without, every
         rank gets every aggregate. Every rank must pass the same names, in the same order, with
-        the same owners, at the same steps.
+        the same owners, at the same steps. `previous`: this rank's gradients at the previous
+        weights on this step's batch, for estimators that `needs_previous` (MARINA).
         """
         names = list(grads)
         dense = {n: self._is_dense(n, grads[n].numel(), step) for n in names}
+        self._previous = previous or {}
         messages = [self._prepare_one(n, grads[n].reshape(-1), step, dense[n]) for n in names]
+        self._previous = {}
         means = mean_many(self.comm, messages, [grads[n].numel() for n in names], self.counter,
                           None if owners is None else [owners[n] for n in names])
         return {n: self._finish(self._state[n], mean, dense[n]).view_as(grads[n])
@@ -94,6 +100,10 @@ class Estimator:
         """The aggregate for one tensor, on every rank (a new tensor shaped like `grad`)."""
         return self.aggregate_many({name: grad}, step=step)[name]
 
+    def needs_previous(self, sizes: dict[str, int], step: int) -> bool:
+        """Whether `aggregate_many` at `step` for tensors of these sizes ({name: d}) needs `previous`."""
+        return False
+
     def state_dict(self) -> dict[str, State]:
         """Per-tensor state keyed by name: {name: {field: (d,) tensor}} (references, not copies)."""
         return self._state
@@ -102,12 +112,14 @@ class Estimator:
         self._state = {name: {key: t.clone() for key, t in fields.items()} for name, fields in state.items()}
 
     def _is_dense(self, name: str, d: int, step: int) -> bool:
-        return (name not in self._state or step < self.warmup_steps or self.compressor.keeps_all(d)
+        return ("step" not in self._state.get(name, {}) or step < self.warmup_steps or self.compressor.keeps_all(d)
                 or self._dense_round(name, step, d))
 
     def _prepare_one(self, name: str, g: Tensor, step: int, dense: bool) -> Message:
         state = self._state.setdefault(name, {})
-        return Message(self._prepare_dense(state, g)) if dense else self._prepare(state, g, name, step)
+        message = Message(self._prepare_dense(state, g)) if dense else self._prepare(state, g, name, step)
+        state["step"] = torch.tensor(step)
+        return message
 
     def _dense_round(self, name: str, step: int, d: int) -> bool:
         """Whether this step is an extra dense round (MARINA's coin); decided identically on all ranks."""
@@ -203,34 +215,49 @@ class Diana(Estimator):
 
 
 class Marina(Estimator):
-    """MARINA: with probability p a dense round, else ĝ ← ĝ_prev + mean Q(g_m(x⁺) − g_m(x)).
+    """MARINA: with probability p a dense round, else ĝ ← ĝ + mean Q(g_m(x⁺) − g_m(x)).
 
-    Practical one-minibatch variant: g_m(x) is this rank's previous local gradient, taken at
-    the previous weights on the previous minibatch, so the difference also carries minibatch
-    noise (the original evaluates both points on one minibatch, which costs a second
-    backward pass). The coin is drawn per tensor from (seed, step, name), the same on every
-    rank, which spreads the dense rounds of different tensors over different steps.
-    p defaults to k/d. State: g_prev (this rank's last gradient), g_hat (the estimate).
+    same_batch=True (the method as published): both gradients are on this step's minibatch,
+    the second taken at the previous weights (a second backward pass; the caller passes it as
+    `previous`). The difference then shrinks with the step, and so does the Rand-k noise that
+    ĝ accumulates between dense rounds. same_batch=False: one pass; g_m(x) is this rank's
+    previous local gradient, on the previous minibatch, so every difference also carries
+    minibatch noise, which ω = d/k − 1 amplifies and ĝ accumulates: it drifts.
+    The coin is drawn per tensor from (seed, step, name), the same on every rank, which
+    spreads the dense rounds of different tensors over different steps. p defaults to k/d.
+    State: g_prev (this rank's last gradient; one-pass only), g_hat (the estimate).
     """
 
     name = "marina"
     requires = "unbiased"
 
-    def __init__(self, compressor: Compressor | None = None, comm: Comm | None = None, *, p: float | None = None, **kw):
+    def __init__(self, compressor: Compressor | None = None, comm: Comm | None = None, *, p: float | None = None,
+                 same_batch: bool = True, **kw):
         super().__init__(compressor, comm, **kw)
         if p is not None and not 0.0 < p <= 1.0:
             raise ConfigError(f"marina_p must be in (0, 1], got {p!r}: leave it unset for k/d")
         self.p = p
+        self.same_batch = same_batch
+
+    def needs_previous(self, sizes: dict[str, int], step: int) -> bool:
+        return self.same_batch and not all(self._is_dense(n, d, step) for n, d in sizes.items())
 
     def _dense_round(self, name: str, step: int, d: int) -> bool:
         p = self.p if self.p is not None else self.compressor.k(d) / d
         return random.Random(stream_seed(self.seed, step, name, "marina")).random() < p
 
     def _prepare_dense(self, state: State, g: Tensor) -> Tensor:
-        state["g_prev"] = g.clone()
+        if not self.same_batch:
+            state["g_prev"] = g.clone()
         return g
 
     def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
+        if self.same_batch:
+            before = self._previous.get(name)
+            if before is None:
+                raise ValueError(f"MARINA needs {name!r}'s gradient at the previous weights on this batch "
+                                 "(aggregate_many(previous=...)), or same_batch=False")
+            return self._compress(g - before.reshape(-1).to(g.dtype), name, step)
         message = self._compress(g - state["g_prev"], name, step)
         state["g_prev"].copy_(g)
         return message
