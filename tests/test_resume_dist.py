@@ -48,6 +48,10 @@ COLNORM = ["optim.embed=colnorm", "dist.zero_stage=0"]
 # Top-k gradients with EF21 and an EF21-P top-k downlink: per-rank estimator state and owners' masters.
 COMPRESSED = [*COLNORM, "compression.compressor=topk", "compression.ratio=0.5", "compression.downlink=topk",
               "compression.downlink_ratio=0.5", "compression.warmup_steps=2"]
+# MARINA on one batch: its estimate and the previous weights of its second backward pass, with
+# DeepSpeed's Adam on the embedding.
+MARINA = [*ADAM_Z1, "compression.compressor=randk", "compression.ratio=0.1", "compression.estimator=marina",
+          "compression.warmup_steps=2"]
 # A streamed jsonl corpus: the pipeline's position is per rank.
 def stream(corpus: Path) -> list[str]:
     return ["data.source=jsonl", f"data.path={corpus}", "data.val_tokens=300"]
@@ -65,7 +69,7 @@ def write_corpus(directory: Path) -> Path:
 
 
 # Runs stopped cleanly after 10 steps (a prefix of the reference: the learning rate is constant) and resumed.
-SPLIT = {"colnorm": COLNORM, "compressed": COMPRESSED}
+SPLIT = {"colnorm": COLNORM, "compressed": COMPRESSED, "marina": MARINA}
 FOREVER = "train.steps=1000000"
 # 2 ↔ 1 processes: sharded and single-process steps differ in summation order only; over the 20
 # resumed steps that grows to ≈2e-7 (loss) and ≈4e-6 (weights, relative Frobenius) here.
