@@ -23,7 +23,6 @@ DeepSpeed-held embedding's gradients stay dense (DeepSpeed reduces them itself).
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import sys

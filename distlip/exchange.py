@@ -6,12 +6,14 @@
 - uplink: every rank passes its local gradient of every distlip-held tensor (the matrices,
   and the embedding when it takes the colnorm step) through the estimator, in one fixed
   order; the messages travel in one reduce-scatter and one all-to-all, so each owner alone
-  computes the aggregate of its tensors and steps Muon with it. The gradient
-  is compressed, never Muon's orthogonalised update (Newton–Schulz is nonlinear).
+  computes the aggregate of its tensors and steps Muon with it. The gradient is compressed,
+  never Muon's orthogonalised update (Newton–Schulz is nonlinear). MARINA on one batch also
+  takes this rank's gradients at the previous weights (a second backward pass, `previous`).
 - downlink (EF21-P, when `compression.downlink` is not identity): the owner keeps the master
   x of each tensor it owns (stepped and constrained there, and the certified weights) and
   broadcasts C(x⁺ − w), one broadcast per owner; every rank sets its module weights
-  w ← w + C(x⁺ − w), so gradients are taken at w. Without it the owners broadcast x⁺ densely and w = x.
+  w ← w + C(x⁺ − w), so gradients are taken at w. Without it the owners broadcast x⁺ densely
+  and w = x.
 
 Tensors DeepSpeed holds (the embedding under optim.embed=adam) stay dense: DeepSpeed reduces
 their gradients itself, and those bytes are not counted here.
