@@ -150,9 +150,9 @@ def _layout(messages: Sequence[Message], *, with_indices: bool) -> tuple[list[tu
     return offsets, end
 
 
-def _pack(messages: Sequence[Message], *, with_indices: bool) -> Tensor:
+def _pack(messages: Sequence[Message], device: torch.device, *, with_indices: bool) -> Tensor:
+    """The messages as one uint8 buffer on `device` (empty when there are none)."""
     offsets, total = _layout(messages, with_indices=with_indices)
-    device = messages[0].values.device if messages else None
     buf = torch.zeros(total, dtype=torch.uint8, device=device)
     for m, (v, i) in zip(messages, offsets):
         buf[v:v + m.values.nbytes].copy_(m.values.reshape(-1).view(torch.uint8))
@@ -245,12 +245,13 @@ def _sum_sparse(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], i
     """Sum over ranks of the sparse messages `ids`, as dense (d,) tensors into sums[i] where this
     rank gets them: every rank's packed (values, indices) by one all-gather, or each owner's by
     one all-to-all; scatter-added in rank order. Returns the bytes this rank (sent, received)."""
-    world, rank = comm.world_size, comm.rank
+    world, rank, device = comm.world_size, comm.rank, messages[ids[0]].values.device
     if owners is None:
-        parts = comm.all_gather(_pack([messages[i] for i in ids], with_indices=True))
+        parts = comm.all_gather(_pack([messages[i] for i in ids], device, with_indices=True))
         sent = received = all_gather_bytes(parts[0].nbytes, world)
     else:
-        pieces = [_pack([messages[i] for i in ids if owners[i] == r], with_indices=True) for r in range(world)]
+        pieces = [_pack([messages[i] for i in ids if owners[i] == r], device, with_indices=True)
+                  for r in range(world)]
         counts = [p.numel() for p in pieces]
         parts = list(comm.all_to_all(torch.cat(pieces), counts, [counts[rank]] * world).split(counts[rank]))
         sent = float(sum(n for r, n in enumerate(counts) if r != rank))
@@ -284,12 +285,12 @@ def broadcast_messages(comm: Comm, messages: Sequence[Message], sizes: Sequence[
     shapes (`Compressor.empty_message`, or the tensor itself for a dense message). Shared
     indices are derived by each rank, so only the values (and unshared indices) travel.
     """
-    is_owner = comm.rank == owner
+    is_owner, device = comm.rank == owner, messages[0].values.device
     if is_owner:
-        buf = comm.broadcast(_pack(messages, with_indices=True), owner)
+        buf = comm.broadcast(_pack(messages, device, with_indices=True), owner)
     else:
-        buf = comm.broadcast(torch.empty(_layout(messages, with_indices=True)[1], dtype=torch.uint8,
-                                         device=messages[0].values.device if messages else None), owner)
+        size = _layout(messages, with_indices=True)[1]
+        buf = comm.broadcast(torch.empty(size, dtype=torch.uint8, device=device), owner)
         for m, got in zip(messages, _unpack(buf, messages, with_indices=True)):
             m.values.copy_(got.values.view_as(m.values))
             if got.indices is not m.indices:
