@@ -226,11 +226,14 @@ def _sum_values(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], i
     else:
         by_owner = [[i for i in ids if owners[i] == r] for r in range(world)]
         chunk = max(sum(messages[i].values.numel() for i in group) for group in by_owner)
-        flat = messages[ids[0]].values.new_zeros(world * chunk)
+        flat = messages[ids[0]].values.new_empty(world * chunk)
         for r, group in enumerate(by_owner):
-            if group:
-                pieces = torch.cat([messages[i].values for i in group])
-                flat[r * chunk:r * chunk + pieces.numel()].copy_(pieces)
+            start = r * chunk
+            for i in group:  # straight into place: one copy of each message
+                values = messages[i].values
+                flat[start:start + values.numel()].copy_(values)
+                start += values.numel()
+            flat[start:(r + 1) * chunk].zero_()  # the padding
         ids = by_owner[comm.rank]
         numel = [messages[i].values.numel() for i in ids]
         summed = comm.reduce_scatter_sum(flat)[:sum(numel)].split(numel)
