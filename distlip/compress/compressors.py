@@ -170,9 +170,9 @@ class RandK(Compressor):
     scaled=True: values times d/k, unbiased with ω = d/k − 1 (name "randk").
     scaled=False: values as they are, contractive in expectation with δ = k/d ("randk_unscaled").
     shared_seed=True: S depends on (seed, step, tensor_id) only, so all ranks pick the same S;
-    only the k values are sent and they are summed with an all-reduce. shared_seed=False mixes
-    the rank in: independent masks (variance of the mean falls as 1/M) that must be all-gathered
-    as (values, indices).
+    only the k values are sent and they are summed in place (all-reduce or reduce-scatter).
+    shared_seed=False mixes the rank in: independent masks (variance of the mean falls as 1/M)
+    that travel as (values, indices) (all-gather or all-to-all).
     """
 
     def __init__(self, ratio: float, scaled: bool = True, shared_seed: bool = True, seed: int = 0) -> None:
