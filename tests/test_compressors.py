@@ -79,18 +79,19 @@ class ThreadComm:
         self.rank = rank
         self.world_size = group.world_size
         self.calls = 0
-        self.collectives = 0  # calls of any collective, for the bucketing test
         self.moved = [0.0, 0.0]  # bytes this rank really sent and received
+        self.log: list[str] = []  # the collectives called, in order
 
     def _exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         slots = self.group.slots[self.calls % 2]
         self.calls += 1
-        self.collectives += 1
         slots[self.rank] = tensor.clone()
         self.group.barrier.wait()
         return list(slots)
 
     def all_reduce_sum(self, tensor):
+        self.log.append("all_reduce_sum")
+        self.moved = [m + ring_all_reduce_bytes(tensor.nbytes, self.world_size) for m in self.moved]
         parts = self._exchange(tensor)
         total = parts[0].clone()
         for part in parts[1:]:
@@ -98,18 +99,22 @@ class ThreadComm:
         return tensor.copy_(total)
 
     def all_gather(self, tensor):
+        self.log.append("all_gather")
         return self._exchange(tensor)
 
     def broadcast(self, tensor, src):
+        self.log.append("broadcast")
         return tensor.copy_(self._exchange(tensor)[src])
 
     def reduce_scatter_sum(self, tensor):
+        self.log.append("reduce_scatter_sum")
         chunk = tensor.numel() // self.world_size
         parts = [p[self.rank * chunk:(self.rank + 1) * chunk] for p in self._exchange(tensor)]
         self.moved = [m + (self.world_size - 1) * chunk * tensor.element_size() for m in self.moved]
         return sum(parts[1:], parts[0].clone())
 
     def all_to_all(self, tensor, send_sizes, recv_sizes):
+        self.log.append("all_to_all")
         sent = self._exchange(tensor)
         starts = [sum(send_sizes[:self.rank]) for _ in sent]
         pieces = [p[s:s + n] for p, s, n in zip(sent, starts, recv_sizes)]
@@ -518,9 +523,9 @@ def test_bucketed_and_owner_only_exchanges_equal_per_tensor_aggregation(cls, com
         for step in range(6):
             grads = _step_grads(comm.rank, step)
             ref = {n: single.aggregate(n, g, step=step) for n, g in grads.items()}
-            before = comm.collectives
+            before = len(comm.log)
             got = many.aggregate_many(grads, step=step)
-            calls = comm.collectives - before
+            calls = len(comm.log) - before
             mine = owned.aggregate_many(grads, step=step, owners=OWNERS)
             steps.append((ref, got, calls, mine))
         return steps
@@ -534,23 +539,31 @@ def test_bucketed_and_owner_only_exchanges_equal_per_tensor_aggregation(cls, com
 
 
 def test_owner_only_bytes_are_what_the_collectives_move():
-    """Reduce-scatter of the dense messages, all-to-all of the sparse ones: the counter matches
-    the bytes really sent and received, per rank, and the dense equivalent is the reduce-scatter
-    of every tensor whole (chunk = the busiest owner's bytes)."""
+    """Dense messages by reduce-scatter (or by all-reduce where the reduce-scatter's padding would
+    cost more), sparse ones by all-to-all: the counter matches the bytes really sent and received,
+    per rank, and the dense equivalent is the cheaper collective with every tensor whole."""
     world = 3
 
     def worker(comm):
         est = EF21Momentum(TopK(0.1), comm, warmup_steps=1)
-        est.aggregate_many(_step_grads(comm.rank, 0), step=0, owners=OWNERS)
+        est.aggregate_many(_step_grads(comm.rank, 0), step=0, owners=OWNERS)  # dense: by reduce-scatter
+        warm = est.counter.uplink.sent, list(comm.moved), comm.log
         est.counter.reset()
-        comm.moved = [0.0, 0.0]
-        est.aggregate_many(_step_grads(comm.rank, 3), step=3, owners=OWNERS)  # "late" and "b" dense
-        return est.counter.uplink, comm.moved
+        comm.moved, comm.log = [0.0, 0.0], []
+        # "late" (25 coordinates) and "b" (1) are dense, the rest Top-k: padding a reduce-scatter to
+        # "late" would move 2·25 floats per rank, an all-reduce of the 26 moves 2·(2/3)·26.
+        est.aggregate_many(_step_grads(comm.rank, 3), step=3, owners=OWNERS)
+        return warm, est.counter.uplink, comm.moved, comm.log
 
-    busiest = max(sum(4 * SIZES[n] for n, o in OWNERS.items() if o == r) for r in range(world))
-    for traffic, (sent, received) in ThreadGroup(world).run(worker):
+    sizes = {r: 4 * sum(SIZES[n] for n, o in OWNERS.items() if o == r and n != "late") for r in range(world)}
+    for (warm_counted, warm_moved, warm_log), traffic, (sent, received), log in ThreadGroup(world).run(worker):
+        assert warm_log == ["reduce_scatter_sum"]
+        assert warm_counted == warm_moved[0] == (world - 1) * max(sizes.values())  # step 0 had no "late"
+        assert log == ["all_reduce_sum", "all_to_all"]
         assert (traffic.sent, traffic.received) == (sent, received)
-        assert traffic.dense_sent == traffic.dense_received == (world - 1) * busiest
+        everything = 4 * sum(SIZES.values())
+        busiest = max(sum(4 * SIZES[n] for n, o in OWNERS.items() if o == r) for r in range(world))
+        assert traffic.dense_sent == min(ring_all_reduce_bytes(everything, world), (world - 1) * busiest)
         assert traffic.volume < traffic.dense_volume / 2
 
 
@@ -589,9 +602,9 @@ def test_downlink_sends_one_broadcast_per_owner():
                     masters[n] -= 0.1 * shifts[step, i]
             for n, o in owners.items():
                 single.sync(n, w1[n], masters.get(n), step=step, owner=o)
-            before = comm.collectives
+            before = len(comm.log)
             many.sync_many({n: (w2[n], masters.get(n), o) for n, o in owners.items()}, step=step)
-            calls.append(comm.collectives - before)
+            calls.append(len(comm.log) - before)
         return w1, w2, calls
 
     for w1, w2, calls in ThreadGroup(2).run(worker):

@@ -215,29 +215,33 @@ def mean_many(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], cou
 def _sum_values(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], ids: list[int],
                 owners: Sequence[int] | None, sums: list[Tensor | None]) -> float:
     """Sum over ranks of dense or shared-support messages `ids` (one dtype), as dense (d,) tensors
-    into sums[i] where this rank gets them: one all-reduce of their values, or one reduce-scatter
-    whose chunk r holds rank r's tensors (padded to the largest). Returns the bytes this rank
-    sent (= received)."""
-    world = comm.world_size
-    if owners is None:
+    into sums[i] where this rank gets them. One reduce-scatter whose chunk r holds rank r's
+    tensors, padded to the largest; when that padding would cost more than an all-reduce of
+    everything (a lone dense tensor, as in MARINA's rounds, on more than 2 ranks), or without
+    owners, one all-reduce. Returns the bytes this rank sent (= received)."""
+    world, itemsize = comm.world_size, messages[ids[0]].values.element_size()
+    numel = {i: messages[i].values.numel() for i in ids}
+    by_owner = [[i for i in ids if owners[i] == r] for r in range(world)] if owners is not None else []
+    chunk = max((sum(numel[i] for i in group) for group in by_owner), default=0)
+    all_reduce_cost = ring_all_reduce_bytes(sum(numel.values()) * itemsize, world)
+    if owners is None or all_reduce_cost < reduce_scatter_bytes(chunk * itemsize, world):
         flat = torch.cat([messages[i].values for i in ids])
-        summed = comm.all_reduce_sum(flat).split([messages[i].values.numel() for i in ids])
-        cost = ring_all_reduce_bytes(flat.nbytes, world)
+        summed = comm.all_reduce_sum(flat).split([numel[i] for i in ids])
+        if owners is not None:
+            summed = [values for i, values in zip(ids, summed) if owners[i] == comm.rank]
+            ids = by_owner[comm.rank]
+        cost = all_reduce_cost
     else:
-        by_owner = [[i for i in ids if owners[i] == r] for r in range(world)]
-        chunk = max(sum(messages[i].values.numel() for i in group) for group in by_owner)
         flat = messages[ids[0]].values.new_empty(world * chunk)
         for r, group in enumerate(by_owner):
             start = r * chunk
             for i in group:  # straight into place: one copy of each message
-                values = messages[i].values
-                flat[start:start + values.numel()].copy_(values)
-                start += values.numel()
+                flat[start:start + numel[i]].copy_(messages[i].values)
+                start += numel[i]
             flat[start:(r + 1) * chunk].zero_()  # the padding
         ids = by_owner[comm.rank]
-        numel = [messages[i].values.numel() for i in ids]
-        summed = comm.reduce_scatter_sum(flat)[:sum(numel)].split(numel)
-        cost = reduce_scatter_bytes(chunk * flat.element_size(), world)
+        summed = comm.reduce_scatter_sum(flat)[:sum(numel[i] for i in ids)].split([numel[i] for i in ids])
+        cost = reduce_scatter_bytes(chunk * itemsize, world)
     for i, values in zip(ids, summed):
         sums[i] = _expand(messages[i], values, sizes[i])
     return cost
@@ -271,11 +275,13 @@ def _sum_sparse(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], i
 
 
 def _dense_cost(nbytes: Sequence[int], owners: Sequence[int] | None, world: int) -> float:
-    """Bytes per rank of the same exchange with every tensor sent whole."""
+    """Bytes per rank of the same exchange with every tensor sent whole (by the cheaper of the two
+    collectives `_sum_values` chooses from, when there are owners)."""
+    all_reduce = ring_all_reduce_bytes(sum(nbytes), world)
     if owners is None:
-        return ring_all_reduce_bytes(sum(nbytes), world)
+        return all_reduce
     chunk = max(sum(b for b, o in zip(nbytes, owners) if o == r) for r in range(world))
-    return reduce_scatter_bytes(chunk, world)
+    return min(all_reduce, reduce_scatter_bytes(chunk, world))
 
 
 # ---- the downlink: one owner's messages to everyone ------------------------------------------
