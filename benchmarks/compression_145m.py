@@ -56,37 +56,6 @@ def shapes(preset: str) -> dict[str, torch.Size]:
     return {n: params[n].shape for n in names}
 
 
-class SyncedComm:
-    """A `Comm` that times its collectives, waiting for the device so the time is real on GPUs."""
-
-    def __init__(self, comm, device: torch.device) -> None:
-        self.comm, self.world_size, self.rank, self.device = comm, comm.world_size, comm.rank, device
-        self.seconds = 0.0
-
-    def _timed(self, name: str, *args):
-        sync()
-        start = time.perf_counter()
-        out = getattr(self.comm, name)(*args)
-        sync()
-        self.seconds += time.perf_counter() - start
-        return out
-
-    def all_reduce_sum(self, tensor):
-        return self._timed("all_reduce_sum", tensor)
-
-    def reduce_scatter_sum(self, tensor):
-        return self._timed("reduce_scatter_sum", tensor)
-
-    def all_gather(self, tensor):
-        return self._timed("all_gather", tensor)
-
-    def all_to_all(self, tensor, send_sizes, recv_sizes):
-        return self._timed("all_to_all", tensor, send_sizes, recv_sizes)
-
-    def broadcast(self, tensor, src):
-        return self._timed("broadcast", tensor, src)
-
-
 def sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -96,6 +65,7 @@ def worker(args: argparse.Namespace) -> None:
     from distlip.compress import ByteCounter, CompressionConfig, TorchComm
     from distlip.compress.accounting import DOWNLINK, broadcast_bytes
     from distlip.engine import exit_process
+    from distlip.exchange import TimedComm
     from distlip.sharding import plan_ownership
 
     cuda = args.device == "cuda"
@@ -114,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
     rows = []
     for name, (compressor, estimator, ratio, downlink) in METHODS.items():
         counter = ByteCounter()
-        comm = SyncedComm(TorchComm(), device)
+        comm = TimedComm(TorchComm())
         section = dict(compressor=compressor, estimator=estimator, ratio=ratio, warmup_steps=WARMUP,
                        downlink=downlink, downlink_ratio=ratio if downlink != "identity" else 1.0)
         uplink, down = CompressionConfig(**section).build(comm, counter)
