@@ -141,8 +141,8 @@ class CompressionConfig:
     marina_p: MARINA's dense-round probability (None: k/d). marina_same_batch: MARINA's difference
       g(x⁺) − g(x) on one minibatch, by a second backward pass at the previous weights (true: the
       published method), or against the previous step's gradient in one pass (false: it drifts).
-    ef21_eta: EF21's momentum weight η;
-      below 1 the estimator's momentum replaces Muon's (β = 1 − η; 0.1 with Top-k at 1–10%).
+    ef21_eta: EF21's momentum weight η; below 1 the estimator's momentum replaces Muon's
+      (β = 1 − η; 0.1 with Top-k at 1–10%).
     allow_plain: run the plain estimator where it is known to fail (scaled Rand-k < 10%, Top-k).
     downlink, downlink_ratio: identity | topk | randk_unscaled for the weights owners send back (EF21-P).
     """

@@ -219,8 +219,9 @@ class Engine:
         self.owned = self.plan.owned_by(env.rank)
         self.exchange = (CompressedExchange(cfg.compression, self.params, self.plan, env.rank)
                          if cfg.compression.enabled else None)
-        # The second backward pass (MARINA on one batch): None outside it, its gradients inside.
-        self._previous_grads: dict[str, torch.Tensor] | None = None
+        # The second backward pass (MARINA on one batch): whether one is running, and its gradients
+        # until `step` takes them.
+        self._in_previous_pass = False
         self._pending_previous: dict[str, torch.Tensor] | None = None
         # What each owner steps and constrains: the master x under a compressed downlink, else the weight itself.
         masters = self.exchange.masters if self.exchange else {}
@@ -256,7 +257,7 @@ class Engine:
         """Token ids (B, T) → logits (B, T, vocab_size)."""
         if self.ds is None:
             h = self.model.embed(idx)
-        elif self._previous_grads is not None:  # the second pass: DeepSpeed's embedding takes no part
+        elif self._in_previous_pass:  # DeepSpeed's embedding takes no part
             with torch.no_grad():
                 h = self.ds(idx).detach()
         else:
@@ -266,7 +267,7 @@ class Engine:
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         """Accumulate one micro-batch's gradients (mean over the step's micro-batches)."""
-        if self.ds is None or self._previous_grads is not None:
+        if self.ds is None or self._in_previous_pass:
             (loss / self.cfg.train.grad_accum).backward()
             return
         self.ds.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
@@ -284,18 +285,17 @@ class Engine:
         fixed and gets none). On exit the current weights and gradients are back, and the second
         pass's gradients wait for `step`."""
         saved = {n: (self.params[n].data, self.params[n].grad) for n in self.plan.owner}
-        self._previous_grads = {}
+        self._in_previous_pass = True
         try:
             for n in saved:
                 self.params[n].data = self.exchange.previous[n]  # swapped, not copied: restored below
                 self.params[n].grad = None
             yield
-            self._previous_grads = {n: self._grad(n) for n in saved}
+            self._pending_previous = {n: self._grad(n) for n in saved}
         finally:
-            grads, self._previous_grads = self._previous_grads, None
+            self._in_previous_pass = False
             for n, (data, grad) in saved.items():
                 self.params[n].data, self.params[n].grad = data, grad
-            self._pending_previous = grads
 
     # ---- the step -------------------------------------------------------------------------
     def step(self, step: int, total: int) -> StepInfo:

@@ -140,6 +140,16 @@ class Estimator:
         return self.compressor.compress(x, step=step, tensor_id=name, rank=self.comm.rank)
 
 
+def _running_sum(state: State, key: str, mean: Tensor, dense: bool) -> Tensor:
+    """state[key] ← mean after a dense round, state[key] + mean otherwise; returns it (a copy,
+    so the caller may keep it while the state moves on). MARINA's ĝ and EF21's ū both work so."""
+    if dense:
+        state[key] = mean.clone()
+        return mean
+    state[key].add_(mean)
+    return state[key].clone()
+
+
 def check_pair(estimator: Estimator | type[Estimator], compressor: Compressor) -> None:
     """Raise ConfigError when `compressor` does not meet what `estimator` needs (see the module docstring)."""
     requires = estimator.requires
@@ -263,11 +273,7 @@ class Marina(Estimator):
         return message
 
     def _finish(self, state: State, mean: Tensor, dense: bool) -> Tensor:
-        if dense:
-            state["g_hat"] = mean.clone()
-            return mean
-        state["g_hat"].add_(mean)
-        return state["g_hat"].clone()
+        return _running_sum(state, "g_hat", mean, dense)
 
 
 class EF21Momentum(Estimator):
@@ -310,11 +316,7 @@ class EF21Momentum(Estimator):
         return message
 
     def _finish(self, state: State, mean: Tensor, dense: bool) -> Tensor:
-        if dense:
-            state["u_bar"] = mean.clone()
-            return mean
-        state["u_bar"].add_(mean)
-        return state["u_bar"].clone()
+        return _running_sum(state, "u_bar", mean, dense)
 
 
 class EF14(Estimator):
