@@ -8,10 +8,13 @@ bytes per rank per compressed step and their cumulative totals, ms per step spen
 loss on the whole held-out split. Writes a loss-vs-cumulative-uplink-bytes plot (periodic
 points on 256 validation windows, the last on the whole split).
 
+One row sends nothing: one process trained on one rank's share of the batch. A compressed method
+has carried something of the other rank's data only where it ends below that row.
+
 `--slow-link` (root) instead times dense against 1% compression as a real 2-node job across
 two network namespaces joined by a rate-limited veth (`benchmarks/slow_link.py`).
 
-    python benchmarks/compression.py [--steps 300] [--results benchmarks/RESULTS.md]
+    python benchmarks/compression.py [--steps 300] [--set model.d_model=256 ...] [--results benchmarks/RESULTS.md]
     python benchmarks/compression.py --slow-link [--rate 100mbit] [--steps 100] [--results ...]
 """
 
@@ -24,7 +27,8 @@ from pathlib import Path
 from common import ROOT, TINY_SHAKESPEARE, final, provenance, table, train
 from slow_link import slow_link, train_two_nodes
 
-MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", "train.batch_size=32",
+BATCH = 32
+MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", f"train.batch_size={BATCH}",
          "optim.lr=0.5", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=2.0",
          "train.certify_every=10", "train.threads=1", "compression.warmup_steps=2"]
 
@@ -39,6 +43,7 @@ METHODS = {
     "dense": ["compression.estimator=dense"],
     "topk 10% + ef21": method("topk", "ef21", 0.1, EF21_MOMENTUM),
     "topk 1% + ef21": method("topk", "ef21", 0.01, EF21_MOMENTUM),
+    "topk 1% + ef21, own share compressed": method("topk", "ef21", 0.01, EF21_MOMENTUM, "compression.exact_own=false"),
     "topk 1% + ef21, downlink topk 1%": method("topk", "ef21", 0.01, EF21_MOMENTUM, "compression.downlink=topk",
                                                "compression.downlink_ratio=0.01"),
     "topk 1% + ef14": method("topk", "ef14", 0.01),
@@ -49,6 +54,7 @@ METHODS = {
     "randk 1% + marina, one pass": method("randk", "marina", 0.01, "compression.marina_same_batch=false"),
     "randk 1% + plain (allow_plain)": method("randk", "plain", 0.01, "compression.allow_plain=true"),
 }
+ALONE = "one rank alone (half the batch, nothing sent)"  # one process, no compression keys
 SLOW_LINK_METHODS = ["dense", "topk 1% + ef21", "topk 1% + ef21, downlink topk 1%"]
 SLOW_LINK_COLUMNS = [("method", "{}"), ("uplink B/step", "{:,.0f}"), ("downlink B/step", "{:,.0f}"),
                      ("comm ms/step", "{:.1f}"), ("step ms", "{:.1f}"), ("tokens/s", "{:,.0f}")]
@@ -78,16 +84,20 @@ def summarise(name: str, records: list[dict]) -> tuple[dict, list[tuple[float, f
     return row, curve
 
 
-def plot(curves: dict[str, list[tuple[float, float]]], path: Path, steps: int) -> None:
+def plot(curves: dict[str, list[tuple[float, float]]], alone: float | None, path: Path, steps: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in curves.items():
+    colors = plt.cm.tab20.colors[0::2] + plt.cm.tab20.colors[1::2]  # strong shades first, then the light ones
+    for i, (name, points) in enumerate(curves.items()):
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        color = "black" if name == "dense" else colors[i % len(colors)]
+        ax.plot(xs, ys, marker="o", markersize=3, color=color, label=name)
+    if alone is not None:
+        ax.axhline(alone, color="gray", linestyle=":", label=f"{ALONE}: final")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative uplink bytes per rank")
     ax.set_ylabel("validation loss")
@@ -101,7 +111,8 @@ def plot(curves: dict[str, list[tuple[float, float]]], path: Path, steps: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--methods", nargs="*", default=list(METHODS), help="a subset of the method names")
+    ap.add_argument("--methods", nargs="*", default=[*METHODS, ALONE], help="a subset of the method names")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides for every run, e.g. model.d_model=256")
     ap.add_argument("--text", default=str(TINY_SHAKESPEARE), help="benchmark text (char-rnn tinyshakespeare)")
     ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "compression_loss_vs_bytes.png"))
     ap.add_argument("--results", default="", help="append the table to this markdown file")
@@ -113,24 +124,30 @@ def main() -> None:
 
     every = max(args.steps // 6, 10)
     base = MODEL + ["data.source=text", f"data.path={args.text}", f"train.steps={args.steps}", "train.log_every=10",
-                    f"train.eval_every={every - every % 10}", "train.eval_windows=256"]
+                    f"train.eval_every={every - every % 10}", "train.eval_windows=256", *args.set]
     if args.slow_link:
         time_slow_link(args, base)
         return
-    rows, curves = [], {}
+    rows, curves, alone = [], {}, None
     for i, name in enumerate(args.methods):
         with tempfile.TemporaryDirectory() as tmp:
-            records = train(Path(tmp) / "run", "configs/shakespeare.yaml", base + METHODS[name], nproc=2,
-                            port=29700 + i)
-        row, curves[name] = summarise(name, records)
-        rows.append(row)
-        print(f"{name}: val loss {row['val loss']:.4f}", flush=True)
+            if name == ALONE:
+                records = train(Path(tmp) / "run", "configs/shakespeare.yaml",
+                                base + [f"train.batch_size={BATCH // 2}"], nproc=1)
+                alone = final(records)["val_loss"]
+                rows.append({"method": name, "val loss": alone, "certified": final(records)["certified"]})
+            else:
+                records = train(Path(tmp) / "run", "configs/shakespeare.yaml", base + METHODS[name], nproc=2,
+                                port=29700 + i)
+                row, curves[name] = summarise(name, records)
+                rows.append(row)
+        print(f"{name}: val loss {rows[-1]['val loss']:.4f}", flush=True)
     dense = next((r for r in rows if r["method"] == "dense"), None)
     for r in rows:
-        r["uplink ÷"] = dense["uplink total MB"] / r["uplink total MB"] if dense else None
+        r["uplink ÷"] = dense["uplink total MB"] / r["uplink total MB"] if dense and "uplink total MB" in r else None
     text = table(rows, COLUMNS)
     print(text)
-    plot(curves, Path(args.plot), args.steps)
+    plot(curves, alone, Path(args.plot), args.steps)
     if args.results:
         append_results(Path(args.results), text, args)
 
@@ -165,8 +182,19 @@ the first (warm-up) one; "comm" is the step's exchange phases.
 """)
 
 
+def shown(path: Path) -> Path:
+    """`path` relative to the repository where it lies inside it."""
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def append_results(path: Path, text: str, args: argparse.Namespace) -> None:
-    command = f"python benchmarks/compression.py --steps {args.steps} --results {args.results}"
+    command = f"python benchmarks/compression.py --steps {args.steps}"
+    if args.methods != [*METHODS, ALONE]:
+        command += " --methods " + " ".join(f"'{m}'" for m in args.methods)
+    if args.set:
+        command += " --set " + " ".join(args.set)
+    command += f" --results {args.results}"
     section = f"""
 ## Compression
 
@@ -179,7 +207,7 @@ is one bucketed exchange to the tensors' owners per step: a ring reduce-scatter 
 busiest owner's share) of dense and shared-mask values, an all-to-all of Top-k (values, int32 indices); the
 downlink is one broadcast per owner (n). "uplink ÷" is dense's cumulative uplink bytes over the method's
 (warm-up included). Codec time is the exchange's time outside collectives (compress, decompress,
-estimator arithmetic). Plot: `benchmarks/compression_loss_vs_bytes.png`.
+estimator arithmetic). {"Overridden for every row: " + ", ".join(args.set) + ". " if args.set else ""}Plot: `{shown(Path(args.plot))}`.
 
 {text}
 """

@@ -144,6 +144,9 @@ class CompressionConfig:
     ef21_eta: EF21's momentum weight η; below 1 the estimator's momentum replaces Muon's
       (β = 1 − η; 0.1 with Top-k at 1–10%).
     allow_plain: run the plain estimator where it is known to fail (scaled Rand-k < 10%, Top-k).
+    exact_own: each tensor's owner uses its own share of the aggregate uncompressed (it never
+      crosses the wire: same bytes, (M−1)/M of the aggregate compressed on M ranks); false
+      compresses it like every other rank's share, as the published estimators do.
     downlink, downlink_ratio: identity | topk | randk_unscaled for the weights owners send back (EF21-P).
     """
 
@@ -157,6 +160,7 @@ class CompressionConfig:
     marina_same_batch: bool = True
     ef21_eta: float = 1.0
     allow_plain: bool = False
+    exact_own: bool = True
     downlink: str = "identity"
     downlink_ratio: float = 1.0
 

@@ -126,8 +126,9 @@ SHAKESPEARE = ["train.progress=false", "train.tensorboard=false", "model.d_model
 EVAL_WINDOWS = 1024  # a fixed, evenly spaced sample of the validation split: 65,536 tokens
 METHODS = {
     "dense": ["compression.estimator=dense"],
-    # EF21 compresses the momentum (η = 1 − β = 0.1; Muon adds none); lr 0.3 was its best of {0.15, 0.3, 0.5}.
-    "topk1%+ef21": family("topk", "ef21", 0.01) + ["compression.ef21_eta=0.1", "optim.lr=0.3"],
+    # EF21 compresses the momentum (η = 1 − β = 0.1; Muon adds none); each owner uses its own share whole.
+    "topk1%+ef21": family("topk", "ef21", 0.01) + ["compression.ef21_eta=0.1"],
+    "topk1%+ef21-published": family("topk", "ef21", 0.01) + ["compression.ef21_eta=0.1", "compression.exact_own=false"],
     "randk1%+diana": family("randk", "diana", 0.01),
     "randk1%+marina": family("randk", "marina", 0.01),  # on one batch: a second backward pass
     "randk1%+marina-one-pass": family("randk", "marina", 0.01) + ["compression.marina_same_batch=false"],

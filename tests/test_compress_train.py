@@ -1,7 +1,8 @@
 """Compressed communication in real 2-process training (gloo): ratio 1.0 is dense training bit
 for bit, the certificate holds on the masters at every step when both directions are
-compressed, and the compression state resumes exactly. On Shakespeare: Top-k 1% + EF21
-against dense (a known gap, see its xfail), Rand-k 1% + DIANA converges, MARINA on one batch
+compressed, and the compression state resumes exactly. On Shakespeare: Top-k 1% + EF21 against
+dense (30x fewer uplink bytes; a known gap in loss, see its xfail), owners using their own share
+whole beat the published EF21 for the same bytes, Rand-k 1% + DIANA converges, MARINA on one batch
 converges while its one-pass variant drifts, and plain scaled Rand-k 1% is refused and, when
 forced, far behind dense. MARINA's second pass leaves DeepSpeed's embedding alone.
 
@@ -84,15 +85,23 @@ def shakespeare(ranks):
     return runs
 
 
-# Not met: measured (2 CPU processes, 300 steps) dense 2.114, Top-k 1% + EF21 2.44-2.49 (+15-18%) at 37.7x fewer
-# uplink bytes, over lr {0.15, 0.3, 0.5}, η {0.02-1}, 2-20 dense warm-up steps; +19% at 1000 steps, +22% with a 4x
-# batch, +11% at d 256. It is the error's structure: EF21's ū keeps stale coordinates until Top-k picks them again,
-# and Newton-Schulz gives them a full share of every step (at 10%, msign(ū) has cosine 0.3-0.45 with msign of the
-# mean momentum), while white noise of the same size costs far less (benchmarks/RESULTS.md#compression).
-@pytest.mark.xfail(strict=True, reason="Top-k 1% + EF21 ends 15-19% above dense at this budget (see comment)")
+# Not met. Measured (2 CPU processes, 300 steps, lr 0.5 as dense): d 64 dense 2.114, Top-k 1% + EF21 2.203
+# (+4.2%) at 37.7x fewer uplink bytes; d 256 +2.6% to +3.2% over two seeds and η/warm-up variants. Training on
+# one rank's half of the batch with no communication at all ends at +2.2% (d 64) and +2.6% (d 256): Top-k 1%
+# carries next to nothing of the other rank's data into Muon's steps, so this target is met, where it is, by
+# the owner's own share (see docs/compression.md, "What to expect", and benchmarks/RESULTS.md#compression).
+@pytest.mark.xfail(strict=True, reason="Top-k 1% + EF21 ends 4% above dense at d 64 (see comment)")
 def test_topk_one_percent_ef21_ends_within_3_percent_of_dense(shakespeare):
     dense, topk = shakespeare["dense"], shakespeare["topk1%+ef21"]
     assert topk["val_loss"] <= 1.03 * dense["val_loss"], (topk["val_loss"], dense["val_loss"])
+
+
+def test_owners_exact_own_share_beats_the_published_ef21(shakespeare):
+    """On 2 ranks half of each aggregate is the owner's own share, which never crosses the wire:
+    used whole it takes Top-k 1% + EF21 from 2.49 to 2.20 (dense 2.11) for the same bytes."""
+    exact, published = shakespeare["topk1%+ef21"], shakespeare["topk1%+ef21-published"]
+    assert exact["uplink_total"] == published["uplink_total"]
+    assert exact["val_loss"] < published["val_loss"] - 0.1, (exact["val_loss"], published["val_loss"])
 
 
 def test_topk_one_percent_ef21_sends_30x_fewer_uplink_bytes_and_converges(shakespeare):
@@ -114,18 +123,18 @@ def test_randk_one_percent_with_diana_converges(shakespeare):
 def test_randk_one_percent_with_marina_on_one_batch_converges(shakespeare):
     """MARINA as published: g(x⁺) − g(x) on one minibatch (a second backward pass at the
     previous weights), dense rounds with probability k/d. The differences shrink with the step,
-    so the estimate does not drift (measured 2.64, DIANA 2.56, dense 2.11)."""
+    so the estimate does not drift (measured 2.60, DIANA 2.49, dense 2.11)."""
     run = shakespeare["randk1%+marina"]
     means = [sum(run["losses"][i:i + 30]) / 30 for i in range(0, len(run["losses"]), 30)]
     assert run["diverged"] is None and run["val_loss"] < 2.9
-    assert means[-1] < means[len(means) // 2] < means[0] - 1.0, means
+    assert means[-1] < means[len(means) // 2] < means[0] - 0.5, means
 
 
 def test_randk_one_percent_with_one_pass_marina_learns_then_drifts(shakespeare):
     """The one-pass variant (the previous step's gradient, on another minibatch): every step adds
     ω = 99 Rand-k noise on the difference of two minibatches' gradients, so between dense rounds
     (~100 steps apart) the estimate drifts: the loss falls at first, then the run falls far behind
-    MARINA on one batch (measured 3.92 vs 2.64)."""
+    MARINA on one batch (measured 3.80 vs 2.60)."""
     run, exact = shakespeare["randk1%+marina-one-pass"], shakespeare["randk1%+marina"]
     means = [sum(run["losses"][i:i + 10]) / 10 for i in range(0, len(run["losses"]), 10)]
     assert run["diverged"] is None and min(means) < means[0] - 0.5, means

@@ -515,10 +515,11 @@ def _step_grads(rank: int, step: int) -> dict[str, torch.Tensor]:
 def test_bucketed_and_owner_only_exchanges_equal_per_tensor_aggregation(cls, compressor):
     """Three workers, six steps (two dense warm-up): one `aggregate_many` call per step takes at
     most two collectives and gives every rank the bits of one `aggregate` call per tensor; with
-    owners, each owner gets exactly those bits for its tensors and other ranks get nothing."""
+    owners (each compressing its own share too), each owner gets exactly those bits for its
+    tensors and other ranks get nothing."""
 
     def worker(comm):
-        single, many, owned = (cls(compressor, comm, warmup_steps=2) for _ in range(3))
+        single, many, owned = (cls(compressor, comm, warmup_steps=2, exact_own=False) for _ in range(3))
         steps = []
         for step in range(6):
             grads = _step_grads(comm.rank, step)
@@ -536,6 +537,48 @@ def test_bucketed_and_owner_only_exchanges_equal_per_tensor_aggregation(cls, com
             assert set(got) == set(ref) and all(torch.equal(bits(got[n]), bits(ref[n])) for n in ref)
             assert set(mine) == {n for n in ref if OWNERS[n] == rank}
             assert all(torch.equal(bits(mine[n]), bits(ref[n])) for n in mine)
+
+
+OWN_SIZES, OWN_OWNERS = {"a": 40, "c": 64, "d": 30}, {"a": 0, "c": 2, "d": 0}
+
+
+@pytest.mark.parametrize("cls,compressor", [(Plain, TopK(0.1)), (Plain, RandK(0.1)), (EF21Momentum, TopK(0.1)),
+                                            (EF14, TopK(0.1))])
+def test_owners_use_their_own_share_whole(cls, compressor):
+    """exact_own (the default): each owner's aggregate is the published one with the owner's own
+    message sent uncompressed. Non-owners send what they send with exact_own=False, so their
+    states match that run's, which gives the oracles: Plain (g_o + Σ_{m≠o} C(g_m))/M; EF21
+    (g_o + Σ_{m≠o} u_m)/M; EF14 (g_o + Σ_{m≠o} c_m)/M with c_m = g_m + e_m − e_m⁺, the owner's
+    own residual staying empty. The bytes counted are the same as exact_own=False's."""
+    world, steps = 3, 5
+
+    def worker(comm):
+        own, ref = cls(compressor, comm, warmup_steps=1), cls(compressor, comm, warmup_steps=1, exact_own=False)
+        record = []
+        for step in range(steps):
+            gen = torch.Generator().manual_seed(100 * comm.rank + step)
+            grads = {n: torch.randn(d, generator=gen) for n, d in OWN_SIZES.items()}
+            before = {n: ref._state.get(n, {}).get("e", torch.zeros(d)).clone() for n, d in OWN_SIZES.items()}
+            ref.aggregate_many(grads, step=step, owners=OWN_OWNERS)
+            after = {n: ref._state[n].get("e", torch.zeros(d)) for n, d in OWN_SIZES.items()}
+            sent = {n: {"plain": lambda: compressor.decompress(compressor.compress(
+                            grads[n], step=step, tensor_id=n, rank=comm.rank), OWN_SIZES[n]),
+                        "ef21": lambda: ref._state[n]["u"].clone(),
+                        "ef14": lambda: grads[n] + before[n] - after[n]}[cls.name]() for n in grads}
+            mine = own.aggregate_many(grads, step=step, owners=OWN_OWNERS)
+            own_e = {n: "e" in own._state[n] for n in mine}
+            record.append((grads, sent, mine, own_e))
+        return record, own.counter.uplink.sent, ref.counter.uplink.sent
+
+    results = ThreadGroup(world).run(worker)
+    assert all(own == ref for _, own, ref in results)
+    for step in range(1, steps):  # step 0 is the dense warm-up
+        for n, owner in OWN_OWNERS.items():
+            grads, _, mine, own_e = results[owner][0][step]
+            others = sum(results[m][0][step][1][n] for m in range(world) if m != owner)
+            torch.testing.assert_close(mine[n], (grads[n] + others) / world, rtol=1e-5, atol=1e-6)
+            assert not own_e[n]
+            assert all(n not in results[m][0][step][2] for m in range(world) if m != owner)
 
 
 def test_owner_only_bytes_are_what_the_collectives_move():

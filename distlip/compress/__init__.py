@@ -129,7 +129,8 @@ class CompressionConfig(CompressionSection):
         cls = ESTIMATORS[self.estimator_name]
         options = ({"p": self.marina_p, "same_batch": self.marina_same_batch} if cls is Marina
                    else {"eta": self.ef21_eta} if cls is EF21Momentum else {})
-        uplink = cls(compressor, comm, warmup_steps=self.warmup_steps, seed=self.seed, counter=counter, **options)
+        uplink = cls(compressor, comm, warmup_steps=self.warmup_steps, seed=self.seed, counter=counter,
+                     exact_own=self.exact_own, **options)
         downlink = None
         if self.downlink != "identity":
             down = make_compressor(self.downlink, self.downlink_ratio, seed=self.seed, shared_seed=self.shared_seed)

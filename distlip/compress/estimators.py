@@ -9,10 +9,17 @@ shares). `aggregate_many` runs the three; `aggregate` does it for one tensor.
 
 State is kept per tensor, keyed by name, as flat (d,) tensors in the gradient's dtype, plus
 "step", the last step the tensor was aggregated at (0-d int64; its absence marks a tensor not yet
-seen, whose next round is dense). Fields ending in `_bar` or `_hat` are the shared part: the same on every rank that finishes the
-tensor (every rank, or only its owner when `aggregate_many` is given owners); the others are
-this rank's own. A checkpoint stores `state_dict()` per rank (after a change of world size,
-drop it: the next call re-initialises densely).
+seen, whose next round is dense). Fields ending in `_bar` or `_hat` are the shared part: the same
+on every rank that finishes the tensor (every rank, or only its owner when `aggregate_many` is
+given owners); the others are this rank's own. A checkpoint stores `state_dict()` per rank
+(after a change of world size, drop it: the next call re-initialises densely).
+
+Owners' own shares: with `owners`, a rank's message for a tensor it owns goes to itself and
+never crosses the wire, so (with `exact_own`, the default) the owner uses that share whole: its
+aggregate is what it would be had the owner sent its own message uncompressed, and its own state
+records the whole share (EF21's u = v, EF14's e = 0). On M ranks that leaves (M−1)/M of the
+aggregate compressed, at no cost in bytes. exact_own=False compresses it like every other
+rank's, which is the published estimators exactly (and what `owners=None` gives everywhere).
 
 Dense rounds: the first call for a tensor, every step below `warmup_steps`, and every call
 whose compressor keeps all d coordinates send the estimator's dense message, after which the
@@ -46,13 +53,14 @@ State = dict[str, Tensor]
 
 
 class Estimator:
-    """Base class. Subclasses implement `_prepare` (this rank's message and own state) and
-    `_finish` (the aggregate from the mean message, and the shared state), each for dense and
-    compressed rounds, on flat (d,) tensors.
+    """Base class. Subclasses implement `_to_send` (the vector x this rank would send whole,
+    compressed to its message), `_sent` (this rank's own state, given what went out) and
+    `_finish` (the aggregate from the mean message, and the shared state), on flat (d,) tensors.
 
     compressor: what each rank sends (default Identity); comm: the collectives (default one
     process); warmup_steps: steps below this are dense; seed: for shared random choices
-    other than masks (MARINA's coin); counter: where bytes are recorded (default a new one).
+    other than masks (MARINA's coin); counter: where bytes are recorded (default a new one);
+    exact_own: owners use their own share of their tensors whole (module docstring).
     """
 
     name = ""
@@ -66,6 +74,7 @@ class Estimator:
         warmup_steps: int = 0,
         seed: int = 0,
         counter: ByteCounter | None = None,
+        exact_own: bool = True,
     ) -> None:
         self.compressor = compressor if compressor is not None else Identity()
         check_pair(self, self.compressor)
@@ -73,6 +82,7 @@ class Estimator:
         self.warmup_steps = warmup_steps
         self.seed = seed
         self.counter = counter if counter is not None else ByteCounter()
+        self.exact_own = exact_own
         self._state: dict[str, State] = {}
         self._previous: dict[str, Tensor] = {}
 
@@ -88,13 +98,23 @@ class Estimator:
         """
         names = list(grads)
         dense = {n: self._is_dense(n, grads[n].numel(), step) for n in names}
+        whole = {n: self.exact_own and owners is not None and owners[n] == self.comm.rank and not dense[n]
+                 for n in names}
         self._previous = previous or {}
-        messages = [self._prepare_one(n, grads[n].reshape(-1), step, dense[n]) for n in names]
+        prepared = [self._prepare_one(n, grads[n].reshape(-1), step, dense[n], whole[n]) for n in names]
         self._previous = {}
+        messages = [message for message, _ in prepared]
         means = mean_many(self.comm, messages, [grads[n].numel() for n in names], self.counter,
                           None if owners is None else [owners[n] for n in names])
-        return {n: self._finish(self._state[n], mean, dense[n]).view_as(grads[n])
-                for n, mean in zip(names, means) if mean is not None}
+        out = {}
+        for n, (message, exact), mean in zip(names, prepared, means):
+            if mean is None:
+                continue
+            if exact is not None:  # this rank's own share whole: mean + (x − C(x))/M
+                mean.add_(exact, alpha=1.0 / self.comm.world_size)
+                self.compressor.add_into(mean, message, -1.0 / self.comm.world_size)
+            out[n] = self._finish(self._state[n], mean, dense[n]).view_as(grads[n])
+        return out
 
     def aggregate(self, name: str, grad: Tensor, *, step: int) -> Tensor:
         """The aggregate for one tensor, on every rank (a new tensor shaped like `grad`)."""
@@ -115,11 +135,20 @@ class Estimator:
         return ("step" not in self._state.get(name, {}) or step < self.warmup_steps or self.compressor.keeps_all(d)
                 or self._dense_round(name, step, d))
 
-    def _prepare_one(self, name: str, g: Tensor, step: int, dense: bool) -> Message:
+    def _prepare_one(self, name: str, g: Tensor, step: int, dense: bool, whole: bool) -> tuple[Message, Tensor | None]:
+        """This rank's message for one tensor, and the uncompressed x when `whole` (its own share
+        of a tensor it owns, which its state then records as sent whole)."""
         state = self._state.setdefault(name, {})
-        message = Message(self._prepare_dense(state, g)) if dense else self._prepare(state, g, name, step)
+        exact = None
+        if dense:
+            message = Message(self._prepare_dense(state, g))
+        else:
+            x = self._to_send(state, g, name, step)
+            message = self._compress(x, name, step)
+            exact = x if whole else None
+            self._sent(state, x, Message(x) if whole else message)
         state["step"] = torch.tensor(step)
-        return message
+        return message, exact
 
     def _dense_round(self, name: str, step: int, d: int) -> bool:
         """Whether this step is an extra dense round (MARINA's coin); decided identically on all ranks."""
@@ -129,8 +158,14 @@ class Estimator:
         """What this rank sends whole in a dense round (may alias `g`)."""
         return g
 
-    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
+    def _to_send(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
+        """The vector x this rank compresses in a compressed round (it may update own state that
+        does not depend on what is sent, as one-pass MARINA's g_prev)."""
         raise NotImplementedError
+
+    def _sent(self, state: State, x: Tensor, sent: Message) -> None:
+        """Update this rank's own state after sending `sent` for x: its compressed message, or x
+        whole (a dense Message) for an owner's own share. May consume x when `sent` is compressed."""
 
     def _finish(self, state: State, mean: Tensor, dense: bool) -> Tensor:
         """The aggregate, from the mean over ranks of the decompressed messages."""
@@ -188,8 +223,8 @@ class Plain(Estimator):
 
     name = "plain"
 
-    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
-        return self._compress(g, name, step)
+    def _to_send(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
+        return g
 
 
 class Diana(Estimator):
@@ -210,10 +245,11 @@ class Diana(Estimator):
         state["h"] = g.clone()
         return g
 
-    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
-        message = self._compress(g - state["h"], name, step)
-        self.compressor.add_into(state["h"], message, self._alpha(g.numel()))
-        return message
+    def _to_send(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
+        return g - state["h"]
+
+    def _sent(self, state: State, x: Tensor, sent: Message) -> None:
+        self.compressor.add_into(state["h"], sent, self._alpha(x.numel()))
 
     def _finish(self, state: State, mean: Tensor, dense: bool) -> Tensor:
         if dense:
@@ -261,16 +297,16 @@ class Marina(Estimator):
             state["g_prev"] = g.clone()
         return g
 
-    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
+    def _to_send(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
         if self.same_batch:
             before = self._previous.get(name)
             if before is None:
                 raise ValueError(f"MARINA needs {name!r}'s gradient at the previous weights on this batch "
                                  "(aggregate_many(previous=...)), or same_batch=False")
-            return self._compress(g - before.reshape(-1).to(g.dtype), name, step)
-        message = self._compress(g - state["g_prev"], name, step)
+            return g - before.reshape(-1).to(g.dtype)
+        x = g - state["g_prev"]
         state["g_prev"].copy_(g)
-        return message
+        return x
 
     def _finish(self, state: State, mean: Tensor, dense: bool) -> Tensor:
         return _running_sum(state, "g_hat", mean, dense)
@@ -309,11 +345,11 @@ class EF21Momentum(Estimator):
         state["u"] = v.clone()
         return v
 
-    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
-        v = self._momentum(state, g)
-        message = self._compress(v - state["u"], name, step)
-        self.compressor.add_into(state["u"], message)
-        return message
+    def _to_send(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
+        return self._momentum(state, g) - state["u"]
+
+    def _sent(self, state: State, x: Tensor, sent: Message) -> None:
+        self.compressor.add_into(state["u"], sent)
 
     def _finish(self, state: State, mean: Tensor, dense: bool) -> Tensor:
         return _running_sum(state, "u_bar", mean, dense)
@@ -332,12 +368,15 @@ class EF14(Estimator):
         e = state.pop("e", None)
         return g if e is None else g + e
 
-    def _prepare(self, state: State, g: Tensor, name: str, step: int) -> Message:
+    def _to_send(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
         e = state.get("e")
-        p = g.clone() if e is None else g + e
-        message = self._compress(p, name, step)
-        state["e"] = self.compressor.add_into(p, message, -1.0)
-        return message
+        return g.clone() if e is None else g + e
+
+    def _sent(self, state: State, x: Tensor, sent: Message) -> None:
+        if sent.indices is None:  # x went whole: nothing left over
+            state.pop("e", None)
+        else:
+            state["e"] = self.compressor.add_into(x, sent, -1.0)
 
 
 class Downlink:
