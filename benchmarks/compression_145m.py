@@ -159,8 +159,14 @@ def main() -> None:
         worker(args)
         return
     shapes(args.preset)  # a bad preset fails here, in one line, before any process starts
-    worker_args = [__file__, "--worker", *sys.argv[1:]]
-    if args.results:  # the workers run elsewhere (the slow link's from the repository root)
+    # Spelled out rather than passed through: torchrun's own parser would take `--nproc` for an
+    # ambiguous prefix of its options. The workers run elsewhere (the slow link's from the
+    # repository root), hence the absolute paths.
+    worker_args = [str(Path(__file__).resolve()), "--worker", "--preset", str(Path(args.preset).resolve()),
+                   "--device", args.device, "--steps", str(args.steps)]
+    if args.slow_link:
+        worker_args += ["--slow-link", args.slow_link]
+    if args.results:
         worker_args += ["--results", str(Path(args.results).resolve())]
     if args.slow_link:
         with slow_link(args.slow_link):

@@ -29,7 +29,7 @@ from distlip.compress import (
     validate,
 )
 from distlip.compress.accounting import all_gather_bytes, ring_all_reduce_bytes
-from distlip.compress.compressors import INDEX_BYTES, sample_without_replacement
+from distlip.compress.compressors import FILTER_MIN_D, INDEX_BYTES, sample_without_replacement, top_magnitudes
 from distlip.errors import ConfigError
 
 # Tolerance for Monte-Carlo means, in standard errors (the draws are seeded, so fixed).
@@ -133,6 +133,38 @@ class OnePassMarina(Marina):
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bits of a float tensor, so comparisons see -0.0 and NaN payloads."""
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _magnitude_cases() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    d = 2 * FILTER_MIN_D + 7
+    u, v = torch.randn(512, generator=gen), torch.randn(d // 512, generator=gen)
+    return {
+        "gaussian": torch.randn(d, generator=gen),
+        "bf16 (many ties)": torch.randn(d, generator=gen).to(torch.bfloat16),
+        "rank one, rows alike": torch.cat([torch.outer(u, v).reshape(-1), torch.zeros(d % 512)]),
+        "heavy tail": torch.randn(d, generator=gen) ** 5,
+        "constant": torch.full((d,), 0.5),
+        "mostly zero": torch.zeros(d).index_fill_(0, torch.arange(0, d, 97), 1.0),
+    }
+
+
+@pytest.mark.parametrize("case", list(_magnitude_cases()))
+@pytest.mark.parametrize("ratio", [0.01, 0.1])
+def test_top_magnitudes_picks_what_torch_topk_picks(case, ratio, monkeypatch):
+    """The CPU shortcut (a sampled threshold, then torch.topk over the survivors) keeps k distinct
+    coordinates whose magnitudes are torch.topk's, ties included; on a spread-out input it runs
+    torch.topk on far fewer than d coordinates."""
+    x = _magnitude_cases()[case]
+    d, k = x.numel(), round(ratio * x.numel())
+    want = torch.topk(x.abs(), k, sorted=False).indices
+    sizes, topk = [], torch.topk
+    monkeypatch.setattr(torch, "topk", lambda a, *args, **kw: sizes.append(a.numel()) or topk(a, *args, **kw))
+    got = top_magnitudes(x, k)
+    assert got.numel() == k and got.unique().numel() == k
+    assert torch.equal(x.abs()[got].sort().values, x.abs()[want].sort().values)
+    if case in ("gaussian", "heavy tail"):
+        assert max(sizes) < 3 * k < d
 
 
 def draws(compressor, x, n):

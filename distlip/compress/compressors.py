@@ -248,5 +248,29 @@ class TopK(Compressor):
         return self.k(d) / d
 
     def _select(self, x: Tensor, *, step: int, tensor_id: int | str, rank: int) -> Tensor:
-        return torch.topk(x.abs(), self.k(x.numel()), sorted=False).indices.to(INDEX_DTYPE)
+        return top_magnitudes(x, self.k(x.numel())).to(INDEX_DTYPE)
+
+
+# torch.topk on the CPU costs about 13 ns per coordinate (31 ms for a 768×3072 matrix on one
+# thread). A threshold from a random sample first cuts the input to about 2k candidates, which
+# is 3-4× faster. On GPUs torch.topk is fast, and a candidate count known only on the device
+# would stall the stream, so it runs there as it is.
+FILTER_MIN_D = 1 << 17
+FILTER_SAMPLE = 1 << 16
+
+
+def top_magnitudes(x: Tensor, k: int) -> Tensor:
+    """Indices (int64, in no particular order) of the k largest |x| of a flat (d,) tensor: the
+    set torch.topk picks, up to which of several equal magnitudes at the k-th place are kept."""
+    a = x.abs()
+    d = a.numel()
+    if a.device.type != "cpu" or d < FILTER_MIN_D or 8 * k > d:
+        return torch.topk(a, k, sorted=False).indices
+    # The seed only sets how many candidates pass (≈ 2k ± 6% at any k ≤ d/8), never which win.
+    sample = a[torch.randint(d, (FILTER_SAMPLE,), generator=torch.Generator().manual_seed(d))]
+    threshold = sample.kthvalue(FILTER_SAMPLE - 2 * k * FILTER_SAMPLE // d).values
+    candidates = (a >= threshold).nonzero().squeeze(1)
+    if candidates.numel() < k:  # a sample far off the tail: no shortcut
+        return torch.topk(a, k, sorted=False).indices
+    return candidates[torch.topk(a[candidates], k, sorted=False).indices]
 
