@@ -159,6 +159,9 @@ def main() -> None:
         worker(args)
         return
     shapes(args.preset)  # a bad preset fails here, in one line, before any process starts
+    if args.device == "cuda" and args.nproc > torch.cuda.device_count():
+        raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs (NCCL allows one process per GPU), "
+                         f"{torch.cuda.device_count()} visible: lower --nproc (1 times the codec alone)")
     # Spelled out rather than passed through: torchrun's own parser would take `--nproc` for an
     # ambiguous prefix of its options. The workers run elsewhere (the slow link's from the
     # repository root), hence the absolute paths.

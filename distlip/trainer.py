@@ -41,6 +41,11 @@ def select_device(cfg: Config, local_rank: int = 0) -> torch.device:
     if cfg.train.dtype == "bfloat16" and want == "cpu":
         raise ConfigError("train.dtype=bfloat16 runs on GPUs only here (CPU bf16 autocast is slow and "
                           "inexact for this model); use train.dtype=float32 on CPU")
+    if want == "cuda" and local_rank >= torch.cuda.device_count():
+        # NCCL refuses two ranks on one GPU, and a missing ordinal fails deep inside CUDA.
+        raise ConfigError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
+                          "NCCL needs one GPU per process; launch at most that many processes per node, "
+                          "or set train.device=cpu")
     return torch.device(want, local_rank) if want == "cuda" else torch.device(want)
 
 

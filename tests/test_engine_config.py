@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from distlip.config import load_config
 from distlip.engine import DistEnv, apply_launcher_zero_stage, check_distributed, deepspeed_config
@@ -36,6 +37,16 @@ def test_adamw_baseline_is_single_process():
 def test_bf16_on_cpu_is_refused():
     with pytest.raises(ConfigError, match="bfloat16"):
         select_device(cfg("train.dtype=bfloat16", "train.device=cpu"))
+
+
+def test_more_ranks_than_gpus_is_refused(monkeypatch):
+    """One GPU visible, two processes on the node: the second rank is refused in one line
+    (NCCL would fail on a duplicate device, or CUDA on a missing ordinal)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert select_device(cfg("train.device=cuda"), local_rank=0) == torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match="local rank 1 has no GPU of its own .1 visible.*one GPU per process"):
+        select_device(cfg("train.device=cuda"), local_rank=1)
 
 
 def test_generated_deepspeed_config_matches_the_typed_config():
