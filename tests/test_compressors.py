@@ -152,9 +152,10 @@ def _magnitude_cases() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("case", list(_magnitude_cases()))
 @pytest.mark.parametrize("ratio", [0.01, 0.1])
 def test_top_magnitudes_picks_what_torch_topk_picks(case, ratio, monkeypatch):
-    """The CPU shortcut (a sampled threshold, then torch.topk over the survivors) keeps k distinct
-    coordinates whose magnitudes are torch.topk's, ties included; on a spread-out input it runs
-    torch.topk on far fewer than d coordinates."""
+    """The CPU shortcut (a sampled threshold, then torch.topk over the survivors, or the threshold's
+    ties when fewer than k survive) keeps k distinct coordinates whose magnitudes are torch.topk's,
+    ties included, and never runs torch.topk on more than a few k coordinates, even when most of
+    the input is zero or equal."""
     x = _magnitude_cases()[case]
     d, k = x.numel(), round(ratio * x.numel())
     want = torch.topk(x.abs(), k, sorted=False).indices
@@ -163,8 +164,7 @@ def test_top_magnitudes_picks_what_torch_topk_picks(case, ratio, monkeypatch):
     got = top_magnitudes(x, k)
     assert got.numel() == k and got.unique().numel() == k
     assert torch.equal(x.abs()[got].sort().values, x.abs()[want].sort().values)
-    if case in ("gaussian", "heavy tail"):
-        assert max(sizes) < 3 * k < d
+    assert max(sizes, default=0) < 3 * k < d
 
 
 def draws(compressor, x, n):

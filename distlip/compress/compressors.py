@@ -269,8 +269,13 @@ def top_magnitudes(x: Tensor, k: int) -> Tensor:
     # The seed only sets how many candidates pass (≈ 2k ± 6% at any k ≤ d/8), never which win.
     sample = a[torch.randint(d, (FILTER_SAMPLE,), generator=torch.Generator().manual_seed(d))]
     threshold = sample.kthvalue(FILTER_SAMPLE - 2 * k * FILTER_SAMPLE // d).values
-    candidates = (a >= threshold).nonzero().squeeze(1)
-    if candidates.numel() < k:  # a sample far off the tail: no shortcut
+    above = (a > threshold).nonzero().squeeze(1)
+    if above.numel() >= k:
+        return above[torch.topk(a[above], k, sorted=False).indices]
+    # Fewer than k above it: the threshold is the k-th magnitude itself (a sparse or tied input,
+    # say), and any of its ties complete the set, or the sample missed the tail.
+    ties = (a == threshold).nonzero().squeeze(1)
+    if above.numel() + ties.numel() < k:
         return torch.topk(a, k, sorted=False).indices
-    return candidates[torch.topk(a[candidates], k, sorted=False).indices]
+    return torch.cat([above, ties[:k - above.numel()]])
 
