@@ -55,6 +55,7 @@ METHODS = {
     "randk 1% + plain (allow_plain)": method("randk", "plain", 0.01, "compression.allow_plain=true"),
 }
 ALONE = "one rank alone (half the batch, nothing sent)"  # one process, no compression keys
+ALL_ROWS = [*METHODS, ALONE]
 SLOW_LINK_METHODS = ["dense", "topk 1% + ef21", "topk 1% + ef21, downlink topk 1%"]
 SLOW_LINK_COLUMNS = [("method", "{}"), ("uplink B/step", "{:,.0f}"), ("downlink B/step", "{:,.0f}"),
                      ("comm ms/step", "{:.1f}"), ("step ms", "{:.1f}"), ("tokens/s", "{:,.0f}")]
@@ -111,7 +112,7 @@ def plot(curves: dict[str, list[tuple[float, float]]], alone: float | None, path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--methods", nargs="*", default=[*METHODS, ALONE], help="a subset of the method names")
+    ap.add_argument("--methods", nargs="*", default=ALL_ROWS, help="a subset of the method names")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides for every run, e.g. model.d_model=256")
     ap.add_argument("--text", default=str(TINY_SHAKESPEARE), help="benchmark text (char-rnn tinyshakespeare)")
     ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "compression_loss_vs_bytes.png"))
@@ -134,8 +135,9 @@ def main() -> None:
             if name == ALONE:
                 records = train(Path(tmp) / "run", "configs/shakespeare.yaml",
                                 base + [f"train.batch_size={BATCH // 2}"], nproc=1)
-                alone = final(records)["val_loss"]
-                rows.append({"method": name, "val loss": alone, "certified": final(records)["certified"]})
+                end = final(records)
+                alone = end["val_loss"]
+                rows.append({"method": name, "val loss": alone, "certified": end["certified"]})
             else:
                 records = train(Path(tmp) / "run", "configs/shakespeare.yaml", base + METHODS[name], nproc=2,
                                 port=29700 + i)
@@ -190,7 +192,7 @@ def shown(path: Path) -> Path:
 
 def append_results(path: Path, text: str, args: argparse.Namespace) -> None:
     command = f"python benchmarks/compression.py --steps {args.steps}"
-    if args.methods != [*METHODS, ALONE]:
+    if args.methods != ALL_ROWS:
         command += " --methods " + " ".join(f"'{m}'" for m in args.methods)
     if args.set:
         command += " --set " + " ".join(args.set)
