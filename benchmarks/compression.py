@@ -27,8 +27,7 @@ from pathlib import Path
 from common import ROOT, TINY_SHAKESPEARE, final, provenance, table, train
 from slow_link import slow_link, train_two_nodes
 
-BATCH = 32
-MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", f"train.batch_size={BATCH}",
+MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", "train.batch_size=32",
          "optim.lr=0.5", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=2.0",
          "train.certify_every=10", "train.threads=1", "compression.warmup_steps=2"]
 
@@ -39,13 +38,18 @@ def method(compressor: str, estimator: str, ratio: float, *extra: str) -> list[s
 
 
 EF21_MOMENTUM = "compression.ef21_eta=0.1"  # EF21 compresses the momentum (β = 0.9); Muon adds none
+SENT_SLOW = "compression.ef21_eta_sent=0.01"  # the shares sent compressed follow a slower momentum
 METHODS = {
     "dense": ["compression.estimator=dense"],
-    "topk 10% + ef21": method("topk", "ef21", 0.1, EF21_MOMENTUM),
-    "topk 1% + ef21": method("topk", "ef21", 0.01, EF21_MOMENTUM),
-    "topk 1% + ef21, own share compressed": method("topk", "ef21", 0.01, EF21_MOMENTUM, "compression.exact_own=false"),
-    "topk 1% + ef21, downlink topk 1%": method("topk", "ef21", 0.01, EF21_MOMENTUM, "compression.downlink=topk",
-                                               "compression.downlink_ratio=0.01"),
+    # The exchange at ratio 1.0 is dense, but the shares sent follow η 0.01: what two momenta do without compression.
+    "dense, two momenta (ef21 ratio 1.0, η_sent 0.01)": method("topk", "ef21", 1.0, EF21_MOMENTUM, SENT_SLOW),
+    "topk 10% + ef21": method("topk", "ef21", 0.1, EF21_MOMENTUM, SENT_SLOW),
+    "topk 1% + ef21": method("topk", "ef21", 0.01, EF21_MOMENTUM, SENT_SLOW),
+    "topk 1% + ef21, one η (0.1)": method("topk", "ef21", 0.01, EF21_MOMENTUM),
+    "topk 1% + ef21, one η, own share compressed": method("topk", "ef21", 0.01, EF21_MOMENTUM,
+                                                          "compression.exact_own=false"),
+    "topk 1% + ef21, downlink topk 1%": method("topk", "ef21", 0.01, EF21_MOMENTUM, SENT_SLOW,
+                                               "compression.downlink=topk", "compression.downlink_ratio=0.01"),
     "topk 1% + ef14": method("topk", "ef14", 0.01),
     "randk 10% + diana": method("randk", "diana", 0.1),
     "randk 1% + diana": method("randk", "diana", 0.01),
@@ -62,6 +66,11 @@ SLOW_LINK_COLUMNS = [("method", "{}"), ("uplink B/step", "{:,.0f}"), ("downlink 
 COLUMNS = [("method", "{}"), ("uplink B/step", "{:,.0f}"), ("downlink B/step", "{:,.0f}"),
            ("uplink total MB", "{:.2f}"), ("uplink ÷", "{:.1f}"), ("codec ms/step", "{:.2f}"),
            ("collective ms/step", "{:.1f}"), ("step ms", "{:.1f}"), ("val loss", "{:.4f}")]
+
+
+def half_batch(overrides: list[str]) -> int:
+    """One rank's share of the 2-process batch: half the last `train.batch_size` override (`--set` wins)."""
+    return int([o for o in overrides if o.startswith("train.batch_size=")][-1].split("=", 1)[1]) // 2
 
 
 def step_ms(record: dict) -> float:
@@ -134,7 +143,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if name == ALONE:
                 records = train(Path(tmp) / "run", "configs/shakespeare.yaml",
-                                base + [f"train.batch_size={BATCH // 2}"], nproc=1)
+                                base + [f"train.batch_size={half_batch(base)}"], nproc=1)
                 end = final(records)
                 alone = end["val_loss"]
                 rows.append({"method": name, "val loss": alone, "certified": end["certified"]})

@@ -143,6 +143,9 @@ class CompressionConfig:
       published method), or against the previous step's gradient in one pass (false: it drifts).
     ef21_eta: EF21's momentum weight η; below 1 the estimator's momentum replaces Muon's
       (β = 1 − η; 0.1 with Top-k at 1–10%).
+    ef21_eta_sent: η of the momentum a rank compresses and sends (every share but an owner's
+      own, which keeps ef21_eta); None: ef21_eta. EF21 tracks a slower momentum far better
+      (0.01 with Top-k 1%; docs/compression.md). Needs ef21_eta < 1.
     allow_plain: run the plain estimator where it is known to fail (scaled Rand-k < 10%, Top-k).
     exact_own: each tensor's owner uses its own share of the aggregate uncompressed (it never
       crosses the wire: same bytes, (M−1)/M of the aggregate compressed on M ranks); false
@@ -159,6 +162,7 @@ class CompressionConfig:
     marina_p: float | None = None
     marina_same_batch: bool = True
     ef21_eta: float = 1.0
+    ef21_eta_sent: float | None = None
     allow_plain: bool = False
     exact_own: bool = True
     downlink: str = "identity"
@@ -393,6 +397,9 @@ def validate_compression(cfg: Config) -> None:
     _require(not c.enabled or cfg.optim.name == "muon",
              "compression applies to distlip's sharded Muon path (matrices and the colnorm embedding); "
              "use optim.name=muon, or leave compression.compressor=identity")
+    _require(c.ef21_eta_sent is None or block.estimator_name == "ef21",
+             f"compression.ef21_eta_sent applies to the ef21 estimator, not {block.estimator_name}; "
+             "drop it or set compression.estimator=ef21")
     _require(not (c.enabled and block.estimator_name == "ef21" and c.ef21_eta < 1 and cfg.optim.nesterov),
              f"compression.ef21_eta={c.ef21_eta} makes EF21 carry the momentum (β = 1 − η) and Muon then steps "
              "without its own, which the Nesterov form cannot express; set optim.nesterov=false or "

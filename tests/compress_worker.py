@@ -49,8 +49,11 @@ CERTIFIED = {
 }
 
 
-# Resumed mid-run: the certified pairs, and MARINA on one batch (its previous weights are state).
-RESUMED = {**CERTIFIED, "randk5%+marina": family("randk", "marina", 0.05)}
+# Resumed mid-run: the certified pairs, MARINA on one batch (its previous weights are state), and EF21
+# with two momenta (each v follows the η of its share).
+RESUMED = {**CERTIFIED, "randk5%+marina": family("randk", "marina", 0.05),
+           "topk5%+ef21-two-momenta": family("topk", "ef21", 0.05) + ["compression.ef21_eta=0.1",
+                                                                        "compression.ef21_eta_sent=0.01"]}
 # MARINA's second pass holds DeepSpeed's embedding fixed: after the first compressed step (1) the
 # embedding must be what DIANA's run gives, since both took the same dense step 0.
 ZERO1_MARINA = {name: ZERO1 + family("randk", name, 0.05) for name in ("marina", "diana")}
@@ -126,8 +129,10 @@ SHAKESPEARE = ["train.progress=false", "train.tensorboard=false", "model.d_model
 EVAL_WINDOWS = 1024  # a fixed, evenly spaced sample of the validation split: 65,536 tokens
 METHODS = {
     "dense": ["compression.estimator=dense"],
-    # EF21 compresses the momentum (η = 1 − β = 0.1; Muon adds none); each owner uses its own share whole.
-    "topk1%+ef21": family("topk", "ef21", 0.01) + ["compression.ef21_eta=0.1"],
+    # EF21 compresses the momentum (η = 1 − β = 0.1; Muon adds none); each owner uses its own share whole,
+    # and the shares sent compressed follow a slower momentum (η 0.01), which Top-k tracks far better.
+    "topk1%+ef21": family("topk", "ef21", 0.01) + ["compression.ef21_eta=0.1", "compression.ef21_eta_sent=0.01"],
+    "topk1%+ef21-one-eta": family("topk", "ef21", 0.01) + ["compression.ef21_eta=0.1"],
     "topk1%+ef21-published": family("topk", "ef21", 0.01) + ["compression.ef21_eta=0.1", "compression.exact_own=false"],
     "randk1%+diana": family("randk", "diana", 0.01),
     "randk1%+marina": family("randk", "marina", 0.01),  # on one batch: a second backward pass

@@ -14,9 +14,10 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 def test_defaults_are_off_and_overrides_are_typed():
     assert not Config().compression.enabled
     cfg = load_config(SMOKE, ["compression.compressor=topk", "compression.ratio=0.01", "compression.ef21_eta=0.1",
-                              "compression.downlink=topk", "compression.downlink_ratio=0.05"])
+                              "compression.ef21_eta_sent=0.01", "compression.downlink=topk",
+                              "compression.downlink_ratio=0.05"])
     c = cfg.compression
-    assert c.enabled and c.ratio == 0.01 and c.estimator is None and c.marina_p is None
+    assert c.enabled and c.ratio == 0.01 and c.estimator is None and c.marina_p is None and c.ef21_eta_sent == 0.01
     assert config_from_dict(cfg.to_dict()).compression == c  # round trip through a run's config.json
     assert load_config(SMOKE, ["compression.estimator=dense"]).compression.enabled  # dense all-reduce, counted
     assert load_config(SMOKE, ["compression.compressor=randk", "compression.ratio=0.1",
@@ -37,6 +38,11 @@ def test_defaults_are_off_and_overrides_are_typed():
     (["compression.compressor=topk", "compression.ratio=0.01", "compression.ef21_eta=0.1", "optim.nesterov=true"],
      "Nesterov"),
     (["compression.compressor=topk", "compression.ratio=0.01", "optim.name=adamw"], "use optim.name=muon"),
+    (["compression.compressor=topk", "compression.ef21_eta_sent=0.01"], "needs ef21_eta < 1"),
+    (["compression.compressor=topk", "compression.ef21_eta=0.1", "compression.ef21_eta_sent=1.5"],
+     r"ef21_eta_sent must be in \(0, 1\]"),
+    (["compression.compressor=randk", "compression.ratio=0.1", "compression.ef21_eta_sent=0.01"],
+     "applies to the ef21 estimator, not diana"),
     (["compression.ratio=0.5"], "identity.*ratio 1.0"),
 ])
 def test_bad_compression_config_is_one_clear_error(overrides, fragment):

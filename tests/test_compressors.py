@@ -613,6 +613,40 @@ def test_owners_use_their_own_share_whole(cls, compressor):
             assert all(n not in results[m][0][step][2] for m in range(world) if m != owner)
 
 
+def test_ef21_sent_shares_follow_their_own_momentum():
+    """eta_sent: the shares that go out compressed follow v ← (1−η_sent)v + η_sent·g and the owner's
+    own share v ← (1−η)v + η·g, both from the first (dense) gradient; the owner's aggregate is
+    (v_o + Σ_{m≠o} u_m)/M, u_m tracking the slow v_m by Top-k (oracle: the EMAs recomputed here)."""
+    world, steps, eta, eta_sent = 3, 5, 0.5, 0.1
+
+    def worker(comm):
+        est = EF21Momentum(TopK(0.1), comm, warmup_steps=1, eta=eta, eta_sent=eta_sent)
+        record = []
+        for step in range(steps):
+            gen = torch.Generator().manual_seed(100 * comm.rank + step)
+            grads = {n: torch.randn(d, generator=gen) for n, d in OWN_SIZES.items()}
+            mine = est.aggregate_many(grads, step=step, owners=OWN_OWNERS)
+            record.append((grads, {n: (st["v"].clone(), st["u"].clone()) for n, st in est._state.items()}, mine))
+        return record
+
+    results = ThreadGroup(world).run(worker)
+    ema = {}
+    for m in range(world):
+        for n, owner in OWN_OWNERS.items():
+            rate, v = eta if m == owner else eta_sent, None
+            for step in range(steps):
+                g = results[m][step][0][n]
+                v = g.clone() if v is None else v.lerp(g, rate)
+                ema[m, n, step] = v
+                torch.testing.assert_close(results[m][step][1][n][0], v)
+    for step in range(1, steps):
+        for n, owner in OWN_OWNERS.items():
+            others = sum(results[m][step][1][n][1] for m in range(world) if m != owner)
+            torch.testing.assert_close(results[owner][step][2][n], (ema[owner, n, step] + others) / world,
+                                       rtol=1e-5, atol=1e-6)
+            assert not torch.equal(others, sum(ema[m, n, step] for m in range(world) if m != owner))  # compressed
+
+
 def test_owner_only_bytes_are_what_the_collectives_move():
     """Dense messages by reduce-scatter (or by all-reduce where the reduce-scatter's padding would
     cost more), sparse ones by all-to-all: the counter matches the bytes really sent and received,

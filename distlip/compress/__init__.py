@@ -128,7 +128,7 @@ class CompressionConfig(CompressionSection):
         compressor = make_compressor(self.compressor, self.ratio, seed=self.seed, shared_seed=self.shared_seed)
         cls = ESTIMATORS[self.estimator_name]
         options = ({"p": self.marina_p, "same_batch": self.marina_same_batch} if cls is Marina
-                   else {"eta": self.ef21_eta} if cls is EF21Momentum else {})
+                   else {"eta": self.ef21_eta, "eta_sent": self.ef21_eta_sent} if cls is EF21Momentum else {})
         uplink = cls(compressor, comm, warmup_steps=self.warmup_steps, seed=self.seed, counter=counter,
                      exact_own=self.exact_own, **options)
         downlink = None

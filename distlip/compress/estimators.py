@@ -85,6 +85,7 @@ class Estimator:
         self.exact_own = exact_own
         self._state: dict[str, State] = {}
         self._previous: dict[str, Tensor] = {}
+        self._own: set[str] = set()  # this call's tensors whose share this rank uses whole (exact_own owners)
 
     def aggregate_many(self, grads: dict[str, Tensor], *, step: int, owners: dict[str, int] | None = None,
                        previous: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -98,10 +99,10 @@ class Estimator:
         """
         names = list(grads)
         dense = {n: self._is_dense(n, grads[n].numel(), step) for n in names}
-        whole = {n: self.exact_own and owners is not None and owners[n] == self.comm.rank and not dense[n]
-                 for n in names}
+        self._own = {n for n in names if self.exact_own and owners is not None and owners[n] == self.comm.rank}
         self._previous = previous or {}
-        prepared = [self._prepare_one(n, grads[n].reshape(-1), step, dense[n], whole[n]) for n in names]
+        prepared = [self._prepare_one(n, grads[n].reshape(-1), step, dense[n], n in self._own and not dense[n])
+                    for n in names]
         self._previous = {}
         messages = [message for message, _ in prepared]
         means = mean_many(self.comm, messages, [grads[n].numel() for n in names], self.counter,
@@ -141,7 +142,7 @@ class Estimator:
         state = self._state.setdefault(name, {})
         exact = None
         if dense:
-            message = Message(self._prepare_dense(state, g))
+            message = Message(self._prepare_dense(state, g, name))
         else:
             x = self._to_send(state, g, name, step)
             message = self._compress(x, name, step)
@@ -154,7 +155,7 @@ class Estimator:
         """Whether this step is an extra dense round (MARINA's coin); decided identically on all ranks."""
         return False
 
-    def _prepare_dense(self, state: State, g: Tensor) -> Tensor:
+    def _prepare_dense(self, state: State, g: Tensor, name: str) -> Tensor:
         """What this rank sends whole in a dense round (may alias `g`)."""
         return g
 
@@ -241,7 +242,7 @@ class Diana(Estimator):
     def _alpha(self, d: int) -> float:
         return 1.0 / (self.compressor.omega(d) + 1.0)
 
-    def _prepare_dense(self, state: State, g: Tensor) -> Tensor:
+    def _prepare_dense(self, state: State, g: Tensor, name: str) -> Tensor:
         state["h"] = g.clone()
         return g
 
@@ -292,7 +293,7 @@ class Marina(Estimator):
         p = self.p if self.p is not None else self.compressor.k(d) / d
         return random.Random(stream_seed(self.seed, step, name, "marina")).random() < p
 
-    def _prepare_dense(self, state: State, g: Tensor) -> Tensor:
+    def _prepare_dense(self, state: State, g: Tensor, name: str) -> Tensor:
         if not self.same_batch:
             state["g_prev"] = g.clone()
         return g
@@ -319,34 +320,47 @@ class EF21Momentum(Estimator):
     optimiser's own momentum then applies to ū. With η < 1 ū is already an EMA momentum
     (β = 1 − η): compress momentum, and do not apply momentum to ū again. v starts at the
     first gradient. State: v (η < 1 only), u (this rank's), u_bar (the mean of the u_m).
+
+    eta_sent (default η): the η of the shares that go out compressed, every share but an
+    exact_own owner's own. u_m follows v_m with an error of about ‖Δv_m‖(1−δ)/δ for a
+    compressor keeping a share δ of the energy, and ‖Δv_m‖ scales with η: a slower momentum
+    is tracked far better, at the cost of lag, which the owner's own share (fresh at η) offsets.
     """
 
     name = "ef21"
     requires = "contractive"
 
-    def __init__(self, compressor: Compressor | None = None, comm: Comm | None = None, *, eta: float = 1.0, **kw):
+    def __init__(self, compressor: Compressor | None = None, comm: Comm | None = None, *, eta: float = 1.0,
+                 eta_sent: float | None = None, **kw):
         super().__init__(compressor, comm, **kw)
-        if not 0.0 < eta <= 1.0:
-            raise ConfigError(f"ef21_eta must be in (0, 1], got {eta!r}: use 1.0 for plain EF21")
-        self.eta = eta
+        eta_sent = eta if eta_sent is None else eta_sent
+        for key, value, fix in (("ef21_eta", eta, "use 1.0 for plain EF21"),
+                                ("ef21_eta_sent", eta_sent, "e.g. 0.01, or leave it unset for ef21_eta")):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"{key} must be in (0, 1], got {value!r}: {fix}")
+        if eta == 1.0 and eta_sent != 1.0:
+            raise ConfigError(f"ef21_eta_sent={eta_sent} needs ef21_eta < 1: at ef21_eta = 1 Muon's momentum "
+                              "smooths the aggregate again; set ef21_eta (e.g. 0.1) or drop ef21_eta_sent")
+        self.eta, self.eta_sent = eta, eta_sent
 
-    def _momentum(self, state: State, g: Tensor) -> Tensor:
-        if self.eta == 1.0:
+    def _momentum(self, state: State, g: Tensor, name: str) -> Tensor:
+        eta = self.eta if name in self._own else self.eta_sent
+        if eta == 1.0:
             return g
         v = state.get("v")
         if v is None:
             state["v"] = v = g.clone()
         else:
-            v.lerp_(g, self.eta)
+            v.lerp_(g, eta)
         return v
 
-    def _prepare_dense(self, state: State, g: Tensor) -> Tensor:
-        v = self._momentum(state, g)
+    def _prepare_dense(self, state: State, g: Tensor, name: str) -> Tensor:
+        v = self._momentum(state, g, name)
         state["u"] = v.clone()
         return v
 
     def _to_send(self, state: State, g: Tensor, name: str, step: int) -> Tensor:
-        return self._momentum(state, g) - state["u"]
+        return self._momentum(state, g, name) - state["u"]
 
     def _sent(self, state: State, x: Tensor, sent: Message) -> None:
         self.compressor.add_into(state["u"], sent)
@@ -364,7 +378,7 @@ class EF14(Estimator):
     name = "ef14"
     requires = "contractive"
 
-    def _prepare_dense(self, state: State, g: Tensor) -> Tensor:
+    def _prepare_dense(self, state: State, g: Tensor, name: str) -> Tensor:
         e = state.pop("e", None)
         return g if e is None else g + e
 
