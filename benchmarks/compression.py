@@ -27,6 +27,9 @@ from pathlib import Path
 from common import ROOT, TINY_SHAKESPEARE, final, provenance, table, train
 from slow_link import slow_link, train_two_nodes
 
+from distlip.config import load_config
+
+CONFIG = "configs/shakespeare.yaml"
 MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", "train.batch_size=32",
          "optim.lr=0.5", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=2.0",
          "train.certify_every=10", "train.threads=1", "compression.warmup_steps=2"]
@@ -69,8 +72,8 @@ COLUMNS = [("method", "{}"), ("uplink B/step", "{:,.0f}"), ("downlink B/step", "
 
 
 def half_batch(overrides: list[str]) -> int:
-    """One rank's share of the 2-process batch: half the last `train.batch_size` override (`--set` wins)."""
-    return int([o for o in overrides if o.startswith("train.batch_size=")][-1].split("=", 1)[1]) // 2
+    """One rank's share of the 2-process batch that `overrides` (`--set` included) configure."""
+    return load_config(ROOT / CONFIG, overrides).train.batch_size // 2
 
 
 def step_ms(record: dict) -> float:
@@ -142,13 +145,13 @@ def main() -> None:
     for i, name in enumerate(args.methods):
         with tempfile.TemporaryDirectory() as tmp:
             if name == ALONE:
-                records = train(Path(tmp) / "run", "configs/shakespeare.yaml",
+                records = train(Path(tmp) / "run", CONFIG,
                                 base + [f"train.batch_size={half_batch(base)}"], nproc=1)
                 end = final(records)
                 alone = end["val_loss"]
                 rows.append({"method": name, "val loss": alone, "certified": end["certified"]})
             else:
-                records = train(Path(tmp) / "run", "configs/shakespeare.yaml", base + METHODS[name], nproc=2,
+                records = train(Path(tmp) / "run", CONFIG, base + METHODS[name], nproc=2,
                                 port=29700 + i)
                 row, curves[name] = summarise(name, records)
                 rows.append(row)
@@ -169,7 +172,7 @@ def time_slow_link(args: argparse.Namespace, base: list[str]) -> None:
     with slow_link(args.rate):
         for name in SLOW_LINK_METHODS:
             with tempfile.TemporaryDirectory() as tmp:
-                records = train_two_nodes(Path(tmp) / "run", "configs/shakespeare.yaml", base + METHODS[name])
+                records = train_two_nodes(Path(tmp) / "run", CONFIG, base + METHODS[name])
             steady = [r for r in records if "uplink_bytes_total" in r][1:]
             mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
             rows.append({"method": name, "uplink B/step": mean("uplink_bytes"), "downlink B/step": mean("downlink_bytes"),
