@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from distlip.errors import CheckpointError, ConfigError
+from distlip.model import block_key, matrix_of
 from distlip.newton_schulz import msign, odd_polynomial
 
 METHODS = (
@@ -357,7 +358,7 @@ class Constrainer:
         """The RMS→RMS cap for parameter ``name``."""
         if isinstance(self._caps, float):
             return self._caps
-        name = name.split("[", 1)[0]  # a row block `name[h]` has its matrix's cap
+        name = matrix_of(name)  # a row block has its matrix's cap
         if name in self._caps:
             return self._caps[name]
         for pattern, cap in self._caps.items():
@@ -402,7 +403,7 @@ class Constrainer:
             W = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)
             mus = [unit_mus.get(n) for n in names]
             out.update(zip(names, self._apply_group(names, W, lr, mus).unbind(0)))
-        return {name: (torch.cat([out[f"{name}[{h}]"] for h in range(self.row_blocks[name])])
+        return {name: (torch.cat([out[block_key(name, h)] for h in range(self.row_blocks[name])])
                        if name in self.row_blocks else out[name]) for name in named}
 
     def _split_blocks(
@@ -423,7 +424,7 @@ class Constrainer:
             mu = update_norms.get(name)
             mu = None if mu is None else mu * math.sqrt(H)
             for h, block in enumerate(W.chunk(H, dim=0)):
-                units[f"{name}[{h}]"], mus[f"{name}[{h}]"] = block, mu
+                units[block_key(name, h)], mus[block_key(name, h)] = block, mu
         return units, mus
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -496,7 +497,7 @@ class Constrainer:
         slack = [(self.sigma_max_for(n) - c) * (1.0 - lam_eta) for n, c in zip(names, cap_list)]
         # A head block's √H·μ can exceed the coupling's range where the whole matrix's μ does not:
         # such a block is measured instead (σ̄ from above), as without an update bound.
-        mus = [None if mu is not None and "[" in n and mu + d > SOFT_CAP_MAX_MU * c else mu
+        mus = [None if mu is not None and matrix_of(n) != n and mu + d > SOFT_CAP_MAX_MU * c else mu
                for n, mu, d, c in zip(names, mus, slack, cap_list)]
         if all(mu is not None for mu in mus):
             alphas = [soft_cap_alpha(c, mu + d, lam_eta) for c, mu, d in zip(cap_list, mus, slack)]
@@ -521,8 +522,8 @@ class Constrainer:
     def _warn_fallback(self, name: str) -> None:
         if not self._warned_fallback:
             warnings.warn(
-                f"soft cap without an update bound: {name!r} has σ₁ beyond "
-                f"{1 + SOFT_CAP_MAX_MU}·sigma_max, using the hard cap for such matrices "
+                f"soft cap without an update bound in the coupling's range: {name!r} has σ₁ beyond "
+                f"{1 + SOFT_CAP_MAX_MU}·its cap, using the hard cap for such matrices "
                 "(warned once)"
             )
             self._warned_fallback = True

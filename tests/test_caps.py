@@ -119,3 +119,18 @@ def test_saved_configs_from_before_per_group_caps_load_as_whole_matrix_caps():
     c["head_sigma_max"] = 0.5
     cfg = config_from_dict(data)
     assert cfg.constraint.per_head is False and group_caps(cfg.constraint)["head"] == 0.5
+
+
+def test_certify_prints_group_caps_and_a_row_per_head_block(tmp_path, capsys):
+    from distlip.cli import main as cli
+    from distlip.export import save_model
+    trainer = make_trainer(tmp_path / "run", "constraint.method=hard_cap", "constraint.caps={qk: 1.5, head: 0.5}")
+    trainer.train_step()
+    save_model(tmp_path / "model", weights(trainer), trainer.cfg, trainer.data.tokenizer)
+    assert cli(["certify", str(tmp_path / "model")]) == 0
+    out = capsys.readouterr().out
+    assert "caps: embed 1  qk 1.5  v 1  o 1  mlp_in 1  mlp_out 1  head 0.5  (per head: yes)" in out
+    for h in range(4):
+        assert f"blocks.1.attn.k.weight[{h}]" in out
+    cert, _ = certify_weights(weights(trainer), trainer.cfg)
+    assert out.splitlines()[-1] == f"lipschitz_bound: {cert.bound:.6g}"
