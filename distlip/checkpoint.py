@@ -15,8 +15,8 @@ never unpickles objects)::
     momentum     {name: fp32 tensor}   Muon / column-normalised momentum of those tensors
     adam         {name: {"step": 0-dim, "exp_avg", "exp_avg_sq"}}   full Adam state (the embedding
                  under optim.embed=adam, every parameter under the AdamW baseline)
-    constraint   {name: (d_in,) fp32}  the constrainer's power-iteration vectors, owned names
-    sigma        {name: (d_in,) fp32}  the certificate estimator's vectors, owned names
+    constraint   {name: (d_in,) fp32}  the constrainer's power-iteration vectors, owned names (head blocks `name[h]`)
+    sigma        {name: (d_in,) fp32}  the certificate estimator's vectors, owned names (head blocks `name[h]`)
     data         this rank's data-pipeline state at the step boundary
     rng          {"torch": uint8 tensor, "cuda": uint8 tensor (GPU runs)}
     compression  this rank's compression state (only when the engine has one)

@@ -51,7 +51,7 @@ class ConstraintConfig:
     spectral_wd: float = 0.0  # λ for spectral_weight_decay (not multiplied by lr)
     margin: float = 1.05  # safety factor on Muon's update-norm bound for the soft-cap coupling
     power_iters: int = 3  # warm-started power iterations per step
-    embed_cap: bool = True  # token vectors capped to RMS ≤ 1
+    embed_cap: bool = True  # token vectors capped to RMS ≤ caps.embed (default 1)
 
 
 @dataclass

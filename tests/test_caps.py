@@ -84,6 +84,11 @@ def test_target_bound_with_a_method_that_gives_no_guarantee_is_refused(method, e
         load_config(SMOKE, [f"constraint.method={method}", "constraint.target_bound=5", *extra])
 
 
+def test_target_bound_without_the_embedding_cap_is_refused():
+    with pytest.raises(ConfigError, match="needs constraint.embed_cap=true"):
+        load_config(SMOKE, ["constraint.method=hard_cap", "constraint.target_bound=5", "constraint.embed_cap=false"])
+
+
 @pytest.mark.parametrize("caps, pattern", [
     ("{qkv: 1.0}", r"unknown group 'qkv' \(did you mean 'qk'\?\)"),
     ("{mlp_ot: 1.0}", r"did you mean 'mlp_out'"),

@@ -62,6 +62,9 @@ def allocate(cfg) -> dict[str, float]:
     if c.method not in CAPPED_METHODS:
         raise ConfigError(f"constraint.target_bound needs a method that caps every matrix "
                           f"({', '.join(CAPPED_METHODS)}); {c.method!r} gives no guarantee")
+    if not c.embed_cap:
+        raise ConfigError("constraint.target_bound needs constraint.embed_cap=true: the bound counts the "
+                          "embedding's token RMS at its cap")
     ratios, floors = group_caps(c), soft_cap_floors(cfg)
 
     def caps_at(t: float) -> dict[str, float]:
