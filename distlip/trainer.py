@@ -12,12 +12,11 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from functools import partial
 
 from distlip.certificate import Certificate, SigmaEstimator, certify, exact_norms, norm_keys
 from distlip.checkpoint import load_checkpoint, save_checkpoint
