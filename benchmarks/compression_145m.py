@@ -64,9 +64,9 @@ def sync() -> None:
 def worker(args: argparse.Namespace) -> None:
     from distlip.compress import ByteCounter, CompressionConfig, TorchComm
     from distlip.compress.accounting import DOWNLINK, broadcast_bytes
-    from distlip.engine import exit_process
-    from distlip.exchange import TimedComm
-    from distlip.sharding import plan_ownership
+    from distlip.distributed.engine import exit_process
+    from distlip.distributed.exchange import TimedComm
+    from distlip.distributed.sharding import plan_ownership
 
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")

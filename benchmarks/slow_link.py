@@ -77,5 +77,5 @@ def train_two_nodes(out: Path, config: str, overrides: list[str], port: int = 29
                     timeout: int = 900) -> list[dict]:
     """`distlip train` as a 2-node job over the slow link (inside `slow_link()`); metrics records."""
     args = ["--config", config, "--out", str(out), "train.progress=false", "train.tensorboard=false", *overrides]
-    two_nodes(["-m", "distlip.train", *args], port, timeout)
+    two_nodes(["-m", "distlip", "train", *args], port, timeout)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

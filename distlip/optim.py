@@ -14,7 +14,7 @@ import torch
 
 from distlip.config import OptimConfig
 from distlip.model import param_group
-from distlip.newton_schulz import NS_MAX_GAIN, orthogonalize
+from distlip.lipschitz.newton_schulz import NS_MAX_GAIN, orthogonalize
 
 
 def lr_at(cfg: OptimConfig, step: int, total: int) -> float:

@@ -17,19 +17,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distlip.certificate import Certificate, SigmaEstimator, certify, exact_norms
-from distlip.checkpoint import load_checkpoint, save_checkpoint
-from distlip.checkpoint_store import Checkpoint, CheckpointStore
+from distlip.lipschitz.certificate import Certificate, SigmaEstimator, certify, exact_norms
+from distlip.checkpoint.state import load_checkpoint, save_checkpoint
+from distlip.checkpoint.store import Checkpoint, CheckpointStore
 from distlip.config import Config
-from distlip.constraints import Constrainer
-from distlip.data.chars import InMemoryBatches, load_char_corpus, val_windows
-from distlip.engine import DistEnv, Engine, check_distributed, init_distributed
+from distlip.lipschitz.constraints import Constrainer
+from distlip.data.in_memory import InMemoryBatches, load_char_corpus, val_windows
+from distlip.distributed.engine import DistEnv, Engine, check_distributed, init_distributed
 from distlip.errors import ConfigError, DistlipError
-from distlip.export import matrix_caps, save_model
+from distlip.checkpoint.export import matrix_caps, save_model
 from distlip.metrics import MetricsLogger, Progress
 from distlip.model import LipschitzTransformer, matrix_names
 from distlip.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
-from distlip.timing import StepTimer
+from distlip.metrics import StepTimer
 
 
 def select_device(cfg: Config, local_rank: int = 0) -> torch.device:

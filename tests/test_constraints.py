@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distlip.constraints import (
+from distlip.lipschitz.constraints import (
     HARD_CAP_COEFFS,
     HARD_CAP_PEAK,
     HARD_CAP_RANGE,
@@ -22,7 +22,7 @@ from distlip.constraints import (
     soft_cap_alpha,
 )
 from distlip.errors import ConfigError
-from distlip.newton_schulz import MUON_NS_COEFFS, NS_MAX_GAIN, msign, orthogonalize
+from distlip.lipschitz.newton_schulz import MUON_NS_COEFFS, NS_MAX_GAIN, msign, orthogonalize
 
 CAP_METHODS = ("hard_cap", "soft_cap", "spectral_normalize", "stiefel", "exact_cap")
 
@@ -362,7 +362,7 @@ def test_config_errors():
 
 @pytest.mark.parametrize("kind", ["random", "orthogonal", "rank_deficient", "tall", "batched"])
 def test_sigma_upper_bound_is_above_and_close_to_sigma_max(kind):
-    from distlip.constraints import sigma_upper_bound
+    from distlip.lipschitz.constraints import sigma_upper_bound
     g = torch.Generator().manual_seed(3)
     W = {"random": lambda: torch.randn(64, 48, generator=g),
          "orthogonal": lambda: torch.linalg.qr(torch.randn(96, 96, generator=g))[0],  # all σ equal: the worst case

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distlip.config import load_config
-from distlip.engine import DistEnv, apply_launcher_zero_stage, check_distributed, deepspeed_config
+from distlip.distributed.engine import DistEnv, apply_launcher_zero_stage, check_distributed, deepspeed_config
 from distlip.errors import ConfigError
 from distlip.trainer import select_device
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distlip.config import ModelConfig
-from distlip.constraints import power_iteration
+from distlip.lipschitz.constraints import power_iteration
 from distlip.model import ATTN_OUT_SCALE, GELU_MAX_SLOPE
 
 CAP_RTOL = 1e-3  # a matrix "exceeds its cap" when σ > cap·(1 + CAP_RTOL)

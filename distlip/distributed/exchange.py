@@ -31,7 +31,7 @@ from distlip.compress import ByteCounter, CompressionConfig, EF21Momentum, Marin
 from distlip.compress.accounting import DOWNLINK, broadcast_bytes
 from distlip.config import CompressionConfig as CompressionSection
 from distlip.errors import CheckpointError
-from distlip.sharding import OwnershipPlan
+from distlip.distributed.sharding import OwnershipPlan
 
 
 class TimedComm:

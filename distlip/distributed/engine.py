@@ -13,7 +13,7 @@ Who updates what:
 With one process there is no communication and no DeepSpeed: the same code, all tensors owned.
 
 With the `compression:` block on (world size > 1), the reduce and the broadcast of the
-tensors distlip steps go through `distlip.exchange.CompressedExchange` instead: compressed
+tensors distlip steps go through `distlip.distributed.exchange.CompressedExchange` instead: compressed
 gradients aggregated by an estimator on every rank, and optionally an EF21-P compressed
 downlink, after which the owner's master x (what is constrained, certified and saved:
 `master_weights()`) differs from the module weights w the forward reads. The
@@ -34,16 +34,16 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from distlip.certificate import embed_rms_max
+from distlip.lipschitz.certificate import embed_rms_max
 from distlip.config import Config, OptimConfig
-from distlip.constraints import Constrainer, embed_cap
+from distlip.lipschitz.constraints import Constrainer, embed_cap
 from distlip.data.packing import document_causal_mask
 from distlip.errors import ConfigError
-from distlip.exchange import CompressedExchange
+from distlip.distributed.exchange import CompressedExchange
 from distlip.model import LipschitzTransformer, matrix_names
 from distlip.optim import Optimizers, StepInfo
-from distlip.sharding import plan_ownership
-from distlip.timing import StepTimer
+from distlip.distributed.sharding import plan_ownership
+from distlip.metrics import StepTimer
 
 EMBED = "embed.weight"
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from distlip.errors import CheckpointError, ConfigError
-from distlip.newton_schulz import msign, odd_polynomial
+from distlip.lipschitz.newton_schulz import msign, odd_polynomial
 
 METHODS = (
     "none",

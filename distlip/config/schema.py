@@ -326,8 +326,8 @@ def validate_data(d: DataConfig) -> None:
 def _check_soft_cap_step(cfg: Config) -> None:
     """With Muon, the soft cap's coupling needs the largest update norm μ = lr·mult·1.14502·margin
     to stay ≤ 0.3·σmax (beyond that the composite overshoots the cap): refuse before training."""
-    from distlip.constraints import SOFT_CAP_MAX_MU
-    from distlip.newton_schulz import NS_MAX_GAIN
+    from distlip.lipschitz.constraints import SOFT_CAP_MAX_MU
+    from distlip.lipschitz.newton_schulz import NS_MAX_GAIN
 
     c, o = cfg.constraint, cfg.optim
     if c.method != "soft_cap" or o.name != "muon":
@@ -344,7 +344,7 @@ def _check_soft_cap_step(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that do not need data, devices or process groups."""
-    from distlip.constraints import check_method  # local: constraints imports torch
+    from distlip.lipschitz.constraints import check_method  # local: constraints imports torch
 
     m, c, o, d, t = cfg.model, cfg.constraint, cfg.optim, cfg.data, cfg.train
     _require(m.d_model > 0 and m.n_layers > 0 and m.n_heads > 0, "model.d_model, n_layers and n_heads must be positive")

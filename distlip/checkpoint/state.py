@@ -37,15 +37,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from distlip.certificate import Certificate, certify, embed_rms_max, exact_norms
-from distlip.checkpoint_store import MANIFEST, Checkpoint, CheckpointStore
+from distlip.lipschitz.certificate import Certificate, certify, embed_rms_max, exact_norms
+from distlip.checkpoint.store import MANIFEST, Checkpoint, CheckpointStore
 from distlip.config import Config, config_from_dict
 from distlip.data.tokenizers import tokenizer_from_dict
-from distlip.engine import EMBED, DistEnv, uses_deepspeed
+from distlip.distributed.engine import EMBED, DistEnv, uses_deepspeed
 from distlip.errors import CheckpointError, ConfigError
-from distlip.export import load_model, matrix_caps, save_model
+from distlip.checkpoint.export import load_model, matrix_caps, save_model
 from distlip.model import LipschitzTransformer, matrix_names
-from distlip.zero_state import gather_adam, scatter_adam
+from distlip.distributed.deepspeed import gather_adam, scatter_adam
 
 if TYPE_CHECKING:
     from distlip.trainer import Trainer
