@@ -62,9 +62,10 @@ def sync() -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from distlip.compress import ByteCounter, CompressionConfig, TorchComm
+    from distlip.compress import ByteCounter, TorchComm, build, check
+    from distlip.config import CompressionConfig
     from distlip.compress.accounting import DOWNLINK, broadcast_bytes
-    from distlip.distributed.engine import exit_process
+    from distlip.distributed.env import exit_process
     from distlip.distributed.exchange import TimedComm
     from distlip.distributed.sharding import plan_ownership
 
@@ -87,7 +88,9 @@ def worker(args: argparse.Namespace) -> None:
         comm = TimedComm(TorchComm())
         section = dict(compressor=compressor, estimator=estimator, ratio=ratio, warmup_steps=WARMUP,
                        downlink=downlink, downlink_ratio=ratio if downlink != "identity" else 1.0)
-        uplink, down = CompressionConfig(**section).build(comm, counter)
+        section = CompressionConfig(**section)
+        check(section)
+        uplink, down = build(section, comm, counter)
         totals = [0.0, 0.0]  # all seconds, collective seconds
         for step in range(WARMUP + args.steps):
             if step == WARMUP:

@@ -15,7 +15,7 @@ from distlip.errors import DistlipError
 
 def _train(args: argparse.Namespace) -> int:
     from distlip.config import load_config
-    from distlip.distributed.engine import apply_launcher_zero_stage
+    from distlip.distributed.deepspeed import apply_launcher_zero_stage
     from distlip.trainer import Trainer, print_summary
 
     overrides = args.overrides + ([f"train.resume={args.resume}"] if args.resume is not None else [])
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The `distlip` console script and `python -m distlip`: main(), then `exit_process`, which
     ends a launched rank without the teardown that can abort it after success."""
-    from distlip.distributed.engine import run_and_exit
+    from distlip.distributed.env import run_and_exit
 
     run_and_exit(main)
 

@@ -17,36 +17,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distlip.lipschitz.certificate import Certificate, SigmaEstimator, certify, exact_norms
+from distlip.checkpoint.export import matrix_caps, save_model
 from distlip.checkpoint.state import load_checkpoint, save_checkpoint
 from distlip.checkpoint.store import Checkpoint, CheckpointStore
-from distlip.config import Config
-from distlip.lipschitz.constraints import Constrainer
+from distlip.config import Config, preflight
 from distlip.data.in_memory import InMemoryBatches, load_char_corpus, val_windows
-from distlip.distributed.engine import DistEnv, Engine, check_distributed, init_distributed
+from distlip.distributed.engine import Engine
+from distlip.distributed.env import DistEnv, init_distributed, select_device
 from distlip.errors import ConfigError, DistlipError
-from distlip.checkpoint.export import matrix_caps, save_model
-from distlip.metrics import MetricsLogger, Progress
+from distlip.lipschitz.certificate import Certificate, SigmaEstimator, certify, exact_norms
+from distlip.lipschitz.constraints import Constrainer
+from distlip.metrics import MetricsLogger, Progress, StepTimer
 from distlip.model import LipschitzTransformer, matrix_names
 from distlip.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
-from distlip.metrics import StepTimer
-
-
-def select_device(cfg: Config, local_rank: int = 0) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.train.dtype == "bfloat16" and want == "cpu":
-        raise ConfigError("train.dtype=bfloat16 runs on GPUs only here (CPU bf16 autocast is slow and "
-                          "inexact for this model); use train.dtype=float32 on CPU")
-    if want == "cuda" and local_rank >= torch.cuda.device_count():
-        # NCCL refuses two ranks on one GPU, and a missing ordinal fails deep inside CUDA.
-        raise ConfigError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
-                          "NCCL needs one GPU per process; launch at most that many processes per node, "
-                          "or set train.device=cpu")
-    return torch.device(want, local_rank) if want == "cuda" else torch.device(want)
 
 
 @dataclass
@@ -115,7 +98,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env = env or DistEnv.from_environ()
         self.out = Path(out_dir or cfg.train.out)
-        check_distributed(cfg, env)
+        preflight(cfg, env)
         self.device = select_device(cfg, env.local_rank)
         if cfg.train.threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
@@ -140,8 +123,6 @@ class Trainer:
         self.engine = Engine(cfg, self.model, env, self.timer, self._sigma_max_map(), self._document_eot())
         self.estimator = SigmaEstimator(seed=cfg.train.seed)
         self.step, self.lr = 0, 0.0
-        if cfg.train.save_every < 0:
-            raise ConfigError(f"train.save_every={cfg.train.save_every} must be ≥ 0 (0: checkpoint at the end only)")
         self.store = CheckpointStore.for_process_group(self.out, cfg.train.keep_last)
         self.resumed = self._resume(cfg.train.resume)
         self.saved_step = self.step if self.resumed else None

@@ -7,7 +7,7 @@ import torch
 
 from distlip.lipschitz.certificate import exact_norms
 from distlip.config import load_config
-from distlip.distributed.engine import exit_process
+from distlip.distributed.env import exit_process
 from distlip.errors import DistlipError
 from distlip.trainer import Trainer, evaluate
 

@@ -8,7 +8,7 @@ import torch
 
 from distlip.lipschitz.certificate import exact_norms
 from distlip.config import load_config
-from distlip.distributed.engine import exit_process
+from distlip.distributed.env import exit_process
 from distlip.trainer import Trainer
 
 STAGES = (0, 1, 2, 3)

@@ -41,7 +41,9 @@ from distlip.lipschitz.certificate import Certificate, certify, embed_rms_max, e
 from distlip.checkpoint.store import MANIFEST, Checkpoint, CheckpointStore
 from distlip.config import Config, config_from_dict
 from distlip.data.tokenizers import tokenizer_from_dict
-from distlip.distributed.engine import EMBED, DistEnv, uses_deepspeed
+from distlip.distributed.engine import EMBED
+from distlip.distributed.env import DistEnv
+from distlip.distributed.deepspeed import uses_deepspeed
 from distlip.errors import CheckpointError, ConfigError
 from distlip.checkpoint.export import load_model, matrix_caps, save_model
 from distlip.model import LipschitzTransformer, matrix_names
