@@ -135,7 +135,11 @@ class Trainer:
             if ckpt.step > self.cfg.train.steps:
                 raise ConfigError(f"checkpoint {ckpt.path} is at step {ckpt.step}, past "
                                   f"train.steps={self.cfg.train.steps}; raise train.steps to continue training it")
-            note = load_checkpoint(self, ckpt)
+            shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.params.items()}  # ZeRO-3 may hold p.data empty
+            state, note = load_checkpoint(ckpt, self.cfg, self.data.tokenizer, self.env, shapes,
+                                          self.engine.keeps_masters)
+            self.load_state_dict(state)
+            self.step = ckpt.step
             if self.env.is_main:
                 print(f"distlip: {note}", file=sys.stderr, flush=True)
         return ckpt
@@ -143,8 +147,33 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the whole state at this step boundary (collective; at most once per step)."""
         if self.saved_step != self.step:
-            save_checkpoint(self, self.store)
+            meta = {"config": self.cfg.to_dict(), "tokenizer": self.data.tokenizer.to_dict()}
+            save_checkpoint(self.store, self.step, self.env.rank, self.state_dict(), meta)
             self.saved_step = self.step
+
+    def state_dict(self) -> dict:
+        """This rank's whole training state, composed from its components (the engine's tensors by
+        name, the certificate estimator's vectors, the data stream, the RNG); collective under
+        DeepSpeed. Checkpointing works on this dict and never on the trainer."""
+        state = self.engine.state_dict()
+        owned = set(self.engine.owned)
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {**state, "sigma": {n: v for n, v in self.estimator.state_dict()["vectors"].items() if n in owned},
+                "data": self.data.train.state_dict(), "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore every component from `state` (as `checkpoint.state.load_checkpoint` merges it);
+        `data` None leaves the stream at its beginning."""
+        self.engine.load_state_dict(state)
+        owned = set(self.engine.owned)
+        self.estimator.load_state_dict({"vectors": {n: v.to(self.device) for n, v in state["sigma"].items() if n in owned}})
+        if state["data"] is not None:
+            self.data.train.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
     def _document_eot(self) -> int | None:
         if not self.cfg.data.document_mask:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from distlip.config import Config, OptimConfig
 from distlip.data.packing import document_causal_mask
-from distlip.distributed.deepspeed import deepspeed_config, uses_deepspeed
+from distlip.distributed.deepspeed import deepspeed_config, gather_adam, scatter_adam, uses_deepspeed
 from distlip.distributed.env import DistEnv
 from distlip.distributed.exchange import CompressedExchange
 from distlip.distributed.sharding import plan_ownership
@@ -292,6 +292,45 @@ class Engine:
     def load_compression_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         if self.exchange is not None:
             self.exchange.load_state_dict(state)
+
+    @property
+    def keeps_masters(self) -> bool:
+        """Whether the owners' masters x are kept apart from the module weights w (a compressed downlink)."""
+        return bool(self.exchange is not None and self.exchange.masters)
+
+    def state_dict(self) -> dict:
+        """This rank's state by tensor name: `weights` and `momentum`/`adam` of the tensors it owns
+        (the DeepSpeed-held embedding gathered, on every rank, and kept by rank 0), the constrainer's
+        power-iteration vectors (`constraint`) and the compression state. Collective under DeepSpeed."""
+        owned = set(self.owned)
+        optim = self.optim.state_dict()
+        weights = {n: self.params[n].data for n in self.owned}
+        adam = {n: s for n, s in optim.get("adam", {}).items() if s}  # empty before the first step
+        if self.ds is not None:  # gathered on every rank (collectives), written by rank 0
+            embed, embed_adam = self.embedding(), gather_adam(self.ds, self.params[EMBED])
+            if self.env.rank == 0:
+                weights[EMBED] = embed
+                if embed_adam is not None:
+                    adam[EMBED] = embed_adam
+        return {"weights": weights, "momentum": optim["momentum"], "adam": adam,
+                "constraint": {n: v for n, v in self.constrainer.state_dict().items() if n in owned},
+                "compression": self.compression_state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state` merged by name (every weight; the optimiser and constrainer state of
+        at least the tensors this rank owns; `compression` None when there is none to load)."""
+        weights, adam = state["weights"], state["adam"]
+        with torch.no_grad():
+            for name in matrix_names(self.model):
+                self.params[name].data.copy_(weights[name])
+            self.set_embedding(weights[EMBED].to(self.device))
+        owned = set(self.owned)
+        self.optim.load_state_dict({"momentum": state["momentum"], "adam": adam})
+        if self.ds is not None and EMBED in adam:
+            scatter_adam(self.ds, self.params[EMBED], adam[EMBED])
+        self.constrainer.load_state_dict({n: v for n, v in state["constraint"].items() if n in owned})
+        if state["compression"] is not None:
+            self.load_compression_state_dict(state["compression"])
 
     # ---- sums over ranks --------------------------------------------------------------------
     def all_sum(self, values: list[float]) -> list[float]:
