@@ -1,4 +1,4 @@
-"""Compress + communicate one step of the 145M model's gradients: 1% against dense (SPEC §5).
+"""Compress + communicate one step of the 145M model's gradients: 1% against dense (docs/compression.md#formulas).
 
 The tensors are those distlip exchanges for `--preset` (every matrix, 123.6M fp32 coordinates
 for configs/nanogpt-145m.yaml; its embedding belongs to DeepSpeed), owned as the engine owns

@@ -1,4 +1,4 @@
-"""Two "hosts" on one machine joined by a bandwidth-limited link (SPEC §6), for timing
+"""Two "hosts" on one machine joined by a bandwidth-limited link (namespaces, veth, `tc tbf`), for timing
 communication as it would be between nodes. Needs root (network namespaces).
 
 `slow_link(rate)` creates namespaces dlbench0 / dlbench1 joined by a veth pair (10.77.0.1 and

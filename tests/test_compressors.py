@@ -1,4 +1,4 @@
-"""Compressors, estimators and byte accounting in one process (SPEC §5).
+"""Compressors, estimators and byte accounting in one process (docs/compression.md#formulas).
 
 Multi-worker behaviour is simulated with one thread per worker over an in-memory `Comm`
 (`ThreadGroup`); the real 2-process gloo checks live in test_compress_dist.py.
@@ -273,7 +273,7 @@ def test_message_bytes_match_what_is_sent(dtype):
 
 
 def test_spec_byte_figures():
-    """SPEC §5: 162M parameters, 8 ranks, bf16."""
+    """docs/compression.md#formulas: 162M parameters, 8 ranks, bf16."""
     d, world = 162_000_000, 8
     dense = ring_all_reduce_bytes(d * 2, world)
     randk = ring_all_reduce_bytes(RandK(0.01).message_bytes(d, torch.bfloat16), world)

@@ -1,4 +1,4 @@
-"""Compressed gradient and weight communication (SPEC §5): the config block and its objects.
+"""Compressed gradient and weight communication (docs/compression.md#formulas): the config block and its objects.
 
 The trainer builds everything from one `compression:` block (`distlip.config.CompressionConfig`):
 
@@ -72,7 +72,7 @@ def validate(compressor: str, estimator: str, ratio: float, allow_plain: bool = 
 
     Refuses unknown names, ratios outside (0, 1], pairs `check_pair` rejects, and `plain`
     where it is known to fail unless `allow_plain`: scaled Rand-k below ratio 0.1 (variance
-    ω = d/k − 1 diverges at normal learning rates, SPEC §5) and Top-k (biased, and without
+    ω = d/k − 1 diverges at normal learning rates, docs/compression.md#formulas) and Top-k (biased, and without
     error feedback the bias can stall it). Plain unscaled Rand-k is allowed: in expectation it
     is the gradient times k/d, i.e. SGD at a k/d smaller learning rate.
     """
@@ -84,7 +84,7 @@ def validate(compressor: str, estimator: str, ratio: float, allow_plain: bool = 
     if isinstance(comp, RandK) and comp.scaled and ratio < PLAIN_RANDK_MIN_RATIO:
         raise ConfigError(
             f"plain scaled randk at ratio {ratio} has variance ω ≈ {1 / ratio - 1:.0f}×‖g‖² and diverges at "
-            "normal learning rates with gradient-scaled steps (SPEC §5; under Muon's fixed-norm step it trains, "
+            "normal learning rates with gradient-scaled steps (under Muon's fixed-norm step it trains, "
             "far behind dense): use estimator diana or marina, or set allow_plain: true"
         )
     if isinstance(comp, TopK):

@@ -4,13 +4,17 @@ run before any data, process-group or DeepSpeed work so a mistake costs one line
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from distlip.config.schema import Config, DataConfig
 from distlip.errors import ConfigError, did_you_mean
 
-if TYPE_CHECKING:
-    from distlip.distributed.env import DistEnv
+
+class Placement(Protocol):
+    """Where this process runs in the job (a `distributed.env.DistEnv`)."""
+
+    world_size: int
+    local_rank: int
 
 
 def _require(ok: bool, message: str) -> None:
@@ -116,7 +120,7 @@ def validate_compression(cfg: Config) -> None:
              "compression.ef21_eta=1.0")
 
 
-def preflight(cfg: Config, env: DistEnv) -> None:
+def preflight(cfg: Config, env: Placement) -> None:
     """Every refusal that needs the launch environment, run first by the trainer: before data is
     read, the process group starts or DeepSpeed is initialised."""
     from distlip.lipschitz.constraints import check_coefficients  # local: constraints imports torch
@@ -129,7 +133,7 @@ def preflight(cfg: Config, env: DistEnv) -> None:
     check_coefficients(c.method, c.weight_decay, c.spectral_wd, c.power_iters)
 
 
-def check_distributed(cfg: Config, env: DistEnv) -> None:
+def check_distributed(cfg: Config, env: Placement) -> None:
     """Everything that can be refused before any process-group work."""
     t = cfg.train
     if t.batch_size % (env.world_size * t.grad_accum):

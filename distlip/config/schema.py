@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelConfig:
-    """The Lipschitz transformer (SPEC §1). Sizes are counts; `context` is tokens."""
+    """The Lipschitz transformer (docs/method.md#architecture). Sizes are counts; `context` is tokens."""
 
     vocab_size: int = 0  # 0: taken from the tokenizer
     pad_vocab_to: int = 1  # head rows rounded up to a multiple of this (64 for GPU matmuls)
@@ -27,7 +27,7 @@ class ModelConfig:
 
 @dataclass
 class ConstraintConfig:
-    """Weight constraint applied after every optimiser step (SPEC §2)."""
+    """Weight constraint applied after every optimiser step (docs/method.md#constraints)."""
 
     method: str = "soft_cap"
     sigma_max: float = 1.0  # cap on every hidden matrix, RMS→RMS units
@@ -41,7 +41,7 @@ class ConstraintConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimisers and learning-rate schedule (SPEC §1.1, §1.2, §4)."""
+    """Optimisers and learning-rate schedule (docs/method.md#muon)."""
 
     name: str = "muon"  # muon | adamw (matrices); embedding per `embed`
     lr: float = 0.1
@@ -63,7 +63,7 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    """Where tokens come from (SPEC §7)."""
+    """Where tokens come from (docs/method.md#data)."""
 
     source: str = "shakespeare"  # shakespeare (packaged) | text | jsonl | parquet | hub
     path: str = ""  # file, glob or directory for local sources
@@ -118,7 +118,7 @@ class DistConfig:
 
 @dataclass
 class CompressionConfig:
-    """Compressed communication between ranks (SPEC §5), built and validated by
+    """Compressed communication between ranks (docs/compression.md#formulas), built and validated by
     `distlip.compress.CompressionConfig` (same field names). The default, identity with no
     estimator named, keeps the engine's dense reduce-to-owner path.
 

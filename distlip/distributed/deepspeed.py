@@ -19,15 +19,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from distlip.config.schema import Config
 from distlip.errors import ConfigError
-
-if TYPE_CHECKING:
-    from distlip.distributed.env import DistEnv
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -46,7 +42,8 @@ def apply_launcher_zero_stage(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def uses_deepspeed(cfg: Config, env: DistEnv) -> bool:
+def uses_deepspeed(cfg: Config, env) -> bool:
+    """Whether DeepSpeed holds the embedding (its Adam) in this job; `env`: a `DistEnv`."""
     return env.world_size > 1 and cfg.optim.name == "muon" and cfg.optim.embed == "adam"
 
 

@@ -1,4 +1,4 @@
-"""Compressed communication for the tensors distlip steps itself (SPEC §4–§5).
+"""Compressed communication for the tensors distlip steps itself (docs/method.md#muon, docs/compression.md#formulas).
 
 `CompressedExchange` replaces the engine's dense reduce-to-owner and broadcast when the
 `compression:` block is on:

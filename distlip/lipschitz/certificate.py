@@ -1,4 +1,4 @@
-"""The Lipschitz certificate (SPEC §3), recomputed from the weights themselves.
+"""The Lipschitz certificate (docs/method.md#certificate), recomputed from the weights themselves.
 
 Norm: max over tokens of the per-token RMS. Matrix norms are RMS→RMS operator norms
 ‖W‖ = √(d_in/d_out)·σ₁(W). `exact_norms` uses float64 SVD (the oracle, for checkpoints and

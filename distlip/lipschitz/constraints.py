@@ -1,4 +1,4 @@
-"""Weight constraints applied to every matrix after every optimiser step (SPEC §2).
+"""Weight constraints applied to every matrix after every optimiser step (docs/method.md#constraints).
 
 Units: a d_out×d_in matrix W is measured in the RMS→RMS operator norm
 ``‖W‖ = σ₁(W)·√(d_in/d_out)``. The :class:`Constrainer` divides W by
@@ -37,7 +37,7 @@ METHODS = (
     "exact_cap",
 )
 
-# Hard cap: 4 quintic steps whose composite is ≈ min(1, σ) on [0, 3.53] (SPEC §2).
+# Hard cap: 4 quintic steps whose composite is ≈ min(1, σ) on [0, 3.53] (docs/method.md#constraints).
 HARD_CAP_COEFFS: tuple[tuple[float, float, float], ...] = (
     (0.805032, 0.206361, -0.019763),
     (0.649867, 0.162935, -0.011150),
