@@ -5,11 +5,11 @@ refused in one line."""
 import pytest
 import torch
 
-from distlip.certificate import CAP_RTOL, certify_weights, exact_norms
 from distlip.config import load_config
 from distlip.errors import ConfigError
 from distlip.lipschitz.budget import allocate, bound_at_caps, soft_cap_floors
 from distlip.lipschitz.caps import CAPPED_METHODS, GROUPS, group_caps, group_of
+from distlip.lipschitz.certificate import CAP_RTOL, certify_weights, exact_norms
 from distlip.model import block_key
 from distlip.trainer import Trainer
 
@@ -128,7 +128,7 @@ def test_saved_configs_from_before_per_group_caps_load_as_whole_matrix_caps():
 
 def test_certify_prints_group_caps_and_a_row_per_head_block(tmp_path, capsys):
     from distlip.cli import main as cli
-    from distlip.export import save_model
+    from distlip.checkpoint.export import save_model
     trainer = make_trainer(tmp_path / "run", "constraint.method=hard_cap", "constraint.caps={qk: 1.5, head: 0.5}")
     trainer.train_step()
     save_model(tmp_path / "model", weights(trainer), trainer.cfg, trainer.data.tokenizer)
