@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_distributed.py: trains the tiny model at every ZeRO stage
+"""Run under torchrun by tests/multiproc/test_distributed.py: trains the tiny model at every ZeRO stage
 with each constraint family and records, per rank, what the test compares."""
 
 import hashlib

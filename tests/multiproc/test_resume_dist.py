@@ -34,8 +34,7 @@ from distlip.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE_ENV
 from distlip.slurm import FORWARDED_SIGNALS
 from distlip.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+from helpers import ROOT
 
 STEPS = 30
 COMMON = ["train.progress=false", "train.tensorboard=false", "model.d_model=16", "model.n_heads=2",
@@ -84,7 +83,7 @@ def launch(jobs: list[list[str]], log: Path, port: int, env: dict | None = None)
     """One torchrun launch of 2 workers running `jobs` in turn, output to `log`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "--signals_to_handle", FORWARDED_SIGNALS, str(ROOT / "tests" / "cli_worker.py"), json.dumps(jobs)]
+           "--signals_to_handle", FORWARDED_SIGNALS, str(ROOT / "tests" / "helpers" / "cli_worker.py"), json.dumps(jobs)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

@@ -6,10 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+from helpers import ROOT
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
