@@ -2,4 +2,5 @@
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository
+HELPERS = Path(__file__).resolve().parent  # this folder: the scripts torchrun runs
+ROOT = HELPERS.parents[1]  # the repository

@@ -5,9 +5,9 @@ import sys
 
 import torch
 
-from distlip.lipschitz.certificate import exact_norms
 from distlip.config import load_config
 from distlip.distributed.env import exit_process
+from distlip.lipschitz.certificate import exact_norms
 from distlip.trainer import Trainer
 
 # ---- tiny model: equivalence, certificate, state ------------------------------------------
@@ -121,7 +121,8 @@ def resume_case(extra: list[str], out: str) -> dict:
 if __name__ == "__main__":
     out_file, run_dir = sys.argv[1], sys.argv[2]
     results = {
-        "ratio_one": {name: run_tiny(extra, f"{run_dir}/{name}") for name, extra in {**REFERENCES, **RATIO_ONE}.items()},
+        "ratio_one": {name: run_tiny(extra, f"{run_dir}/{name}")
+                      for name, extra in {**REFERENCES, **RATIO_ONE}.items()},
         "certified": {name: run_tiny(extra, f"{run_dir}/{name}") for name, extra in CERTIFIED.items()},
         "resume": {name: resume_case(extra, f"{run_dir}/resume-{name}") for name, extra in RESUMED.items()},
         "zero1_marina": {name: run_tiny(extra, f"{run_dir}/zero1-{name}") for name, extra in ZERO1_MARINA.items()},

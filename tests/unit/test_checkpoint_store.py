@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distlip.checkpoint.store import MANIFEST, CheckpointStore, CheckpointWarning, tag_for
+from distlip.checkpoint.store import MANIFEST, CheckpointStore, CheckpointWarning
 from distlip.errors import CheckpointError
 
 MODEL = "model_shard.pt"

@@ -3,8 +3,8 @@
 import pytest
 
 from distlip.config import Config, config_from_dict, load_config
-from distlip.distributed.env import DistEnv
 from distlip.config.checks import check_distributed
+from distlip.distributed.env import DistEnv
 from distlip.errors import ConfigError
 
 from helpers import ROOT

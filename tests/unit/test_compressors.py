@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from distlip.compress import (
+    EF14,
     ByteCounter,
     Dense,
     Diana,
     Downlink,
-    EF14,
     EF21Momentum,
     Identity,
     Marina,
@@ -88,7 +88,8 @@ def test_top_magnitudes_picks_what_torch_topk_picks(case, ratio, monkeypatch):
 def draws(compressor, x, n):
     """n independent compressions of x (different steps), decompressed: (n, d)."""
     d = x.numel()
-    return torch.stack([compressor.decompress(compressor.compress(x, step=s, tensor_id="x", rank=0), d) for s in range(n)])
+    return torch.stack([compressor.decompress(compressor.compress(x, step=s, tensor_id="x", rank=0), d)
+                        for s in range(n)])
 
 
 # ---------------------------------------------------------------- compressors
@@ -410,7 +411,8 @@ def test_plain_randk_one_percent_stalls_at_a_small_learning_rate():
 def test_ef14_reaches_a_floor_that_shrinks_with_the_step():
     """EF14 has the known heterogeneity floor (∝ lr) that EF21 removes; it does not diverge."""
     # Equal lr·steps, so both runs have had the same time to settle.
-    floors = [relative_error(lambda c: EF14(TopK(0.01), c), lr, steps)[-1] for lr, steps in ((0.02, 300), (0.005, 1200))]
+    floors = [relative_error(lambda c: EF14(TopK(0.01), c), lr, steps)[-1]
+              for lr, steps in ((0.02, 300), (0.005, 1200))]
     assert floors[1] < floors[0] / 2 < 0.5
 
 
@@ -511,10 +513,13 @@ def test_owners_use_their_own_share_whole(cls, compressor):
             before = {n: ref._state.get(n, {}).get("e", torch.zeros(d)).clone() for n, d in OWN_SIZES.items()}
             ref.aggregate_many(grads, step=step, owners=OWN_OWNERS)
             after = {n: ref._state[n].get("e", torch.zeros(d)) for n, d in OWN_SIZES.items()}
-            sent = {n: {"plain": lambda: compressor.decompress(compressor.compress(
-                            grads[n], step=step, tensor_id=n, rank=comm.rank), OWN_SIZES[n]),
-                        "ef21": lambda: ref._state[n]["u"].clone(),
-                        "ef14": lambda: grads[n] + before[n] - after[n]}[cls.name]() for n in grads}
+            if cls.name == "plain":
+                sent = {n: compressor.decompress(compressor.compress(grads[n], step=step, tensor_id=n, rank=comm.rank),
+                                                 OWN_SIZES[n]) for n in grads}
+            elif cls.name == "ef21":
+                sent = {n: ref._state[n]["u"].clone() for n in grads}
+            else:
+                sent = {n: grads[n] + before[n] - after[n] for n in grads}
             mine = own.aggregate_many(grads, step=step, owners=OWN_OWNERS)
             own_e = {n: "e" in own._state[n] for n in mine}
             record.append((grads, sent, mine, own_e))
