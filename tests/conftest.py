@@ -24,6 +24,7 @@ TIER_MARKS = {"multiproc": ("slow",), "convergence": ("slow", "convergence")}
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        tier = Path(item.fspath).resolve().relative_to(TESTS).parts[0]
+        path = item.path.resolve()
+        tier = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else None
         for mark in TIER_MARKS.get(tier, ()):
             item.add_marker(getattr(pytest.mark, mark))
