@@ -21,7 +21,8 @@ from helpers.distlaunch import run_worker
 
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory):
-    runs = run_worker("convergence_worker.py", tmp_path_factory.mktemp("convergence"))[0]
+    # 8 trainings of 300 steps: ~10 min on 2 idle cores, well over that on a shared machine.
+    runs = run_worker("convergence_worker.py", tmp_path_factory.mktemp("convergence"), timeout=3600)[0]
     summary = {n: (r["val_loss"], r["uplink_total"], r["diverged"]) for n, r in runs.items()}
     print(f"\nShakespeare, {worker.SHAKESPEARE_STEPS} steps: {summary}")
     return runs

@@ -19,8 +19,9 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def run_worker(script: str, tmp: Path, nproc: int = 2) -> list:
-    """Run tests/helpers/<script> (argv: result prefix, run dir) on `nproc` ranks; each rank's saved results."""
-    proc = torchrun([str(HELPERS / script), str(tmp / "res"), str(tmp / "runs")], nproc)
+def run_worker(script: str, tmp: Path, nproc: int = 2, timeout: int = 600) -> list:
+    """Run tests/helpers/<script> (argv: result prefix, run dir) on `nproc` ranks, within `timeout`
+    seconds; each rank's saved results."""
+    proc = torchrun([str(HELPERS / script), str(tmp / "res"), str(tmp / "runs")], nproc, timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(tmp / f"res.rank{r}", weights_only=False) for r in range(nproc)]
