@@ -33,3 +33,11 @@ bench: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Loss-threshold trainings (tests/convergence/): minutes of 2-process training, kept out of `make test`.
+.PHONY: test-convergence lint
+test-convergence: install
+	$(BIN)/python -m pytest -q tests -m convergence
+
+lint: install
+	$(BIN)/ruff check distlip tests benchmarks

@@ -174,8 +174,9 @@ def time_slow_link(args: argparse.Namespace, base: list[str]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 records = train_two_nodes(Path(tmp) / "run", CONFIG, base + METHODS[name])
             steady = [r for r in records if "uplink_bytes_total" in r][1:]
-            mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
-            rows.append({"method": name, "uplink B/step": mean("uplink_bytes"), "downlink B/step": mean("downlink_bytes"),
+            mean = lambda key, steady=steady: sum(r[key] for r in steady) / len(steady)  # noqa: E731
+            rows.append({"method": name, "uplink B/step": mean("uplink_bytes"),
+                         "downlink B/step": mean("downlink_bytes"),
                          "comm ms/step": mean("ms_comm"), "step ms": sum(map(step_ms, steady)) / len(steady),
                          "tokens/s": mean("tokens_per_s")})
             print(f"{name}: {rows[-1]['step ms']:.1f} ms/step", flush=True)
@@ -209,6 +210,7 @@ def append_results(path: Path, text: str, args: argparse.Namespace) -> None:
     if args.set:
         command += " --set " + " ".join(args.set)
     command += f" --results {args.results}"
+    overridden = "Overridden for every row: " + ", ".join(args.set) + ". " if args.set else ""
     section = f"""
 ## Compression
 
@@ -221,7 +223,7 @@ is one bucketed exchange to the tensors' owners per step: a ring reduce-scatter 
 busiest owner's share) of dense and shared-mask values, an all-to-all of Top-k (values, int32 indices); the
 downlink is one broadcast per owner (n). "uplink ÷" is dense's cumulative uplink bytes over the method's
 (warm-up included). Codec time is the exchange's time outside collectives (compress, decompress,
-estimator arithmetic). {"Overridden for every row: " + ", ".join(args.set) + ". " if args.set else ""}Plot: `{shown(Path(args.plot))}`.
+estimator arithmetic). {overridden}Plot: `{shown(Path(args.plot))}`.
 
 {text}
 """

@@ -63,8 +63,8 @@ def sync() -> None:
 
 def worker(args: argparse.Namespace) -> None:
     from distlip.compress import ByteCounter, TorchComm, build, check
-    from distlip.config import CompressionConfig
     from distlip.compress.accounting import DOWNLINK, broadcast_bytes
+    from distlip.config import CompressionConfig
     from distlip.distributed.env import exit_process
     from distlip.distributed.exchange import TimedComm
     from distlip.distributed.sharding import plan_ownership

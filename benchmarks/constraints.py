@@ -123,7 +123,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     ns_total = None
     for label, fn in rows:
-        ms = {part: timed(lambda: fn(named, lr), device, warmup, repeats) for part, (named, lr) in parts.items()}
+        ms = {part: timed(lambda fn=fn, named=named, lr=lr: fn(named, lr), device, warmup, repeats)
+              for part, (named, lr) in parts.items()}
         total = ms["blocks"] * scale + ms["head"]
         ns_total = ns_total or total
         print(f"| {label} | {ms['blocks'] * scale:.1f} | {ms['head']:.1f} | {total:.1f} | "

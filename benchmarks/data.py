@@ -106,8 +106,8 @@ def main() -> None:
                           "char": load_tokenizer("char", text="".join(set(text)))}
             for tname, tok in tokenizers.items():
                 n_tokens = sum(len(t) for t in tok.encode_batch(docs))
-                tok_rate = best_of(args.repeats, lambda: tokenise_rate(tok, docs))
-                pipe_rate = best_of(args.repeats, lambda: pipeline_rate(tok, path))
+                tok_rate = best_of(args.repeats, lambda tok=tok, docs=docs: tokenise_rate(tok, docs))
+                pipe_rate = best_of(args.repeats, lambda tok=tok, path=path: pipeline_rate(tok, path))
                 cores = math.ceil(GPUS * GPU_TOKENS_PER_S / pipe_rate)
                 rows.append(f"| {name} ({len(text) / 1e6:.2f}M chars) | {tname} | {len(text) / n_tokens:.2f} "
                             f"| {tok_rate / 1e3:,.0f}K | {pipe_rate / 1e3:,.0f}K | {pipe_rate / GPU_TOKENS_PER_S:.2f} "
@@ -121,7 +121,8 @@ def main() -> None:
         f"{args.repeats} runs. Pipeline: `StreamingBatches` over local jsonl "
         "of ~4,000-character documents (read, tokenise, shuffle buffer 1000, pack 8×1024, prefetch). "
         f"The 145M model consumes {GPU_TOKENS_PER_S / 1e3:.0f}K tokens/s per H100 "
-        f"({TOKENS_PER_STEP:,} tokens per {STEP_SECONDS * 1e3:.1f} ms step on 8 GPUs, docs/method.md#reference-results).", "",
+        f"({TOKENS_PER_STEP:,} tokens per {STEP_SECONDS * 1e3:.1f} ms step on 8 GPUs, "
+        "docs/method.md#reference-results).", "",
         "| corpus | tokenizer | chars/token | tokenise tokens/s/core | pipeline tokens/s/core "
         "| pipeline ÷ one GPU's need | cores per 8-GPU node |",
         "|---|---|---|---|---|---|---|",

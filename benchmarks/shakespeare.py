@@ -18,7 +18,8 @@ from pathlib import Path
 from common import final, provenance, table, train, write_section
 
 SECTION = "## Shakespeare recipe"
-PAPER = "The paper reports ≈60% validation accuracy at a 2-Lipschitz bound (docs/method.md#reference-results) after 2000 steps."
+PAPER = ("The paper reports ≈60% validation accuracy at a 2-Lipschitz bound (docs/method.md#reference-results) "
+         "after 2000 steps.")
 
 
 def main() -> None:
@@ -43,7 +44,8 @@ def main() -> None:
                 f"constraint.sigma_max={args.sigma_max}", f"train.steps={args.steps}", f"train.device={args.device}",
                 "train.eval_every=0", *args.set])
             r = final(records)
-            rows.append({"method": method, "sigma_max": args.sigma_max, "steps": args.steps, "val_acc": 100 * r["val_acc"],
+            rows.append({"method": method, "sigma_max": args.sigma_max, "steps": args.steps,
+                         "val_acc": 100 * r["val_acc"],
                          "val_loss": r["val_loss"], "bound": r["lipschitz_bound"], "certified": r["certified"],
                          "minutes": (time.perf_counter() - start) / 60})
     text = table(rows, [("method", "{}"), ("sigma_max", "{:g}"), ("steps", "{}"), ("val_acc", "{:.2f}"),
@@ -53,8 +55,8 @@ def main() -> None:
     if args.results:
         command = "python benchmarks/shakespeare.py " + " ".join(sys.argv[1:])
         write_section(Path(args.results), SECTION, f"{SECTION}\n\n{provenance()}. Command: `{command}`. "
-                      "The paper's recipe (256×3, context 256, batch 64, Muon, lr decayed linearly to 0) on the char-rnn "
-                      f"text; validation on the whole held-out 10%. {PAPER}\n\n{text}\n")
+                      "The paper's recipe (256×3, context 256, batch 64, Muon, lr decayed linearly to 0) "
+                      f"on the char-rnn text; validation on the whole held-out 10%. {PAPER}\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def main() -> None:
     for nproc in args.nproc:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run"
-            overrides = [f"train.steps={args.steps}", f"train.log_every={max(args.steps // 2, 1)}", "train.eval_every=0",
+            overrides = [f"train.steps={args.steps}", f"train.log_every={max(args.steps // 2, 1)}",
+                         "train.eval_every=0",
                          f"train.device={args.device}", f"train.dtype={args.dtype}", *args.set]
             if args.device == "cpu":
                 overrides.append(f"train.threads={max(2 // nproc, 1)}")
@@ -56,7 +57,8 @@ def main() -> None:
                 "processes": nproc, "tokens_per_s": rec["tokens_per_s"], "step_ms": step_ms,
                 **{p: rec[f"ms_{p}"] for p in PHASES},
                 "constraint+cert %": 100 * (rec["ms_constraint"] + rec["ms_certificate"]) / step_ms,
-                "MFU %": 100 * mfu(rec, start["params"] - embed, cfg, args.peak_tflops) if args.device == "cuda" else None,
+                "MFU %": (100 * mfu(rec, start["params"] - embed, cfg, args.peak_tflops)
+                          if args.device == "cuda" else None),
                 "peak_mem_GiB": rec.get("peak_mem_gib"),
             })
     cols = [("processes", "{}"), ("tokens_per_s", "{:,.0f}"), ("step_ms", "{:.1f}")] + \

@@ -46,7 +46,8 @@ class MetricsLogger:
         self.file.flush()
         if self.tb is not None and "step" in record:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step" and math.isfinite(value):
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if numeric and key != "step" and math.isfinite(value):
                     self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:

@@ -1,12 +1,12 @@
 """Cooperative preemption: turn SLURM's warning signals into one agreed stop at a step boundary.
 
-The chain under ``slurm/train.sbatch``: 300 s before the time limit SLURM sends USR2 to the batch
-shell, which forwards it to the job step; on each node torchrun (``--signals_to_handle`` includes
-SIGUSR2) passes it to every worker, where ``PreemptionHandler`` sets a flag. SLURM's own
+The chain under `slurm/train.sbatch`: 300 s before the time limit SLURM sends USR2 to the batch
+shell, which forwards it to the job step; on each node torchrun (`--signals_to_handle` includes
+SIGUSR2) passes it to every worker, where `PreemptionHandler` sets a flag. SLURM's own
 preemption sends SIGTERM instead, which torchrun passes on the same way. At every step boundary
-the trainer calls ``should_stop()``, which all-reduces the flag so that all ranks stop after the
+the trainer calls `should_stop()`, which all-reduces the flag so that all ranks stop after the
 same step even if only some of them saw the signal; they commit a checkpoint and call
-``exit_for_requeue()``, and the batch shell requeues the job, which resumes with ``--resume auto``.
+`exit_for_requeue()`, and the batch shell requeues the job, which resumes with `--resume auto`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
 class PreemptionHandler:
-    """Records preemption signals in a flag; restores the previous handlers on ``close()``.
+    """Records preemption signals in a flag; restores the previous handlers on `close()`.
 
     Install it in the main thread of every rank before training starts, e.g.
-    ``with PreemptionHandler() as preemption: ... if preemption.should_stop(): ...``.
+    `with PreemptionHandler() as preemption: ... if preemption.should_stop(): ...`.
     """
 
     def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS) -> None:
@@ -59,7 +59,7 @@ class PreemptionHandler:
     def should_stop(self, group: dist.ProcessGroup | None = None) -> bool:
         """Collective when torch.distributed is initialised: True on every rank if any rank caught a signal.
 
-        Call it at every step boundary on every rank of ``group``. Costs one 4-byte all-reduce; on
+        Call it at every step boundary on every rank of `group`. Costs one 4-byte all-reduce; on
         NCCL the tensor lives on the current CUDA device and reading it waits for the step's
         queued GPU work.
         """
@@ -89,17 +89,6 @@ def exit_for_requeue() -> NoReturn:
     if marker:
         Path(marker).touch()
     raise SystemExit(REQUEUE_EXIT_CODE)
-
-
-def ignore_preemption_signals(worker_id: int | None = None) -> None:
-    """Make this process ignore the preemption signals; usable as a DataLoader ``worker_init_fn``.
-
-    torchrun signals each worker's whole process group. Forked helpers inherit the flag-setting
-    handler, but helpers started by spawn/forkserver would die of SIGUSR2/SIGTERM's default action
-    and break the step in flight; the main process decides when to stop and shuts them down.
-    """
-    for sig in DEFAULT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def _collective_device(group: dist.ProcessGroup | None) -> torch.device:

@@ -1,32 +1,19 @@
 """Atomic, verified, rotating checkpoint directories written by all ranks together.
 
-Layout of a run directory (``root``)::
+A checkpoint is a tag directory `root/step_NNNNNN/` holding whatever files the ranks write into it
+between `begin` and `commit` (distlip writes one `distlip_rank{r}.pt` per rank), sealed by a
+`manifest.json` (step, world size, size and SHA-256 of every file) that rank 0 writes last, after
+which `root/latest` names it. Layout and resume rules: docs/checkpoints.md.
 
-    root/
-      latest                    text: the tag of the newest committed checkpoint
-      step_000400/
-        manifest.json           written last, atomically; its presence is what "committed" means
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   (DeepSpeed)
-        distlip_rank0.pt, distlip_rank1.pt, ...                            (distlip)
-      step_000500/ ...
+    ckpt = store.resolve(resume)    # collective, at start-up: None for a fresh start
+    path = store.begin(step)        # collective: an empty tag directory, ready for every rank
+    torch.save(state, path / f"distlip_rank{rank}.pt")
+    store.commit(step, meta)        # collective: manifest, `latest`, rotation
 
-Protocol, on every rank (``begin``, ``commit`` and ``resolve`` are collective)::
-
-    ckpt = store.resolve(resume)            # at start-up: None for a fresh start
-    ...
-    path = store.begin(step)                # an empty tag directory, ready for every rank
-    engine.save_checkpoint(store.root, tag=path.name, save_latest=False)
-    torch.save(extra, path / f"distlip_rank{rank}.pt")
-    store.commit(step, meta={"config": ...})
-
-``save_latest=False`` matters: DeepSpeed would otherwise rewrite ``root/latest`` (not atomically)
-before the manifest exists. The directory must be on a filesystem every rank sees, because rank 0
-hashes every rank's files.
-
-A tag directory without a manifest is torn by definition (a save was interrupted); one whose
-files do not match their manifest is corrupt. Both are skipped, with a warning, when looking for a
-checkpoint to resume from. Nothing good is deleted or overwritten until a newer checkpoint has
-been committed.
+A tag directory without a manifest is torn (a save was interrupted); one whose files do not match
+their manifest is corrupt. Both are skipped, with a warning, when looking for a checkpoint to
+resume from. Nothing good is deleted or overwritten until a newer checkpoint is committed. The
+directory must be on a filesystem every rank sees: rank 0 hashes every rank's files.
 """
 
 from __future__ import annotations
@@ -42,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
@@ -57,7 +44,6 @@ _TAG = re.compile(r"step_(\d+)")
 _HASH_THREADS = 8
 _CHUNK = 8 << 20  # bytes per read while hashing
 
-Verify = Literal["full", "size"]
 T = TypeVar("T")
 
 
@@ -66,12 +52,12 @@ class CheckpointWarning(UserWarning):
 
 
 def tag_for(step: int) -> str:
-    """The tag (directory name) of the checkpoint taken after ``step`` optimizer steps."""
+    """The tag (directory name) of the checkpoint taken after `step` optimizer steps."""
     return f"step_{step:06d}"
 
 
 def step_of(tag: str) -> int | None:
-    """The step encoded in a tag, or None when ``tag`` is not a checkpoint name."""
+    """The step encoded in a tag, or None when `tag` is not a checkpoint name."""
     match = _TAG.fullmatch(tag)
     return int(match.group(1)) if match else None
 
@@ -102,20 +88,18 @@ class Checkpoint:
 
 
 class CheckpointStore:
-    """Checkpoint directories under ``root``, kept to the newest ``keep_last`` committed ones.
+    """Checkpoint directories under `root`, kept to the newest `keep_last` committed ones.
 
     Args:
-        root: run directory holding the ``step_*`` tag directories.
+        root: run directory holding the `step_*` tag directories.
         keep_last: committed checkpoints kept after each commit (>= 1).
         rank, world_size: this process's place in the job.
-        barrier: blocks until every rank calls it (required when ``world_size > 1``).
-        broadcast: returns rank 0's argument on every rank (required when ``world_size > 1``);
+        barrier: blocks until every rank calls it (required when `world_size > 1`).
+        broadcast: returns rank 0's argument on every rank (required when `world_size > 1`);
             decisions about the directory are made once, on rank 0, so that all ranks agree
             even where filesystem views lag, and rank 0's errors are raised on every rank.
-        verify: ``"full"`` checks sizes and SHA-256 of every file when resuming; ``"size"`` checks
-            sizes only (catches truncation, not bit rot) for checkpoints too large to re-read.
 
-    ``CheckpointStore.for_process_group`` wires rank, size and collectives from torch.distributed.
+    `CheckpointStore.for_process_group` wires rank, size and collectives from torch.distributed.
     """
 
     def __init__(
@@ -126,12 +110,9 @@ class CheckpointStore:
         world_size: int = 1,
         barrier: Callable[[], Any] | None = None,
         broadcast: Callable[[Any], Any] | None = None,
-        verify: Verify = "full",
     ) -> None:
         if keep_last < 1:
             raise ConfigError(f"checkpoint keep_last={keep_last}: keep at least 1 checkpoint")
-        if verify not in ("full", "size"):
-            raise ConfigError(f"checkpoint verify={verify!r}: use 'full' or 'size'")
         if world_size > 1 and (barrier is None or broadcast is None):
             raise ConfigError(
                 f"CheckpointStore with world_size={world_size} needs barrier and broadcast: "
@@ -141,17 +122,14 @@ class CheckpointStore:
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
-        self.verify = verify
         self._barrier = barrier or (lambda: None)
         self._broadcast = broadcast or (lambda value: value)
 
     @classmethod
-    def for_process_group(
-        cls, root: str | os.PathLike[str], keep_last: int = 3, verify: Verify = "full"
-    ) -> CheckpointStore:
+    def for_process_group(cls, root: str | os.PathLike[str], keep_last: int = 3) -> CheckpointStore:
         """A store for the default torch.distributed group (a single-process one if none is set up)."""
         if not (dist.is_available() and dist.is_initialized()):
-            return cls(root, keep_last, verify=verify)
+            return cls(root, keep_last)
 
         def broadcast(value: Any) -> Any:
             box = [value]
@@ -165,13 +143,12 @@ class CheckpointStore:
             world_size=dist.get_world_size(),
             barrier=dist.barrier,
             broadcast=broadcast,
-            verify=verify,
         )
 
     # ------------------------------------------------------------------ collective operations
 
     def begin(self, step: int) -> Path:
-        """Collective: an empty directory for the checkpoint of ``step``, created before any rank writes.
+        """Collective: an empty directory for the checkpoint of `step`, created before any rank writes.
 
         A torn or corrupt leftover with the same tag (an interrupted save) is removed; a good
         checkpoint with that tag raises CheckpointError rather than being overwritten.
@@ -195,10 +172,10 @@ class CheckpointStore:
         return path
 
     def commit(self, step: int, meta: dict[str, Any] | None = None) -> Path:
-        """Collective: seal the checkpoint of ``step`` once every rank has written its files.
+        """Collective: seal the checkpoint of `step` once every rank has written its files.
 
-        Rank 0 hashes the files, writes ``manifest.json`` (with ``meta``, which must be
-        JSON-serialisable), points ``latest`` at it and removes checkpoints beyond ``keep_last``.
+        Rank 0 hashes the files, writes `manifest.json` (with `meta`, which must be
+        JSON-serialisable), points `latest` at it and removes checkpoints beyond `keep_last`.
         Returns the tag directory; raises CheckpointError on every rank if sealing failed.
         """
         path = self.root / tag_for(step)
@@ -223,17 +200,17 @@ class CheckpointStore:
     def resolve(self, resume: str | os.PathLike[str] | None) -> Checkpoint | None:
         """Collective: the checkpoint to resume from, verified, and the same on every rank.
 
-        ``resume`` is ``None``/``""``/``"none"`` (fresh start), ``"auto"`` (newest good checkpoint under
+        `resume` is `None`/`""`/`"none"` (fresh start), `"auto"` (newest good checkpoint under
         root, or None if there is none), a tag under root, or a path to a checkpoint directory.
         Raises CheckpointError when an explicitly named checkpoint is missing or bad, or when
-        root holds committed checkpoints that resuming from ``resume`` would mix with a new run.
+        root holds committed checkpoints that resuming from `resume` would mix with a new run.
         """
         return self._on_rank0(lambda: self._resolve_here(resume))
 
     # ------------------------------------------------------------------ local (non-collective) queries
 
     def tag_dirs(self) -> list[Path]:
-        """Every ``step_*`` directory under root, oldest step first (committed or not)."""
+        """Every `step_*` directory under root, oldest step first (committed or not)."""
         if not self.root.is_dir():
             return []
         dirs = [p for p in self.root.iterdir() if p.is_dir() and step_of(p.name) is not None]
@@ -256,7 +233,7 @@ class CheckpointStore:
         return None
 
     def problem(self, path: Path) -> str | None:
-        """Why the checkpoint at ``path`` cannot be used, or None when it verifies."""
+        """Why the checkpoint at `path` cannot be used, or None when it verifies."""
         if not (path / MANIFEST).is_file():
             return "missing manifest: write was interrupted"
         try:
@@ -274,17 +251,16 @@ class CheckpointStore:
                 return f"truncated file {name} ({actual} of {size} bytes)"
             if actual != size:
                 return f"size mismatch in {name} ({actual} bytes, manifest says {size})"
-        if self.verify == "full":
-            digests = _sha256_files([path / name for name, _, _ in expected])
-            for (name, _, sha), digest in zip(expected, digests):
-                if digest != sha:
-                    return f"checksum mismatch in {name}"
+        digests = _sha256_files([path / name for name, _, _ in expected])
+        for (name, _, sha), digest in zip(expected, digests):
+            if digest != sha:
+                return f"checksum mismatch in {name}"
         return None
 
     # ------------------------------------------------------------------ internals
 
     def _on_rank0(self, work: Callable[[], T]) -> T:
-        """Run ``work`` on rank 0 only; every rank returns its result, or raises when it failed."""
+        """Run `work` on rank 0 only; every rank returns its result, or raises when it failed."""
         outcome: tuple[bool, Any] | None = None
         error: Exception | None = None
         if self.rank == 0:
@@ -301,7 +277,7 @@ class CheckpointStore:
         raise CheckpointError(value)
 
     def _resolve_here(self, resume: str | os.PathLike[str] | None) -> Checkpoint | None:
-        """Rank 0's part of ``resolve``."""
+        """Rank 0's part of `resolve`."""
         if not resume or str(resume).lower() == "none":
             self._refuse_other_trajectories(None)
             return None
@@ -322,10 +298,10 @@ class CheckpointStore:
         return Checkpoint(path, _read_manifest(path))
 
     def _refuse_other_trajectories(self, start: Path | None) -> None:
-        """Raise if root holds committed checkpoints that are not ancestors of ``start``.
+        """Raise if root holds committed checkpoints that are not ancestors of `start`.
 
-        Training from ``start`` (None: from scratch) would later collide with them, and after a
-        crash ``--resume auto`` would pick them up and silently splice two runs together.
+        Training from `start` (None: from scratch) would later collide with them, and after a
+        crash `--resume auto` would pick them up and silently splice two runs together.
         """
         start_step = -1
         if start is not None and start.resolve().parent == self.root.resolve():
@@ -361,9 +337,9 @@ class CheckpointStore:
         _atomic_write(path / MANIFEST, json.dumps(manifest, indent=1))
 
     def _rotate(self, newest: Path) -> None:
-        """Remove committed checkpoints older than ``newest`` beyond ``keep_last``, and torn leftovers.
+        """Remove committed checkpoints older than `newest` beyond `keep_last`, and torn leftovers.
 
-        Torn directories other than ``newest`` are dead: nobody writes while ranks are inside
+        Torn directories other than `newest` are dead: nobody writes while ranks are inside
         commit(). Failures only warn, since the new checkpoint is already committed.
         """
         newest_step = step_of(newest.name)
@@ -401,7 +377,7 @@ def _sha256_files(files: list[Path], fsync: bool = False) -> list[str]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers see the old or the new content, never a mix."""
+    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
         handle.write(text)
@@ -412,7 +388,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (the directory entry lives in the directory)."""
+    """Make a rename inside `path` durable (the directory entry lives in the directory)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

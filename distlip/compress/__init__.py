@@ -8,29 +8,18 @@ The trainer builds everything from one `compression:` block (`distlip.config.Com
     if downlink: downlink.sync_many({name: (param.data, master_or_None, owner)}, step=step)
 
 Modules: `compressors` (tensor to message), `transport` (collectives), `estimators`
-(aggregation and the EF21-P downlink), `accounting` (bytes per rank).
+(aggregation), `downlink` (the EF21-P downlink), `accounting` (bytes per rank).
 """
 
 from __future__ import annotations
 
-import difflib
-
 from distlip.compress.accounting import ByteCounter
 from distlip.compress.compressors import Compressor, Identity, Message, RandK, TopK
-from distlip.compress.estimators import (
-    EF14,
-    Dense,
-    Diana,
-    Downlink,
-    EF21Momentum,
-    Estimator,
-    Marina,
-    Plain,
-    check_pair,
-)
+from distlip.compress.downlink import Downlink
+from distlip.compress.estimators import EF14, Dense, Diana, EF21Momentum, Estimator, Marina, Plain, check_pair
 from distlip.compress.transport import Comm, SingleProcessComm, TorchComm
 from distlip.config.schema import CompressionConfig
-from distlip.errors import ConfigError
+from distlip.errors import ConfigError, did_you_mean
 
 __all__ = [
     "ByteCounter", "Comm", "Compressor", "Dense", "Diana", "Downlink", "EF14",
@@ -49,9 +38,7 @@ PLAIN_RANDK_MIN_RATIO = 0.1
 def _known(kind: str, name: object, choices) -> str:
     if name in choices:
         return name
-    close = difflib.get_close_matches(str(name), list(choices), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ConfigError(f"unknown {kind} {name!r}: {hint}(choose from {', '.join(choices)})")
+    raise ConfigError(f"unknown {kind} {name!r}{did_you_mean(str(name), choices)}: choose from {', '.join(choices)}")
 
 
 def make_compressor(name: str, ratio: float = 1.0, *, seed: int = 0, shared_seed: bool = True) -> Compressor:

@@ -96,7 +96,8 @@ class ByteCounter:
 
     def as_dict(self) -> dict[str, float]:
         """Flat figures for a logger: the three headline numbers plus every raw total."""
-        out = {"uplink_bytes": self.uplink_bytes, "downlink_bytes": self.downlink_bytes, "dense_bytes": self.dense_bytes}
+        out = {"uplink_bytes": self.uplink_bytes, "downlink_bytes": self.downlink_bytes,
+               "dense_bytes": self.dense_bytes}
         for direction in (UPLINK, DOWNLINK):
             traffic = self._traffic(direction)
             out.update({f"{direction}_{f.name}": getattr(traffic, f.name) for f in fields(Traffic)})

@@ -129,7 +129,7 @@ class _Position:
     pending: deque = field(default_factory=deque)
     draining: bool = False
 
-    def copy(self) -> "_Position":
+    def copy(self) -> _Position:
         return _Position(self.dataset, self.epoch, self.docs_in_epoch, deque(self.pending), self.draining)
 
 
@@ -185,7 +185,8 @@ class StreamingBatches:
         if seq_len < 1 or batch_size < 1 or read_batch < 1:
             raise DataError("seq_len, batch_size and read_batch must be positive")
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.seq_len, self.batch_size, self.rank, self.world_size, self.seed = seq_len, batch_size, rank, world_size, seed
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.read_batch = read_batch
         # opened here so a bad path, column or offline hub fails at start-up, in the caller's thread;
         # restarts (load_state_dict) reuse it, so local files are UTF-8 checked (a full read) once
@@ -319,7 +320,7 @@ class StreamingBatches:
             self._thread.join(timeout=10)
             self._thread = None
 
-    def __enter__(self) -> "StreamingBatches":
+    def __enter__(self) -> StreamingBatches:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -343,7 +344,8 @@ class StreamingBatches:
         if s is not None:
             state["position"] = {
                 "dataset": s.position.dataset, "epoch": s.position.epoch, "docs_in_epoch": s.position.docs_in_epoch,
-                "draining": s.position.draining, "pending": _pack_arrays(list(s.position.pending)), "buffer": _pack_arrays(s.buffer["docs"]),
+                "draining": s.position.draining, "pending": _pack_arrays(list(s.position.pending)),
+                "buffer": _pack_arrays(s.buffer["docs"]),
                 "rng": s.buffer["rng"], "packer": _pack_arrays(s.packer["chunks"]), "batches": s.batches}
         return state
 

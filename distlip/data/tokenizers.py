@@ -37,7 +37,7 @@ class CharTokenizer:
             self._table[ord(c)] = i
 
     @classmethod
-    def from_text(cls, text: str, with_eot: bool = False) -> "CharTokenizer":
+    def from_text(cls, text: str, with_eot: bool = False) -> CharTokenizer:
         return cls(text, with_eot)
 
     @property
@@ -92,7 +92,7 @@ class BPETokenizer:
         self.tokenizer, self.name, self._eot = tokenizer, name, eot
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "BPETokenizer":
+    def from_file(cls, path: str | Path) -> BPETokenizer:
         """A `tokenizer.json`, or a directory holding one."""
         from tokenizers import Tokenizer
 
@@ -108,7 +108,7 @@ class BPETokenizer:
         return cls(tokenizer, name=str(p))
 
     @classmethod
-    def from_pretrained(cls, name: str) -> "BPETokenizer":
+    def from_pretrained(cls, name: str) -> BPETokenizer:
         """A tokenizer from the Hugging Face hub (or its local cache)."""
         from tokenizers import Tokenizer
 

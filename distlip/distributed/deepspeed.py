@@ -78,7 +78,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     _check_user_deepspeed(user, ours, p)
     merged = dict(user)
     for key, value in ours.items():
-        merged[key] = {**user.get(key, {}), **value} if isinstance(value, dict) and isinstance(user.get(key), dict) else value
+        both_dicts = isinstance(value, dict) and isinstance(user.get(key), dict)
+        merged[key] = {**user.get(key, {}), **value} if both_dicts else value
     return merged
 
 

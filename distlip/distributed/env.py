@@ -25,7 +25,7 @@ class DistEnv:
     local_rank: int = 0
 
     @classmethod
-    def from_environ(cls) -> "DistEnv":
+    def from_environ(cls) -> DistEnv:
         get = lambda k, d: int(os.environ.get(k, d))  # noqa: E731
         return cls(get("RANK", 0), get("WORLD_SIZE", 1), get("LOCAL_RANK", 0))
 

@@ -29,8 +29,8 @@ from torch import Tensor
 from distlip.compress import ByteCounter, EF21Momentum, Marina, TorchComm, build, check
 from distlip.compress.accounting import DOWNLINK, broadcast_bytes
 from distlip.config import CompressionConfig
-from distlip.errors import CheckpointError
 from distlip.distributed.sharding import OwnershipPlan
+from distlip.errors import CheckpointError
 
 
 class TimedComm:
@@ -194,5 +194,6 @@ class CompressedExchange:
         for name, x in self.masters.items():
             saved = state.get(name, {}).get("master")
             if saved is None:
-                raise CheckpointError(f"compression state has no master weights for {name!r}, which rank {self.rank} owns")
+                raise CheckpointError(f"compression state has no master weights for {name!r}, "
+                                      f"which rank {self.rank} owns")
             x.copy_(saved)  # in place: the optimiser holds this tensor

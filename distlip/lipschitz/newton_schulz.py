@@ -1,8 +1,8 @@
 """Newton–Schulz iterations: Muon's orthogonalisation and an accurate matrix sign.
 
 Every function here accepts batched matrices of shape (..., m, n) and applies odd
-matrix polynomials ``X ← aX + (bA + cA²)X`` with ``A = XXᵀ``. On singular values
-that is the scalar map ``σ ← aσ + bσ³ + cσ⁵``; singular vectors are untouched.
+matrix polynomials `X ← aX + (bA + cA²)X` with `A = XXᵀ`. On singular values
+that is the scalar map `σ ← aσ + bσ³ + cσ⁵`; singular vectors are untouched.
 The iteration always runs on the wide orientation (m ≤ n) so the Gram matrix A is
 the smaller m×m one.
 """
@@ -39,7 +39,7 @@ def _is_tall(X: Tensor) -> bool:
 
 
 def _odd_step(X: Tensor, a: Coeff, b: Coeff, c: Coeff) -> Tensor:
-    """One step ``aX + (bA + cA²)X`` on a wide X (..., m, n), A = XXᵀ (..., m, m).
+    """One step `aX + (bA + cA²)X` on a wide X (..., m, n), A = XXᵀ (..., m, m).
 
     a, b, c are floats or per-matrix tensors broadcastable to (..., 1, 1).
     """
@@ -51,7 +51,7 @@ def _odd_step(X: Tensor, a: Coeff, b: Coeff, c: Coeff) -> Tensor:
 
 
 def odd_polynomial(X: Tensor, coeffs: Iterable[Sequence[Coeff]]) -> Tensor:
-    """Apply the steps ``(a, b, c)`` in order to X (..., m, n); returns (..., m, n).
+    """Apply the steps `(a, b, c)` in order to X (..., m, n); returns (..., m, n).
 
     Runs in X's dtype on the wide orientation. Coefficients may be floats or
     per-matrix tensors of shape (..., 1, 1).
@@ -72,7 +72,7 @@ def _frobenius_normalize(X: Tensor, eps: float) -> Tensor:
 def orthogonalize(G: Tensor, *, dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> Tensor:
     """Muon's orthogonalisation of G (..., m, n): 5 quintic Newton–Schulz steps.
 
-    G is Frobenius-normalised per matrix, iterated in ``dtype`` (float32, or bfloat16
+    G is Frobenius-normalised per matrix, iterated in `dtype` (float32, or bfloat16
     for speed), and returned with G's shape and dtype. Singular values of at least
     0.3% of ‖G‖_F come out in [0.977, NS_MAX_GAIN]; zero ones stay zero.
     """
@@ -84,8 +84,8 @@ def msign(X: Tensor, steps: int = 15, *, tol: float = 1e-4, eps: float = 1e-12) 
     """Accurate polar factor of X (..., m, n): every non-zero singular value → 1.
 
     Muon's quintic steps first lift small singular values quickly, then up to
-    ``steps`` cubic Newton–Schulz steps converge quadratically; iteration stops once
-    no matrix in the batch changes by more than ``tol`` in Frobenius norm (the next
+    `steps` cubic Newton–Schulz steps converge quadratically; iteration stops once
+    no matrix in the batch changes by more than `tol` in Frobenius norm (the next
     step would then move singular values by < 2·tol²). Zero singular values stay zero.
     Accurate for singular values above about 1e-4·‖X‖_F. Computed in float32 (float64
     inputs stay float64); returns X's shape and dtype.

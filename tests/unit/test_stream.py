@@ -23,7 +23,7 @@ from distlip.data.packing import Packer, ShuffleBuffer, document_ids
 from distlip.data.sources import first_invalid_utf8, shakespeare_plays
 from distlip.data.stream import StreamingBatches, load_stream_tokenizer
 from distlip.data.tokenizer_cli import main as tokenizer_main
-from distlip.data.tokenizers import BPETokenizer, EOT_TOKEN, load_tokenizer, tokenizer_from_dict, train_bpe
+from distlip.data.tokenizers import EOT_TOKEN, BPETokenizer, load_tokenizer, tokenizer_from_dict, train_bpe
 from distlip.errors import DataError
 from distlip.trainer import Trainer
 

@@ -1,15 +1,15 @@
 """The `compression:` config block: typed overrides, and one clear error line for each mistake."""
 
-from pathlib import Path
-
 import pytest
 
 from distlip.config import Config, config_from_dict, load_config
-from distlip.distributed.env import DistEnv
 from distlip.config.checks import check_distributed
+from distlip.distributed.env import DistEnv
 from distlip.errors import ConfigError
 
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+from helpers import ROOT
+
+SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 def test_defaults_are_off_and_overrides_are_typed():

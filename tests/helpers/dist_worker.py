@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_distributed.py: trains the tiny model at every ZeRO stage
+"""Run under torchrun by tests/multiproc/test_distributed.py: trains the tiny model at every ZeRO stage
 with each constraint family and records, per rank, what the test compares."""
 
 import hashlib
@@ -6,9 +6,9 @@ import sys
 
 import torch
 
-from distlip.lipschitz.certificate import exact_norms
 from distlip.config import load_config
 from distlip.distributed.env import exit_process
+from distlip.lipschitz.certificate import exact_norms
 from distlip.trainer import Trainer
 
 STAGES = (0, 1, 2, 3)

@@ -25,17 +25,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distlip.checkpoint.state import certified_weights, export_checkpoint, find_checkpoint, merged_field, open_model, read_rank_files
+from distlip.checkpoint.export import load_model
+from distlip.checkpoint.state import (
+    certified_weights,
+    export_checkpoint,
+    find_checkpoint,
+    merged_field,
+    open_model,
+    read_rank_files,
+)
 from distlip.cli import main as cli
 from distlip.config import load_config
 from distlip.errors import CheckpointError
-from distlip.checkpoint.export import load_model
 from distlip.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE_ENV
 from distlip.slurm import FORWARDED_SIGNALS
 from distlip.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+from helpers import HELPERS, ROOT
 
 STEPS = 30
 COMMON = ["train.progress=false", "train.tensorboard=false", "model.d_model=16", "model.n_heads=2",
@@ -63,7 +69,8 @@ def write_corpus(directory: Path) -> Path:
     rng = random.Random(0)
     words = ["thou", "art", "the", "king", "of", "rose", "night", "and", "wherefore"]
     for f in range(2):
-        lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 40)))}) for _ in range(200)]
+        lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 40)))})
+                 for _ in range(200)]
         (directory / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n")
     return directory
 
@@ -84,7 +91,7 @@ def launch(jobs: list[list[str]], log: Path, port: int, env: dict | None = None)
     """One torchrun launch of 2 workers running `jobs` in turn, output to `log`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "--signals_to_handle", FORWARDED_SIGNALS, str(ROOT / "tests" / "cli_worker.py"), json.dumps(jobs)]
+           "--signals_to_handle", FORWARDED_SIGNALS, str(HELPERS / "cli_worker.py"), json.dumps(jobs)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -145,7 +152,8 @@ def runs(tmp_path_factory):
     """Every run, in three launches. Returns paths and what the test observed while interrupting."""
     tmp = tmp_path_factory.mktemp("resume")
     base = 29700 + os.getpid() % 200
-    names = ["one", "ref_adam", "ref_adam0", "one_to_two", "usr2", "kill", "stream", *SPLIT, *(f"ref_{n}" for n in SPLIT)]
+    names = ["one", "ref_adam", "ref_adam0", "one_to_two", "usr2", "kill", "stream", *SPLIT,
+             *(f"ref_{n}" for n in SPLIT)]
     r = {name: tmp / name for name in names}
     corpus = write_corpus(tmp / "corpus")
     torch.set_num_threads(1)

@@ -14,7 +14,7 @@ from distlip import preemption
 from distlip.errors import ConfigError
 from distlip.slurm import SHUTDOWN_TIMEOUT_S, expand_hostlist, launch_command, main, master_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "slurm" / "train.sbatch"
 TRAIN = ["-m", "distlip", "train", "--config", "c.yaml"]
 JOB_ID = 123456

@@ -1,23 +1,23 @@
 """Compressors, estimators and byte accounting in one process (docs/compression.md#formulas).
 
 Multi-worker behaviour is simulated with one thread per worker over an in-memory `Comm`
-(`ThreadGroup`); the real 2-process gloo checks live in test_compress_dist.py.
+(`helpers.compression.ThreadGroup`); the real 2-process gloo checks live in
+tests/multiproc/test_compress_dist.py.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 import torch
 
 from distlip.compress import (
+    EF14,
     ByteCounter,
     Dense,
     Diana,
     Downlink,
-    EF14,
     EF21Momentum,
     Identity,
     Marina,
@@ -30,100 +30,15 @@ from distlip.compress import (
     make_compressor,
     validate,
 )
-from distlip.config import CompressionConfig, load_config
 from distlip.compress.accounting import all_gather_bytes, ring_all_reduce_bytes
 from distlip.compress.compressors import FILTER_MIN_D, INDEX_BYTES, sample_without_replacement, top_magnitudes
+from distlip.config import CompressionConfig, load_config
 from distlip.errors import ConfigError
+
+from helpers.compression import ThreadGroup, aggregate, sync
 
 # Tolerance for Monte-Carlo means, in standard errors (the draws are seeded, so fixed).
 Z = 5.0
-
-
-class ThreadGroup:
-    """M workers in one process, one thread each; `comm(rank)` is that worker's `Comm`.
-
-    Slots alternate between two buffers, so one barrier per collective suffices: a rank can
-    only overwrite a buffer after the next barrier, by which time everyone has read it.
-    """
-
-    def __init__(self, world_size: int) -> None:
-        self.world_size = world_size
-        self.slots = [[None] * world_size, [None] * world_size]
-        self.barrier = threading.Barrier(world_size)
-
-    def comm(self, rank: int) -> ThreadComm:
-        return ThreadComm(self, rank)
-
-    def run(self, worker) -> list:
-        """Run `worker(comm)` on every rank concurrently; its return values in rank order."""
-        results: list = [None] * self.world_size
-        errors: list[BaseException] = []
-
-        def target(rank: int) -> None:
-            try:
-                results[rank] = worker(self.comm(rank))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                errors.append(exc)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world_size)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return results
-
-
-class ThreadComm:
-    def __init__(self, group: ThreadGroup, rank: int) -> None:
-        self.group = group
-        self.rank = rank
-        self.world_size = group.world_size
-        self.calls = 0
-        self.moved = [0.0, 0.0]  # bytes this rank really sent and received
-        self.log: list[str] = []  # the collectives called, in order
-
-    def _exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        slots = self.group.slots[self.calls % 2]
-        self.calls += 1
-        slots[self.rank] = tensor.clone()
-        self.group.barrier.wait()
-        return list(slots)
-
-    def all_reduce_sum(self, tensor):
-        self.log.append("all_reduce_sum")
-        self.moved = [m + ring_all_reduce_bytes(tensor.nbytes, self.world_size) for m in self.moved]
-        parts = self._exchange(tensor)
-        total = parts[0].clone()
-        for part in parts[1:]:
-            total += part
-        return tensor.copy_(total)
-
-    def all_gather(self, tensor):
-        self.log.append("all_gather")
-        return self._exchange(tensor)
-
-    def broadcast(self, tensor, src):
-        self.log.append("broadcast")
-        return tensor.copy_(self._exchange(tensor)[src])
-
-    def reduce_scatter_sum(self, tensor):
-        self.log.append("reduce_scatter_sum")
-        chunk = tensor.numel() // self.world_size
-        parts = [p[self.rank * chunk:(self.rank + 1) * chunk] for p in self._exchange(tensor)]
-        self.moved = [m + (self.world_size - 1) * chunk * tensor.element_size() for m in self.moved]
-        return sum(parts[1:], parts[0].clone())
-
-    def all_to_all(self, tensor, send_sizes, recv_sizes):
-        self.log.append("all_to_all")
-        sent = self._exchange(tensor)
-        starts = [sum(send_sizes[:self.rank]) for _ in sent]
-        pieces = [p[s:s + n] for p, s, n in zip(sent, starts, recv_sizes)]
-        self.moved[0] += sum(n for r, n in enumerate(send_sizes) if r != self.rank) * tensor.element_size()
-        self.moved[1] += sum(n for r, n in enumerate(recv_sizes) if r != self.rank) * tensor.element_size()
-        return torch.cat(pieces)
 
 
 class OnePassMarina(Marina):
@@ -173,7 +88,8 @@ def test_top_magnitudes_picks_what_torch_topk_picks(case, ratio, monkeypatch):
 def draws(compressor, x, n):
     """n independent compressions of x (different steps), decompressed: (n, d)."""
     d = x.numel()
-    return torch.stack([compressor.decompress(compressor.compress(x, step=s, tensor_id="x", rank=0), d) for s in range(n)])
+    return torch.stack([compressor.decompress(compressor.compress(x, step=s, tensor_id="x", rank=0), d)
+                        for s in range(n)])
 
 
 # ---------------------------------------------------------------- compressors
@@ -365,13 +281,13 @@ ESTIMATOR_PAIRS = [
 def test_state_dict_resumes_exactly(cls, compressor):
     grads = torch.randn(8, 2, 40, generator=torch.Generator().manual_seed(2))
     full, first = cls(compressor), cls(compressor)
-    outs = [full.aggregate(f"p{i}", grads[s, i], step=s) for s in range(8) for i in range(2)]
+    outs = [aggregate(full, f"p{i}", grads[s, i], step=s) for s in range(8) for i in range(2)]
     for s in range(4):
         for i in range(2):
-            first.aggregate(f"p{i}", grads[s, i], step=s)
+            aggregate(first, f"p{i}", grads[s, i], step=s)
     resumed = cls(compressor)
     resumed.load_state_dict(first.state_dict())
-    again = [resumed.aggregate(f"p{i}", grads[s, i], step=s) for s in range(4, 8) for i in range(2)]
+    again = [aggregate(resumed, f"p{i}", grads[s, i], step=s) for s in range(4, 8) for i in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(outs[8:], again))
 
 
@@ -383,7 +299,7 @@ def test_warmup_is_dense_then_compressed():
         sent = []
         for step in range(warmup + 2):
             est.counter.reset()
-            est.aggregate("w", torch.randn(d), step=step)
+            aggregate(est, "w", torch.randn(d), step=step)
             sent.append(est.counter.uplink.sent)
         return sent, est.counter.uplink.dense_sent
 
@@ -404,7 +320,7 @@ def test_ratio_one_estimators_equal_dense_on_three_workers(cls, compressor):
 
     def worker(comm):
         dense, est = Dense(None, comm), cls(compressor, comm, warmup_steps=2)
-        return [(dense.aggregate("w", grads[comm.rank, s], step=s), est.aggregate("w", grads[comm.rank, s], step=s))
+        return [(aggregate(dense, "w", grads[comm.rank, s], step=s), aggregate(est, "w", grads[comm.rank, s], step=s))
                 for s in range(6)]
 
     for rank_result in ThreadGroup(3).run(worker):
@@ -420,9 +336,9 @@ def test_byte_counter_on_four_workers():
     for est, expected in cases.values():
         def worker(comm, est=est):
             e = type(est)(est.compressor, comm, warmup_steps=1)
-            e.aggregate("w", torch.randn(d), step=0)
+            aggregate(e, "w", torch.randn(d), step=0)
             e.counter.reset()
-            e.aggregate("w", torch.randn(d), step=1)
+            aggregate(e, "w", torch.randn(d), step=1)
             return e.counter
         for counter in ThreadGroup(world).run(worker):
             assert counter.uplink_bytes == counter.uplink.sent == counter.uplink.received == expected
@@ -446,7 +362,7 @@ def relative_error(make, lr, steps):
     def worker(comm):
         est, x, errors = make(comm), torch.zeros(D, dtype=torch.float64), []
         for step in range(steps):
-            x = x - lr * est.aggregate("x", A[comm.rank] * (x - B[comm.rank]), step=step)
+            x = x - lr * aggregate(est, "x", A[comm.rank] * (x - B[comm.rank]), step=step)
             errors.append(float((x - X_STAR).norm() / X_STAR.norm()))
         return x, errors
 
@@ -495,7 +411,8 @@ def test_plain_randk_one_percent_stalls_at_a_small_learning_rate():
 def test_ef14_reaches_a_floor_that_shrinks_with_the_step():
     """EF14 has the known heterogeneity floor (∝ lr) that EF21 removes; it does not diverge."""
     # Equal lr·steps, so both runs have had the same time to settle.
-    floors = [relative_error(lambda c: EF14(TopK(0.01), c), lr, steps)[-1] for lr, steps in ((0.02, 300), (0.005, 1200))]
+    floors = [relative_error(lambda c: EF14(TopK(0.01), c), lr, steps)[-1]
+              for lr, steps in ((0.02, 300), (0.005, 1200))]
     assert floors[1] < floors[0] / 2 < 0.5
 
 
@@ -511,7 +428,7 @@ def test_downlink_tracks_the_master_on_three_workers():
         for step in range(steps):
             if master is not None:
                 master -= lr * updates[step]
-            down.sync("w", weights, master, step=step, owner=1)
+            sync(down, "w", weights, master, step=step, owner=1)
             if master is not None:
                 gaps.append(float((master - weights).norm() / master.norm()))
         return weights, gaps, down.counter
@@ -558,7 +475,7 @@ def test_bucketed_and_owner_only_exchanges_equal_per_tensor_aggregation(cls, com
         steps = []
         for step in range(6):
             grads = _step_grads(comm.rank, step)
-            ref = {n: single.aggregate(n, g, step=step) for n, g in grads.items()}
+            ref = {n: aggregate(single, n, g, step=step) for n, g in grads.items()}
             before = len(comm.log)
             got = many.aggregate_many(grads, step=step)
             calls = len(comm.log) - before
@@ -596,10 +513,13 @@ def test_owners_use_their_own_share_whole(cls, compressor):
             before = {n: ref._state.get(n, {}).get("e", torch.zeros(d)).clone() for n, d in OWN_SIZES.items()}
             ref.aggregate_many(grads, step=step, owners=OWN_OWNERS)
             after = {n: ref._state[n].get("e", torch.zeros(d)) for n, d in OWN_SIZES.items()}
-            sent = {n: {"plain": lambda: compressor.decompress(compressor.compress(
-                            grads[n], step=step, tensor_id=n, rank=comm.rank), OWN_SIZES[n]),
-                        "ef21": lambda: ref._state[n]["u"].clone(),
-                        "ef14": lambda: grads[n] + before[n] - after[n]}[cls.name]() for n in grads}
+            if cls.name == "plain":
+                sent = {n: compressor.decompress(compressor.compress(grads[n], step=step, tensor_id=n, rank=comm.rank),
+                                                 OWN_SIZES[n]) for n in grads}
+            elif cls.name == "ef21":
+                sent = {n: ref._state[n]["u"].clone() for n in grads}
+            else:
+                sent = {n: grads[n] + before[n] - after[n] for n in grads}
             mine = own.aggregate_many(grads, step=step, owners=OWN_OWNERS)
             own_e = {n: "e" in own._state[n] for n in mine}
             record.append((grads, sent, mine, own_e))
@@ -713,7 +633,7 @@ def test_downlink_sends_one_broadcast_per_owner():
                 if n in masters:
                     masters[n] -= 0.1 * shifts[step, i]
             for n, o in owners.items():
-                single.sync(n, w1[n], masters.get(n), step=step, owner=o)
+                sync(single, n, w1[n], masters.get(n), step=step, owner=o)
             before = len(comm.log)
             many.sync_many({n: (w2[n], masters.get(n), o) for n, o in owners.items()}, step=step)
             calls.append(len(comm.log) - before)
@@ -758,8 +678,8 @@ def test_marina_on_one_batch_converges_under_noise_and_one_pass_drifts():
 def test_marina_on_one_batch_asks_for_the_previous_gradients():
     est = Marina(RandK(0.1))
     assert not est.needs_previous({"w": 50}, step=0)  # the first call is a dense round
-    est.aggregate("w", torch.randn(50), step=0)
+    aggregate(est, "w", torch.randn(50), step=0)
     assert est.needs_previous({"w": 50}, step=1)
     assert not Marina(RandK(0.1), same_batch=False).needs_previous({"w": 50}, step=1)
     with pytest.raises(ValueError, match="previous weights on this batch"):
-        est.aggregate("w", torch.randn(50), step=1)
+        aggregate(est, "w", torch.randn(50), step=1)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from distlip.errors import ConfigError
 from distlip.lipschitz.constraints import (
     HARD_CAP_COEFFS,
     HARD_CAP_PEAK,
@@ -21,7 +22,6 @@ from distlip.lipschitz.constraints import (
     rms_scale,
     soft_cap_alpha,
 )
-from distlip.errors import ConfigError
 from distlip.lipschitz.newton_schulz import MUON_NS_COEFFS, NS_MAX_GAIN, msign, orthogonalize
 
 CAP_METHODS = ("hard_cap", "soft_cap", "spectral_normalize", "stiefel", "exact_cap")

@@ -29,6 +29,8 @@ from distlip.compress import (
 )
 from distlip.compress.accounting import all_gather_bytes, broadcast_bytes, reduce_scatter_bytes, ring_all_reduce_bytes
 
+from helpers.compression import aggregate, sync
+
 WORLD = 2
 D, STEPS, WARMUP = 400, 6, 2
 
@@ -97,7 +99,7 @@ def _run(cls, compressor, comm):
     """Aggregates of two tensors over STEPS steps, with the warm-up in front."""
     est = cls(compressor, comm, warmup_steps=WARMUP)
     grads = _grads(comm.rank)
-    outs = [est.aggregate(f"p{i}", grads[s, i], step=s) for s in range(STEPS) for i in range(2)]
+    outs = [aggregate(est, f"p{i}", grads[s, i], step=s) for s in range(STEPS) for i in range(2)]
     return outs, est
 
 
@@ -144,7 +146,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
         for s in range(STEPS):
             for i, owner in enumerate((0, 1)):  # tensor i is owned by rank i
                 masters[i] -= 0.1 * steps[s, i]
-                down.sync(f"p{i}", weights[i], masters[i] if rank == owner else None, step=s, owner=owner)
+                sync(down, f"p{i}", weights[i], masters[i] if rank == owner else None, step=s, owner=owner)
         record["downlink"][key] = {
             "weights": weights,
             "masters": masters,

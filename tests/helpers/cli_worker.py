@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_resume_dist.py: several `distlip` commands, one after the
+"""Run under torchrun by tests/multiproc/test_resume_dist.py: several `distlip` commands, one after the
 other, in one launch (each launch costs ~10 s). argv[1] is a JSON list of argument lists."""
 
 import json

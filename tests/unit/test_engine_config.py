@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from distlip.config import load_config
-from distlip.distributed.env import DistEnv
-from distlip.distributed.deepspeed import apply_launcher_zero_stage, deepspeed_config
 from distlip.config.checks import check_distributed
+from distlip.distributed.deepspeed import apply_launcher_zero_stage, deepspeed_config
+from distlip.distributed.env import DistEnv, select_device
 from distlip.errors import ConfigError
-from distlip.distributed.env import select_device
 
 SMOKE = "configs/smoke.yaml"
 
@@ -71,7 +70,8 @@ def test_contradicting_user_deepspeed_json_is_refused(tmp_path, user, fragment):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     with pytest.raises(ConfigError, match=fragment):
-        check_distributed(cfg("dist.zero_stage=2", "optim.embed=adam", f"dist.deepspeed_config={path}"), DistEnv(0, 2, 0))
+        check_distributed(cfg("dist.zero_stage=2", "optim.embed=adam", f"dist.deepspeed_config={path}"),
+                          DistEnv(0, 2, 0))
 
 
 def test_user_deepspeed_json_is_checked_on_one_process_too(tmp_path):

@@ -1,7 +1,6 @@
 """Sharded training on 2 CPU processes (gloo) matches single-process training at every ZeRO
 stage, keeps every matrix under its cap after every step, and keeps replicas identical."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,12 +9,8 @@ import torch
 from distlip.config import load_config
 from distlip.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-import dist_worker  # noqa: E402
-from distlaunch import run_worker  # noqa: E402
-
-pytestmark = pytest.mark.slow
+from helpers import dist_worker
+from helpers.distlaunch import run_worker
 
 
 @pytest.fixture(scope="module")

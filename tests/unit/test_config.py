@@ -1,13 +1,13 @@
 """Config loading: presets, dotted overrides, and one-line errors for bad input."""
 
-from pathlib import Path
-
 import pytest
 
 from distlip.config import load_config
 from distlip.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from helpers import ROOT
+
+CONFIGS = ROOT / "configs"
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
@@ -58,7 +58,7 @@ def test_bad_data_files_are_one_line_errors(tmp_path):
     for path, fragment in ((empty, "is empty"), (binary, "not UTF-8"), (tmp_path / "missing.txt", "not found")):
         proc = subprocess.run([sys.executable, "-m", "distlip", "train", "--config", "configs/smoke.yaml",
                                "--out", str(tmp_path / "run"), "data.source=text", f"data.path={path}"],
-                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                              capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: ") and fragment in proc.stderr and "Traceback" not in proc.stderr
         assert proc.stderr.count("\n") == 1
