@@ -109,6 +109,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 250
     eval_windows: int = 0  # validation windows per periodic eval (0: whole split)
+    logits_chunk_mib: float = 256.0  # float32 logits materialised at once (tokens × vocabulary), MiB
+    max_memory_gib: float = 0.0  # refuse a micro-batch predicted above this (0: the GPU's memory, no check on CPU; <0: off)
     certify_every: int = 1  # cheap certificate every N steps
     exact_certify_every: int = 0  # exact SVD certificate every N steps (0: end only)
     save_every: int = 0  # sharded checkpoint every N steps (0: end only)
@@ -373,6 +375,7 @@ def validate(cfg: Config) -> None:
     _require(t.steps > 0 and t.batch_size > 0 and t.grad_accum > 0, "train.steps, batch_size and grad_accum must be positive")
     _require(t.batch_size % t.grad_accum == 0,
              f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    _require(t.logits_chunk_mib > 0, f"train.logits_chunk_mib={t.logits_chunk_mib} must be > 0 (MiB of logits computed at once)")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' is unknown; use auto, cpu or cuda")
     _require(t.dtype in ("float32", "bfloat16"), f"train.dtype='{t.dtype}' is unknown; use float32 or bfloat16")
     _require(cfg.dist.zero_stage in (0, 1, 2, 3),
