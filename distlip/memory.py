@@ -82,6 +82,7 @@ class MemoryEstimate:
     logits: int  # the chunked head's buffers in training
     optimizer_workspace: int
     eval_working: int  # one evaluation forward (no grad) with its logits chunk
+    certificate_workspace: int  # float64 copies for the exact SVD and the embedding's row norms
     micro_batch: int
     chunk_tokens: int
 
@@ -101,15 +102,27 @@ class MemoryEstimate:
         return self.weights + self.optimizer + self.eval_working
 
     @property
+    def resting_peak(self) -> int:
+        """Between steps (gradients freed), with the exact certificate's float64 copies."""
+        return self.weights + self.optimizer + self.certificate_workspace
+
+    @property
+    def checkpoint_peak(self) -> int:
+        """Saving: the optimiser state is cloned into the checkpoint; export serialises a copy
+        of the weights."""
+        return self.weights + self.optimizer + max(self.optimizer, self.weights)
+
+    @property
     def peak(self) -> int:
-        return max(self.train_peak, self.step_peak, self.eval_peak)
+        return max(self.train_peak, self.step_peak, self.eval_peak, self.resting_peak, self.checkpoint_peak)
 
     def table(self) -> dict[str, float]:
         """GiB by term and phase, for logs and benchmarks."""
-        names = ("weights", "gradients", "optimizer", "activations", "logits", "optimizer_workspace", "eval_working")
+        names = ("weights", "gradients", "optimizer", "activations", "logits", "optimizer_workspace", "eval_working",
+                 "certificate_workspace")
         out = {n: getattr(self, n) / GIB for n in names}
         out.update(train_peak=self.train_peak / GIB, step_peak=self.step_peak / GIB, eval_peak=self.eval_peak / GIB,
-                   peak=self.peak / GIB)
+                   resting_peak=self.resting_peak / GIB, checkpoint_peak=self.checkpoint_peak / GIB, peak=self.peak / GIB)
         return out
 
 
@@ -169,8 +182,10 @@ def estimate_memory(cfg: Config, world_size: int = 1, rank: int | None = None,
     # Evaluation keeps no graph: a few (B, T, r·d) tensors of one block at a time.
     eval_working = (tokens * (8 + f4 * (3 + 2 * m.mlp_ratio) * d) + mask_bytes // max(m.n_layers, 1)
                     + LOGIT_BUFFERS * f4 * chunk * vocab + (2 * chunk * vp + 2 * (matrices + vp * d) if half else 0))
+    # float64: a matrix and its SVD's working copy; the embedding squared for its row norms
+    certificate_workspace = 2 * 8 * max(max(numel[n] for n in shapes if n != "embed.weight"), embed)
     return MemoryEstimate(weights, gradients, optimizer, activations, logits, optimizer_workspace, eval_working,
-                          micro, chunk)
+                          certificate_workspace, micro, chunk)
 
 
 def largest_fitting_micro_batch(cfg: Config, world_size: int, limit_bytes: float) -> int:
