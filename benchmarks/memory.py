@@ -106,9 +106,8 @@ def predictions(cfg_dict: dict) -> dict[str, float]:
     from distlip.memory import estimate_memory
 
     est = estimate_memory(config_from_dict(cfg_dict))
-    return {"init": est.weights, "train": max(est.train_peak, est.step_peak),
-            "eval": est.eval_peak, "certificate": est.resting_peak, "checkpoint": est.checkpoint_peak,
-            "export": est.checkpoint_peak}
+    return {"train": max(est.train_peak, est.step_peak), "eval": est.eval_peak, "certificate": est.resting_peak,
+            "checkpoint": est.checkpoint_peak, "export": est.export_peak}
 
 
 def ensure_tokenizer(path: Path) -> Path:
@@ -143,7 +142,7 @@ def rows(result: dict) -> list[dict]:
     base, m = result["baseline"], result["config"]["model"]
     t = result["config"]["train"]
     out = []
-    for phase in PHASES:
+    for phase in PHASES[1:]:  # building the trainer sets the baseline
         measured = result["peaks"][phase] - base
         predicted = result["predicted"][phase]
         out.append({"case": result["name"], "phase": phase,

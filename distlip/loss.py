@@ -34,9 +34,10 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, scale: float, vocab: int) -> torch.Tensor:
     """(n, d) hidden states and (V_padded, d) head, both in the compute dtype → (n, vocab)
-    float32 logits, rounded as the unchunked head rounds them (`linear`, `× scale`, first
-    `vocab` columns, `float()`)."""
-    return (F.linear(h, w) * scale)[:, :vocab].float()
+    float32 logits, rounded as the unchunked head rounds them (`linear`, `× scale` in the
+    compute dtype, `float()`). Only the first `vocab` rows of the head are used: the output is
+    contiguous, scaled in place, and one float32 buffer in float32."""
+    return F.linear(h, w[:vocab]).mul_(scale).float()
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -65,7 +66,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 del logp, dlogits
                 if want_h:
                     grad_h[i:i + chunk] = (dz @ w[:vocab]).to(h.dtype)
-                if want_w:
+                if want_w and dtype == grad_w.dtype:
+                    grad_w[:vocab].addmm_(dz.t(), hc)  # in place: no head-sized temporary per chunk
+                elif want_w:
                     grad_w[:vocab] += (dz.t() @ hc).to(grad_w.dtype)
         ctx.grads = (grad_h, grad_w)
         return (total / n).to(torch.float32)

@@ -176,3 +176,18 @@ def test_refusal_is_one_line_before_training(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: predicted peak memory") and "largest micro-batch that fits is" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_unchunked_bf16_head():
+    model = tiny()
+    idx, y = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16))
+    m = model.cfg
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(model(idx).flatten(0, 1), y.flatten())
+        ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+        loss = head_cross_entropy(model.hidden(model.embed(idx)), model.head.weight, y, m.logit_scale, m.vocab_size, 5)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=0)  # same bf16 logits; chunked matmuls may round apart
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0.05, atol=0.05 * r.abs().max().item())
