@@ -30,7 +30,7 @@ import torch
 from distlip.config import Config, ModelConfig
 from distlip.errors import ConfigError
 from distlip.loss import FLOAT32_BYTES, LOGIT_BUFFERS, chunk_tokens
-from distlip.sharding import plan_ownership
+from distlip.distributed.sharding import plan_ownership
 
 GIB = 2**30
 # float32 copies of a same-shape group alive during Muon's step on it (measured: 7.2 for one

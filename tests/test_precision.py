@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distlip.certificate import CAP_RTOL, embed_rms_max, exact_norms
+from distlip.lipschitz.certificate import CAP_RTOL, embed_rms_max, exact_norms
 from distlip.config import load_config
 from distlip.trainer import Trainer
 
