@@ -11,7 +11,7 @@
 #   2. the Shakespeare recipe (configs/shakespeare.yaml) end to end: validation loss, accuracy, certificate;
 #   3. the compressed exchange of the 145M gradients (benchmarks/compression_145m.py) over NCCL, one
 #      process per GPU. With one GPU, NCCL cannot pair two processes: that run times the codec on one rank.
-# Tables: OUT/tables.md (and OUT/report.json); logs and runs beside them. Knobs: STEPS (300), BATCH (128
+# Tables: OUT/tables.md (and OUT/report.json); logs and runs beside them. Knobs: STEPS (200), BATCH (128
 # sequences per step), MICRO (8 per micro-batch, as the preset), PEAK_TFLOPS (989, dense bf16 of an
 # H100/H200 SXM) for the MFU. A step that fails is logged and the others still run.
 #
@@ -69,7 +69,7 @@ else
   fi
   DEVICE=cuda; NPROC=$(( GPUS < 8 ? GPUS : 8 ))
   MODEL=(train.dtype=bfloat16)
-  STEPS="${STEPS:-300}"; BATCH="${BATCH:-128}"; VAL=65537; VOCAB=50257; MAX_CHARS=0; SK=()
+  STEPS="${STEPS:-200}"; BATCH="${BATCH:-128}"; VAL=65537; VOCAB=50257; MAX_CHARS=0; SK=()
   COMPRESSION_PRESET="$ROOT/configs/nanogpt-145m.yaml"
   "$PY" -c "import torch; print('gpu.sh: torch', torch.__version__, '|', torch.cuda.get_device_name(), '×', torch.cuda.device_count())" | tee -a "$OUT/log.txt"
 fi
