@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--code", default="", help="run the phases with the distlip package in this directory")
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides for every case")
     ap.add_argument("--json", default="", help="also write the raw results here")
+    ap.add_argument("--from-json", nargs="*", default=[],
+                    help="no runs: tabulate raw results written by --json, with this tree's predictions")
     ap.add_argument("--results", action="store_true", help="record the table in benchmarks/RESULTS.md")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
@@ -175,8 +177,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        results = [run_case(name, args, Path(tmp)) for name in args.case]
+    if args.from_json:
+        results = [r for path in args.from_json for r in json.loads(Path(path).read_text())]
+        for r in results:
+            r["predicted"] = predictions(r["config"])
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = [run_case(name, args, Path(tmp)) for name in args.case]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     text = table([r for res in results for r in rows(res)], COLUMNS)

@@ -89,13 +89,15 @@ class MemoryEstimate:
     momentum: int  # the momenta among the optimiser state (a checkpoint clones them)
     micro_batch: int
     chunk_tokens: int
+    accumulates: bool  # train.grad_accum > 1: gradients live through the forward
 
     @property
     def train_peak(self) -> int:
-        """During a micro-batch's forward/backward: state, saved activations, the head's buffers.
-        Gradients count in full: they exist while the next micro-batch runs (accumulation), and
-        otherwise fill up as the activations are freed."""
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        """At the start of a micro-batch's backward: state, saved activations, the head's buffers.
+        Under accumulation the gradients of the earlier micro-batches are there too; otherwise
+        they appear only as the backward frees the activations (the step's peak covers them)."""
+        held = self.gradients if self.accumulates else 0
+        return self.weights + held + self.optimizer + self.activations + self.logits
 
     @property
     def step_peak(self) -> int:
@@ -199,7 +201,7 @@ def estimate_memory(cfg: Config, world_size: int = 1, rank: int | None = None,
     # float64: a matrix and its SVD's working copy; the embedding squared for its row norms
     certificate_workspace = 2 * 8 * max(max(numel[n] for n in shapes if n != "embed.weight"), embed)
     return MemoryEstimate(weights, gradients, optimizer, activations, logits, optimizer_workspace, eval_working,
-                          certificate_workspace, momentum, micro, chunk)
+                          certificate_workspace, momentum, micro, chunk, t.grad_accum > 1)
 
 
 def largest_fitting_micro_batch(cfg: Config, world_size: int, limit_bytes: float) -> int:
