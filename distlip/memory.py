@@ -248,5 +248,5 @@ def check_memory(cfg: Config, world_size: int, device: torch.device) -> MemoryEs
             accum += 1
         fix = (f"the largest micro-batch that fits is {fits} sequences: set train.grad_accum={accum} "
                f"({t.batch_size // (world_size * accum)} per micro-step)")
-    raise ConfigError(f"predicted peak memory {est.peak / GIB:.1f} GiB per rank (micro-batch {est.micro_batch} × "
-                      f"{cfg.seq_len()} tokens) exceeds train.max_memory_gib={limit:.1f}; {fix}")
+    raise ConfigError(f"predicted peak memory {est.peak / GIB:.3g} GiB per rank (micro-batch {est.micro_batch} × "
+                      f"{cfg.seq_len()} tokens) exceeds train.max_memory_gib={limit:g}; {fix}")
