@@ -189,7 +189,8 @@ def estimate_memory(cfg: Config, world_size: int = 1, rank: int | None = None,
                    + (2 * matrices if half else 0))  # autocast's bf16 copies of the matrices
     chunk = min(chunk_tokens(t.logits_chunk_mib, vocab), tokens)
     head_grad = f4 * vp * d
-    logits = LOGIT_BUFFERS * f4 * chunk * vocab + f4 * tokens * d + head_grad + (2 * vp * d if half else 0)
+    # bf16: the head's bf16 copy, and each chunk's head gradient in bf16 and float32 before it is added
+    logits = LOGIT_BUFFERS * f4 * chunk * vocab + f4 * tokens * d + head_grad + ((2 * vp + 6 * vocab) * d if half else 0)
     groups: dict[tuple, int] = {}
     for n in owned:
         if n != "embed.weight":
