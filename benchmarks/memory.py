@@ -9,7 +9,7 @@ children run with glibc's mmap threshold fixed at 64 KiB, so freed tensors leave
 set instead of staying in malloc's heap.
 
     python benchmarks/memory.py                       # the small CPU cases
-    python benchmarks/memory.py --case 145m           # the 145M preset, 2 × 1024 tokens per step (≈ 5 GB)
+    python benchmarks/memory.py --case 145m           # the 145M preset, 2 × 1024 tokens per step (≈ 3.7 GB resident)
     python benchmarks/memory.py --case 145m --code /tmp/old-checkout   # the same phases on another commit's code
 
 `--code DIR` runs the phases with the distlip package in DIR (an earlier commit's checkout, for
