@@ -95,8 +95,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         a = self.alpha
-        x = torch.lerp(x, self.attn(x, attn_mask), a)
-        return torch.lerp(x, self.mlp(x), a)
+        # Under bf16 autocast the branches return bf16; the residual stream stays in its own
+        # dtype (lerp refuses mixed dtypes, and a float32 stream keeps the small α-steps exact).
+        x = torch.lerp(x, self.attn(x, attn_mask).to(x.dtype), a)
+        return torch.lerp(x, self.mlp(x).to(x.dtype), a)
 
 
 class LipschitzTransformer(nn.Module):
@@ -130,10 +132,14 @@ class LipschitzTransformer(nn.Module):
             h = block(h, attn_mask)
         return h
 
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final residual stream (..., d) → logits (..., vocab_size), float32. For many tokens at
+        once, `distlip.loss` computes the loss without holding all their logits."""
+        return (self.head(x) * self.cfg.logit_scale)[..., : self.cfg.vocab_size].float()
+
     def logits_from_embeddings(self, h: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings (B, T, d) → logits (B, T, vocab_size), float32. The certified map."""
-        logits = self.head(self.hidden(h, attn_mask)) * self.cfg.logit_scale
-        return logits[..., : self.cfg.vocab_size].float()
+        return self.head_logits(self.hidden(h, attn_mask))
 
     def forward(self, idx: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits_from_embeddings(self.embed(idx), attn_mask)

@@ -25,7 +25,8 @@ def generate(model: LipschitzTransformer, tokenizer, prompt: str, tokens: int = 
     x = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     for _ in range(tokens):
-        logits = model(x[:, -model.cfg.context:])[0, -1]  # (vocab_size,)
+        # the head on the last position only: one token's logits, not the window's
+        logits = model.head_logits(model.hidden(model.embed(x[:, -model.cfg.context:]))[0, -1])  # (vocab_size,)
         if temperature == 0:
             nxt = logits.argmax().view(1)
         else:

@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from distlip.checkpoint.export import save_model
 from distlip.checkpoint.state import load_checkpoint, save_checkpoint
@@ -30,6 +29,8 @@ from distlip.lipschitz.budget import apply_target
 from distlip.lipschitz.caps import CAPPED_METHODS, EMBED, cap_of, matrix_caps, row_blocks, unit_caps
 from distlip.lipschitz.certificate import Certificate, SigmaEstimator, certify, exact_norms, norm_keys
 from distlip.lipschitz.constraints import Constrainer, embed_cap
+from distlip.loss import chunk_tokens, head_cross_entropy, head_loss_and_correct
+from distlip.memory import check_memory, micro_batch_size
 from distlip.metrics import MetricsLogger, Progress, StepTimer
 from distlip.model import LipschitzTransformer, matrix_names, matrix_of
 from distlip.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
@@ -49,7 +50,7 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
     """In-memory char data for the packaged Shakespeare / a local text file; the streaming
     pipeline (sharded by rank, packed, resumable) for everything else."""
     d, t, T = cfg.data, cfg.train, cfg.seq_len()
-    micro = t.batch_size // (env.world_size * t.grad_accum)
+    micro = micro_batch_size(cfg, env.world_size)
     if d.source in ("shakespeare", "text") and d.tokenizer == "char":
         tok, train_ids, val_ids = load_char_corpus(d.source, d.path, d.val_fraction)
         vx, vy = val_windows(val_ids, T)
@@ -68,25 +69,31 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
 
 @torch.no_grad()
 def evaluate(engine: Engine, vx: torch.Tensor, vy: torch.Tensor, autocast, max_windows: int = 0,
-             batch: int = 64) -> tuple[float, float]:
+             batch: int = 0) -> tuple[float, float]:
     """Mean next-token loss and top-1 accuracy over validation windows (all, or an evenly
-    spaced fixed subset of `max_windows`); each rank evaluates every world_size-th window."""
+    spaced fixed subset of `max_windows`); each rank evaluates every world_size-th window.
+    `batch` windows per forward (0: the training micro-batch), their logits
+    `train.logits_chunk_mib` at a time, so memory does not grow with the number of windows."""
     engine.model.eval()
+    cfg = engine.cfg
     if 0 < max_windows < len(vx):
         idx = torch.linspace(0, len(vx) - 1, max_windows).round().long()
         vx, vy = vx[idx], vy[idx]
     vx, vy = vx[engine.env.rank::engine.env.world_size], vy[engine.env.rank::engine.env.world_size]
-    loss_sum, correct, count = 0.0, 0, 0
+    batch = batch or micro_batch_size(cfg, engine.env.world_size)
+    chunk = chunk_tokens(cfg.train.logits_chunk_mib, cfg.model.vocab_size)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    correct = torch.zeros((), dtype=torch.int64, device=engine.device)
     for i in range(0, len(vx), batch):
         x, y = vx[i:i + batch].to(engine.device), vy[i:i + batch].to(engine.device)
         with autocast:
-            logits = engine.forward(x)
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
+            loss, hits = head_loss_and_correct(engine.hidden(x), engine.model.head.weight, y, cfg.model.logit_scale,
+                                               cfg.model.vocab_size, chunk)
+        loss_sum += loss
+        correct += hits
     engine.model.train()
-    loss_sum, correct, count = engine.all_sum([loss_sum, correct, count])
-    return loss_sum / count, correct / count
+    loss_total, hits_total, count = engine.all_sum([loss_sum.item(), correct.item(), vy.numel()])
+    return loss_total / count, hits_total / count
 
 
 def format_duration(seconds: float) -> str:
@@ -112,6 +119,7 @@ class Trainer:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"{self.data.tokenizer.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
         self.cfg = cfg = apply_target(cfg)  # caps for a target bound, now that the vocabulary is known
+        check_memory(cfg, env.world_size, self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         init_distributed(env, self.device)
@@ -225,8 +233,10 @@ class Trainer:
 
     def _micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; its loss."""
+        m = self.cfg.model
         with self.timer.phase("forward"), self.autocast:
-            loss = F.cross_entropy(self.engine.forward(x).flatten(0, 1), y.flatten())
+            loss = head_cross_entropy(self.engine.hidden(x), self.model.head.weight, y, m.logit_scale, m.vocab_size,
+                                      chunk_tokens(self.cfg.train.logits_chunk_mib, m.vocab_size))
         with self.timer.phase("backward"):
             self.engine.backward(loss, last_micro=last)
         return loss.detach()

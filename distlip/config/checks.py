@@ -93,6 +93,7 @@ def validate(cfg: Config) -> None:
     _require(t.steps > 0 and t.batch_size > 0 and t.grad_accum > 0, "train.steps, batch_size and grad_accum must be positive")
     _require(t.batch_size % t.grad_accum == 0,
              f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    _require(t.logits_chunk_mib > 0, f"train.logits_chunk_mib={t.logits_chunk_mib} must be > 0 (MiB of logits computed at once)")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' is unknown; use auto, cpu or cuda")
     _require(t.dtype in ("float32", "bfloat16"), f"train.dtype='{t.dtype}' is unknown; use float32 or bfloat16")
     _require(cfg.dist.zero_stage in (0, 1, 2, 3),

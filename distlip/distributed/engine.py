@@ -100,6 +100,10 @@ class Engine:
     # ---- forward / backward -------------------------------------------------------------
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) → logits (B, T, vocab_size)."""
+        return self.model.head_logits(self.hidden(idx))
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) → final residual stream (B, T, d), the head's input."""
         if self.ds is None:
             h = self.model.embed(idx)
         elif self._in_previous_pass:  # DeepSpeed's embedding takes no part
@@ -108,7 +112,7 @@ class Engine:
         else:
             h = self.ds(idx)
         mask = None if self.document_eot is None else document_causal_mask(idx, self.document_eot)
-        return self.model.logits_from_embeddings(h, mask)
+        return self.model.hidden(h, mask)
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         """Accumulate one micro-batch's gradients (mean over the step's micro-batches)."""
