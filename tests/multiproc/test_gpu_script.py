@@ -2,11 +2,10 @@
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 @pytest.mark.slow
@@ -20,8 +19,8 @@ def test_gpu_script_dry_run_writes_every_table(tmp_path):
     assert "cannot time a cross-GPU exchange here" in proc.stdout
     tables = (tmp_path / "tables.md").read_text()
     assert "(missing" not in tables, tables
-    for heading in ("## 145M preset, one GPU", "## 145M preset: exact-SVD audit after training", "## Shakespeare recipe",
-                    "## Compressed exchange of the 145M gradients"):
+    for heading in ("## 145M preset, one GPU", "## 145M preset: exact-SVD audit after training",
+                    "## Shakespeare recipe", "## Compressed exchange of the 145M gradients"):
         assert heading in tables
     assert "tokens_per_s" in tables and "predicted_gib" in tables and "lipschitz_bound" in tables
     assert "topk 1% + ef21" in tables

@@ -4,7 +4,6 @@ are what the code allocates."""
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +13,18 @@ from distlip.config import ModelConfig, load_config
 from distlip.data.packing import document_causal_mask
 from distlip.errors import ConfigError
 from distlip.loss import chunk_tokens, head_cross_entropy, head_loss_and_correct
-from distlip.memory import (GIB, activation_bytes_per_token_layer, check_memory, estimate_memory,
-                            largest_fitting_micro_batch, param_shapes)
+from distlip.memory import (
+    GIB,
+    activation_bytes_per_token_layer,
+    check_memory,
+    estimate_memory,
+    largest_fitting_micro_batch,
+    param_shapes,
+)
 from distlip.model import LipschitzTransformer
 from distlip.trainer import Trainer, evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def tiny(**kw) -> LipschitzTransformer:

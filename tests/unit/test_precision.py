@@ -2,16 +2,15 @@
 weights, the optimiser, the constraint and the certificate stay in float32. (The paper's code
 overshot its cap, 1.065 > 1, because its projection ran in bf16.)"""
 
-from pathlib import Path
 
 import pytest
 import torch
 
-from distlip.lipschitz.certificate import CAP_RTOL, embed_rms_max
 from distlip.config import load_config
+from distlip.lipschitz.certificate import CAP_RTOL, embed_rms_max
 from distlip.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 @pytest.mark.parametrize("method", ["soft_cap", "hard_cap"])
