@@ -73,7 +73,9 @@ class SlurmCluster:
                 "SlurmdUser=root",
                 "AuthType=auth/munge",
                 "CredType=cred/munge",
-                f"AuthInfo=socket={self.munge_socket}",
+                # A requeued job waits out its old credential's lifetime before it may start
+                # again (120 s by default; it shows as Reason=BeginTime): 10 s here.
+                f"AuthInfo=socket={self.munge_socket},cred_expire=10",
                 f"StateSaveLocation={r / 'state'}",
                 f"SlurmdSpoolDir={r / 'spool'}",
                 f"SlurmctldPidFile={r / 'slurmctld.pid'}",
@@ -86,6 +88,7 @@ class SlurmCluster:
                 "SelectType=select/cons_tres",
                 "SelectTypeParameters=CR_Core",
                 "SchedulerType=sched/builtin",
+                "SchedulerParameters=sched_interval=1",  # start a requeued job as soon as it may
                 "JobRequeue=1",
                 "ReturnToService=2",
                 "MpiDefault=none",
