@@ -1,4 +1,4 @@
-"""The Lipschitz certificate (SPEC §3), recomputed from the weights themselves.
+"""The Lipschitz certificate (docs/method.md#certificate), recomputed from the weights themselves.
 
 Norm: max over tokens of the per-token RMS. Matrix norms are RMS→RMS operator norms
 ‖W‖ = √(d_in/d_out)·σ₁(W). `exact_norms` uses float64 SVD (the oracle, for checkpoints and
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distlip.config import ModelConfig
-from distlip.constraints import power_iteration
+from distlip.lipschitz.constraints import power_iteration
 from distlip.model import ATTN_OUT_SCALE, GELU_MAX_SLOPE
 
 CAP_RTOL = 1e-3  # a matrix "exceeds its cap" when σ > cap·(1 + CAP_RTOL)
