@@ -110,7 +110,7 @@ class Trainer:
                               f"{self.data.tokenizer.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        init_distributed(env, self.device)
+        init_distributed(env, self.device, cfg.dist.timeout)
         torch.manual_seed(cfg.train.seed)
         self.model = LipschitzTransformer(cfg.model).to(self.device)
         self.params = dict(self.model.named_parameters())

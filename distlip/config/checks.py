@@ -89,6 +89,7 @@ def validate(cfg: Config) -> None:
              f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' is unknown; use auto, cpu or cuda")
     _require(t.dtype in ("float32", "bfloat16"), f"train.dtype='{t.dtype}' is unknown; use float32 or bfloat16")
+    _require(cfg.dist.timeout > 0, f"dist.timeout={cfg.dist.timeout} must be a positive number of seconds (default 300)")
     _require(cfg.dist.zero_stage in (0, 1, 2, 3),
              f"dist.zero_stage={cfg.dist.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     _require(t.log_every > 0 and t.eval_every >= 0 and t.certify_every >= 0, "train.log_every must be > 0; eval_every and certify_every ≥ 0")
