@@ -188,6 +188,12 @@ def test_sbatch_dry_run_prints_every_nodes_command(tmp_path):
         assert f"--rdzv_endpoint gpu07:{master_port(4242)} " in line
         assert line.endswith(f"-m distlip train --config configs/test.yaml --out {tmp_path}/run train.resume=auto train.steps=100")
     assert re.search(r"^\+ scontrol requeue 4242 ", done.stdout, re.M)
+    assert "train.sbatch: a node that dies or hangs ends the step within dist.timeout=<from configs/test.yaml, default 300> s" in done.stdout
+    env["DIST_TIMEOUT"] = "120"
+    done = subprocess.run(["bash", str(SBATCH), "train.steps=100"], env=env, capture_output=True, text=True, check=True)
+    assert "ends the step within dist.timeout=120 s" in done.stdout
+    assert all(line.endswith("train.resume=auto dist.timeout=120 train.steps=100")
+               for line in done.stdout.splitlines() if line.startswith(launcher))
     assert not (tmp_path / "scontrol.log").exists()  # printed, not run
     assert not (tmp_path / "run").exists()
 
