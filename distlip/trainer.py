@@ -21,6 +21,7 @@ from distlip.checkpoint.export import matrix_caps, save_model
 from distlip.checkpoint.state import load_checkpoint, save_checkpoint
 from distlip.checkpoint.store import Checkpoint, CheckpointStore
 from distlip.config import Config, preflight
+from distlip.config.checks import check_output_dir
 from distlip.data.in_memory import InMemoryBatches, load_char_corpus, val_windows
 from distlip.distributed.engine import Engine
 from distlip.distributed.env import DistEnv, init_distributed, select_device
@@ -99,6 +100,7 @@ class Trainer:
         self.env = env = env or DistEnv.from_environ()
         self.out = Path(out_dir or cfg.train.out)
         preflight(cfg, env)
+        check_output_dir(self.out)
         self.device = select_device(cfg, env.local_rank)
         if cfg.train.threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)

@@ -14,10 +14,13 @@ Protocol, on every rank (``begin``, ``commit`` and ``resolve`` are collective)::
 
     ckpt = store.resolve(resume)            # at start-up: None for a fresh start
     ...
-    path = store.begin(step)                # an empty tag directory, ready for every rank
-    engine.save_checkpoint(store.root, tag=path.name, save_latest=False)
-    torch.save(extra, path / f"distlip_rank{rank}.pt")
-    store.commit(step, meta={"config": ...})
+    path = store.begin(step, need_bytes=n)  # an empty tag directory, ready for every rank
+    try:
+        torch.save(extra, path / f"distlip_rank{rank}.pt")
+        failure = None
+    except (OSError, RuntimeError) as err:  # e.g. the disk filled up
+        failure = err
+    store.commit(step, meta={"config": ...}, failure=failure)
 
 ``save_latest=False`` matters: DeepSpeed would otherwise rewrite ``root/latest`` (not atomically)
 before the manifest exists. The directory must be on a filesystem every rank sees, because rank 0
@@ -27,10 +30,17 @@ A tag directory without a manifest is torn by definition (a save was interrupted
 files do not match their manifest is corrupt. Both are skipped, with a warning, when looking for a
 checkpoint to resume from. Nothing good is deleted or overwritten until a newer checkpoint has
 been committed.
+
+A full disk loses nothing: ``begin`` refuses a checkpoint that cannot fit in the free space
+(its size estimated by the caller, or that of the previous checkpoint, whichever is larger), and
+a write that fails all the same (on any rank) makes ``commit`` remove the torn directory; both
+raise one CheckpointError, on every rank, naming the directory and the bytes needed, while
+``latest`` still names the previous checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -112,6 +122,8 @@ class CheckpointStore:
         broadcast: returns rank 0's argument on every rank (required when ``world_size > 1``);
             decisions about the directory are made once, on rank 0, so that all ranks agree
             even where filesystem views lag, and rank 0's errors are raised on every rank.
+        all_gather: every rank's argument, in rank order, on every rank (required when
+            ``world_size > 1``): which ranks could not write their files, and why.
         verify: ``"full"`` checks sizes and SHA-256 of every file when resuming; ``"size"`` checks
             sizes only (catches truncation, not bit rot) for checkpoints too large to re-read.
 
@@ -127,14 +139,15 @@ class CheckpointStore:
         barrier: Callable[[], Any] | None = None,
         broadcast: Callable[[Any], Any] | None = None,
         verify: Verify = "full",
+        all_gather: Callable[[Any], list[Any]] | None = None,
     ) -> None:
         if keep_last < 1:
             raise ConfigError(f"checkpoint keep_last={keep_last}: keep at least 1 checkpoint")
         if verify not in ("full", "size"):
             raise ConfigError(f"checkpoint verify={verify!r}: use 'full' or 'size'")
-        if world_size > 1 and (barrier is None or broadcast is None):
+        if world_size > 1 and (barrier is None or broadcast is None or all_gather is None):
             raise ConfigError(
-                f"CheckpointStore with world_size={world_size} needs barrier and broadcast: "
+                f"CheckpointStore with world_size={world_size} needs barrier, broadcast and all_gather: "
                 "use CheckpointStore.for_process_group(root, ...)"
             )
         self.root = Path(root)
@@ -144,6 +157,7 @@ class CheckpointStore:
         self.verify = verify
         self._barrier = barrier or (lambda: None)
         self._broadcast = broadcast or (lambda value: value)
+        self._all_gather = all_gather or (lambda value: [value])
 
     @classmethod
     def for_process_group(
@@ -158,6 +172,11 @@ class CheckpointStore:
             dist.broadcast_object_list(box, src=0)
             return box[0]
 
+        def all_gather(value: Any) -> list[Any]:
+            values: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(values, value)
+            return values
+
         return cls(
             root,
             keep_last,
@@ -166,15 +185,18 @@ class CheckpointStore:
             barrier=dist.barrier,
             broadcast=broadcast,
             verify=verify,
+            all_gather=all_gather,
         )
 
     # ------------------------------------------------------------------ collective operations
 
-    def begin(self, step: int) -> Path:
+    def begin(self, step: int, need_bytes: int = 0) -> Path:
         """Collective: an empty directory for the checkpoint of ``step``, created before any rank writes.
 
         A torn or corrupt leftover with the same tag (an interrupted save) is removed; a good
-        checkpoint with that tag raises CheckpointError rather than being overwritten.
+        checkpoint with that tag raises CheckpointError rather than being overwritten. So does a
+        checkpoint that would not fit: ``need_bytes`` (all ranks' files together, estimated by the
+        caller) or the previous checkpoint's size, whichever is larger, beyond the free space.
         """
         path = self.root / tag_for(step)
 
@@ -190,16 +212,25 @@ class CheckpointStore:
                 path.mkdir(parents=True)
             except OSError as err:
                 raise CheckpointError(f"could not prepare checkpoint directory {path}: {err}") from err
+            need = max(need_bytes, self._latest_bytes())
+            free = shutil.disk_usage(path).free
+            if need > free:
+                shutil.rmtree(path, ignore_errors=True)
+                raise CheckpointError(self._no_space(path, need, free))
 
         self._on_rank0(prepare)
         return path
 
-    def commit(self, step: int, meta: dict[str, Any] | None = None) -> Path:
+    def commit(
+        self, step: int, meta: dict[str, Any] | None = None, failure: BaseException | None = None, need_bytes: int = 0
+    ) -> Path:
         """Collective: seal the checkpoint of ``step`` once every rank has written its files.
 
         Rank 0 hashes the files, writes ``manifest.json`` (with ``meta``, which must be
         JSON-serialisable), points ``latest`` at it and removes checkpoints beyond ``keep_last``.
-        Returns the tag directory; raises CheckpointError on every rank if sealing failed.
+        Returns the tag directory; raises CheckpointError on every rank if sealing failed, or if
+        any rank passes the ``failure`` of its own write: then the torn directory is removed and
+        ``latest`` keeps naming the previous checkpoint. ``need_bytes`` is as for ``begin``.
         """
         path = self.root / tag_for(step)
         meta = dict(meta or {})
@@ -207,13 +238,24 @@ class CheckpointStore:
             json.dumps(meta)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"checkpoint meta is not JSON-serialisable ({err}): pass plain values") from err
-        self._barrier()  # every rank has finished writing into path
+        # Also the barrier: every rank has finished writing into path.
+        failed = [(r, why) for r, why in enumerate(self._all_gather(failure and _first_line(failure))) if why]
+        if failed:
+
+            def discard() -> None:
+                shutil.rmtree(path, ignore_errors=True)
+                raise CheckpointError(self._write_failed(path, need_bytes, *failed[0]))
+
+            self._on_rank0(discard)
 
         def seal() -> None:
             try:
                 self._write_manifest(path, step, meta)
                 _atomic_write(self.root / LATEST, path.name)
             except OSError as err:
+                shutil.rmtree(path, ignore_errors=True)
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CheckpointError(self._write_failed(path, need_bytes, 0, _first_line(err))) from err
                 raise CheckpointError(f"could not commit checkpoint {path}: {err}") from err
             self._rotate(path)
 
@@ -282,6 +324,37 @@ class CheckpointStore:
         return None
 
     # ------------------------------------------------------------------ internals
+
+    def _latest_bytes(self) -> int:
+        """Total size of the newest committed checkpoint per its manifest (0 if none): the next
+        one of the same run is as large."""
+        for path in reversed(self.tag_dirs()):
+            try:
+                return sum(int(entry["bytes"]) for entry in _read_manifest(path)["files"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return 0
+
+    def _kept(self) -> str:
+        latest = self.root / LATEST
+        name = latest.read_text().strip() if latest.is_file() else ""
+        return f"{name} is still the latest checkpoint, intact" if name else "no checkpoint was committed yet"
+
+    def _no_space(self, path: Path, need: int, free: int) -> str:
+        return (f"no space for checkpoint {path.name} in {self.root}: it needs about {need:,} bytes and "
+                f"{free:,} are free; free space there or set train.out on a larger disk, then resume with "
+                f"--resume auto ({self._kept()})")
+
+    def _write_failed(self, path: Path, need_bytes: int, rank: int, reason: str) -> str:
+        """The message for a checkpoint that ``rank`` could not write (``reason``), once its
+        directory is removed; rank 0's view of the disk."""
+        free = shutil.disk_usage(self.root).free
+        # The write failed, so it needed more than is free now that its partial files are gone.
+        need = max(need_bytes, self._latest_bytes(), free + 1)
+        if any(mark in reason.lower() for mark in ("space", "quota", "write failed")):
+            return self._no_space(path, need, free)
+        return (f"rank {rank} could not write checkpoint {path.name} in {self.root} ({reason}); it was discarded "
+                f"and {self._kept()}")
 
     def _on_rank0(self, work: Callable[[], T]) -> T:
         """Run ``work`` on rank 0 only; every rank returns its result, or raises when it failed."""
@@ -418,3 +491,8 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

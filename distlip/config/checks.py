@@ -4,6 +4,8 @@ run before any data, process-group or DeepSpeed work so a mistake costs one line
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Protocol
 
 from distlip.config.schema import Config, DataConfig
@@ -132,6 +134,19 @@ def preflight(cfg: Config, env: Placement) -> None:
     _require(t.save_every >= 0, f"train.save_every={t.save_every} must be ≥ 0 (0: checkpoint at the end only)")
     _require(t.keep_last >= 1, f"train.keep_last={t.keep_last}: keep at least 1 checkpoint")
     check_coefficients(c.method, c.weight_decay, c.spectral_wd, c.power_iters)
+
+
+def check_output_dir(out: Path) -> None:
+    """The run directory can be created and written: a read-only or unwritable `train.out` is
+    refused at start-up, not at the first checkpoint hours later."""
+    probe = out / f".distlip-write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output directory {out} is not writable ({err.strerror or err}): choose another --out "
+                          "(train.out), or make it writable") from None
 
 
 def check_distributed(cfg: Config, env: Placement) -> None:
