@@ -12,6 +12,7 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from distlip.config import Config
 from distlip.config.checks import check_device
@@ -60,7 +61,12 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 300.
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     except ImportError:
         dist.init_process_group(backend, timeout=timeout)
-    liveness.announce(timeout_s)
+    liveness.announce(_default_store(), dist.get_rank(), timeout_s)
+
+
+def _default_store() -> dist.Store:
+    """The launcher's key-value store behind the default process group."""
+    return distributed_c10d._get_default_store()
 
 
 def exit_process(status: int) -> NoReturn:
@@ -90,7 +96,7 @@ def run_and_exit(main: Callable[[], int]) -> NoReturn:
     except Exception as exc:
         if not (dist.is_available() and dist.is_initialized() and liveness.is_peer_failure(exc)):
             raise
-        message = liveness.lost_peer_message(exc)
+        message = liveness.lost_peer_message(_default_store(), dist.get_rank(), dist.get_world_size(), exc)
         if message:
             print(f"error: {message}", file=sys.stderr)
         sys.stdout.flush()
