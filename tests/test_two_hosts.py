@@ -124,17 +124,19 @@ def test_lost_node_fails_fast_by_name_and_relaunch_resumes_bit_exact(net, tmp_pa
     wait_until(lambda: (run / "out" / "latest").exists() and last_step(run / "out") >= 25, nodes)
     # Node 1's host dies: first its link goes silent (no FIN/RST reaches node 0), then its processes.
     net.cut(hosts[1])
-    killed_at = time.monotonic()
-    nodes[1].kill()
-    status = nodes[0].wait(TIMEOUT_S + 120)
-    elapsed = time.monotonic() - killed_at
+    try:
+        killed_at = time.monotonic()
+        nodes[1].kill()
+        status = nodes[0].wait(TIMEOUT_S + 120)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        net.restore(hosts[1])
     log = nodes[0].log.read_text()
     print(f"node 1 lost: node 0 exited with status {status} {elapsed:.1f} s later (dist.timeout={TIMEOUT_S} s)")
     assert status != 0, log[-3000:]
     assert len(LOST.findall(log)) == 1, log[-3000:]
     assert elapsed < TIMEOUT_S + 60, log[-3000:]
 
-    net.restore(hosts[1])
     newest = int((run / "out" / "latest").read_text().strip().removeprefix("step_"))
     finish_both(launch(hosts, port + 2, run / "out", "relaunch", "--resume", "auto"))
     events = [json.loads(line) for line in (run / "out" / "metrics.jsonl").read_text().splitlines()]

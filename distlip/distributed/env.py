@@ -56,6 +56,11 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 300.
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
+    # Groups made later without a timeout of their own take torch's default (30 min on gloo, 10
+    # on NCCL), not the default group's; DeepSpeed makes one for its gradient all-reduce. Make
+    # dist.timeout the default of every group of this process.
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
     try:
         import deepspeed
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
