@@ -15,8 +15,8 @@ never unpickles objects)::
     momentum     {name: fp32 tensor}   Muon / column-normalised momentum of those tensors
     adam         {name: {"step": 0-dim, "exp_avg", "exp_avg_sq"}}   full Adam state (the embedding
                  under optim.embed=adam, every parameter under the AdamW baseline)
-    constraint   {name: (d_in,) fp32}  the constrainer's power-iteration vectors, owned names
-    sigma        {name: (d_in,) fp32}  the certificate estimator's vectors, owned names
+    constraint   {name: (d_in,) fp32}  the constrainer's power-iteration vectors, owned names (head blocks `name[h]`)
+    sigma        {name: (d_in,) fp32}  the certificate estimator's vectors, owned names (head blocks `name[h]`)
     data         this rank's data-pipeline state at the step boundary
     rng          {"torch": uint8 tensor, "cuda": uint8 tensor (GPU runs)}
     compression  this rank's compression state (only when the engine has one)
@@ -36,15 +36,16 @@ from pathlib import Path
 
 import torch
 
-from distlip.lipschitz.certificate import Certificate, certify, embed_rms_max, exact_norms
+from distlip.checkpoint.export import load_model, save_model
 from distlip.checkpoint.store import MANIFEST, Checkpoint, CheckpointStore
 from distlip.config import Config, config_from_dict
 from distlip.data.tokenizers import tokenizer_from_dict
+from distlip.distributed.deepspeed import uses_deepspeed
 from distlip.distributed.engine import EMBED
 from distlip.distributed.env import DistEnv
-from distlip.distributed.deepspeed import uses_deepspeed
 from distlip.errors import CheckpointError, ConfigError
-from distlip.checkpoint.export import load_model, matrix_caps, save_model
+from distlip.lipschitz.caps import unit_caps
+from distlip.lipschitz.certificate import Certificate, certify_weights
 from distlip.model import LipschitzTransformer, matrix_names
 
 FORMAT = 1
@@ -171,16 +172,14 @@ def open_model(path: str | Path) -> tuple[LipschitzTransformer, Config, object, 
     if missing or unexpected:
         raise CheckpointError(f"{ckpt.path} does not match its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    return model, cfg, tok, matrix_caps(cfg, matrix_names(model))
+    return model, cfg, tok, unit_caps(cfg, matrix_names(model))
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> tuple[Checkpoint, Certificate]:
     """Consolidate a checkpoint into OUT/model.safetensors + OUT/config.json (with its exact
     certificate), loadable by `export.load_model`. Returns (checkpoint, certificate)."""
     weights, cfg, tok, ckpt = read_checkpoint(path)
-    names = [n for n in weights if n != EMBED]
-    caps = matrix_caps(cfg, names)
-    cert = certify(exact_norms({n: weights[n] for n in names}), embed_rms_max(weights[EMBED]), cfg.model, caps)
+    cert, _ = certify_weights(weights, cfg)
     save_model(Path(out_dir), weights, cfg, tok, {
         "certificate": {"lipschitz_bound": cert.bound, "log10_bound": cert.log10_bound},
         "checkpoint": {"path": str(ckpt.path), "step": ckpt.step}})

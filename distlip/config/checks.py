@@ -41,25 +41,28 @@ def validate_data(d: DataConfig) -> None:
 
 def _check_soft_cap_step(cfg: Config) -> None:
     """With Muon, the soft cap's coupling needs the largest update norm μ = lr·mult·1.14502·margin
-    to stay ≤ 0.3·σmax (beyond that the composite overshoots the cap): refuse before training."""
+    to stay ≤ 0.3·cap for every group (beyond that the composite overshoots the cap): refuse
+    before training."""
+    from distlip.lipschitz.budget import soft_cap_floors
+    from distlip.lipschitz.caps import group_caps
     from distlip.lipschitz.constraints import SOFT_CAP_MAX_MU
-    from distlip.lipschitz.newton_schulz import NS_MAX_GAIN
 
     c, o = cfg.constraint, cfg.optim
-    if c.method != "soft_cap" or o.name != "muon":
-        return
-    for group in ("qkv", "out", "mlp", "head"):
-        cap = (c.head_sigma_max or c.sigma_max) if group == "head" else c.sigma_max
-        mu = o.lr * o.lr_mult.get(group, 1.0) * NS_MAX_GAIN * c.margin
-        _require(mu <= SOFT_CAP_MAX_MU * cap,
-                 f"soft cap: the {group} matrices' Muon step (lr·mult·1.145·margin = {mu:.3g}) exceeds "
-                 f"{SOFT_CAP_MAX_MU}·sigma_max = {SOFT_CAP_MAX_MU * cap:.3g}, so the cap would overshoot; lower "
-                 f"optim.lr to ≤ {SOFT_CAP_MAX_MU * cap / (o.lr_mult.get(group, 1.0) * NS_MAX_GAIN * c.margin):.3g}, "
-                 "raise constraint.sigma_max, or use constraint.method=hard_cap")
+    if c.target_bound > 0:
+        return  # the target's allocation keeps every cap above its floor (or refuses the target)
+    caps = group_caps(c)
+    for group, floor in soft_cap_floors(cfg).items():
+        _require(caps[group] >= floor,
+                 f"soft cap: the {group} matrices' Muon step (lr·mult·1.145·margin = {floor * SOFT_CAP_MAX_MU:.3g}) "
+                 f"exceeds {SOFT_CAP_MAX_MU}·cap = {SOFT_CAP_MAX_MU * caps[group]:.3g}, so the cap would overshoot; "
+                 f"lower optim.lr to ≤ {o.lr * caps[group] / floor:.3g}, raise the cap (constraint.caps.{group} or "
+                 "constraint.sigma_max), or use constraint.method=hard_cap")
 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that do not need data, devices or process groups."""
+    from distlip.lipschitz.budget import check_target
+    from distlip.lipschitz.caps import check_caps
     from distlip.lipschitz.constraints import check_method  # local: constraints imports torch
 
     m, c, o, d, t = cfg.model, cfg.constraint, cfg.optim, cfg.data, cfg.train
@@ -74,7 +77,10 @@ def validate(cfg: Config) -> None:
     _require(m.pad_vocab_to >= 1, "model.pad_vocab_to must be ≥ 1")
     check_method(c.method)
     _require(c.sigma_max > 0, f"constraint.sigma_max={c.sigma_max} must be > 0 (it is the cap on each matrix)")
-    _require(c.head_sigma_max >= 0, f"constraint.head_sigma_max={c.head_sigma_max} must be ≥ 0 (0 means same as sigma_max)")
+    check_caps(c.caps)
+    _require(c.target_bound >= 0, f"constraint.target_bound={c.target_bound} must be ≥ 0 (0: no target)")
+    if c.target_bound > 0:
+        check_target(cfg)
     _require(c.power_iters >= 1, "constraint.power_iters must be ≥ 1")
     _check_soft_cap_step(cfg)
     _require(o.name in ("muon", "adamw"), f"optim.name='{o.name}' is unknown{did_you_mean(o.name, ['muon', 'adamw'])}; use muon or adamw")

@@ -156,7 +156,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config saved with `to_dict` (e.g. a run's config.json)."""
+    """Rebuild a Config saved with `to_dict` (e.g. a run's config.json). Configs saved before
+    per-group caps (`head_sigma_max`, no `per_head`) load as what they were: whole-matrix caps."""
+    c = data.get("constraint")
+    if isinstance(c, dict) and "per_head" not in c:
+        head = c.pop("head_sigma_max", 0.0)
+        data = {**data, "constraint": {**c, "per_head": False, **({"caps": {"head": head}} if head else {})}}
     _check_fields(Config, data)
     cfg = _build(Config, _merge(Config().to_dict(), data), "")
     validate(cfg)

@@ -30,13 +30,17 @@ class ConstraintConfig:
     """Weight constraint applied after every optimiser step (docs/method.md#constraints)."""
 
     method: str = "soft_cap"
-    sigma_max: float = 1.0  # cap on every hidden matrix, RMS→RMS units
-    head_sigma_max: float = 0.0  # 0: same as sigma_max
+    sigma_max: float = 1.0  # cap on every matrix whose group has none in `caps`, RMS→RMS units
+    # Per-group caps: embed (largest token RMS), qk, v, o, mlp_in, mlp_out, head (RMS→RMS).
+    caps: dict = field(default_factory=dict)
+    per_head: bool = True  # W_q, W_k, W_v capped per attention head (what the certificate reads)
+    # > 0: caps chosen so the certificate with every norm at its cap is ≤ this (caps give the ratios)
+    target_bound: float = 0.0
     weight_decay: float = 0.0  # λ for weight_decay (multiplied by lr)
     spectral_wd: float = 0.0  # λ for spectral_weight_decay (not multiplied by lr)
     margin: float = 1.05  # safety factor on Muon's update-norm bound for the soft-cap coupling
     power_iters: int = 3  # warm-started power iterations per step
-    embed_cap: bool = True  # token vectors capped to RMS ≤ 1
+    embed_cap: bool = True  # token vectors capped to RMS ≤ caps.embed (default 1)
 
 
 @dataclass
