@@ -3,11 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/default.yaml
-# DeepSpeed JIT-builds a comm op on first use (~35 s); keep the build between runs and clones.
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/distlip/torch_extensions
+# DeepSpeed JIT-builds a comm op on first use (~35 s); keep the build between runs, in the
+# environment it was built against: a cache shared by environments rebuilds for each in turn
+# (the build records the paths of its torch), and their builds wait on one another's lock.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export TORCH_COMPILE_DISABLE ?= 1
 
-.PHONY: install train test test-fast bench clean
+.PHONY: install ci-deps train test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,19 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# System packages of the fault tests: a real one-node SLURM (munge, slurmctld, slurmd) and
+# iproute2 for the two-host network namespaces. Debian/Ubuntu, as root; skipped when present.
+CI_PACKAGES := munge slurmctld slurmd slurm-client iproute2
+ci-deps:
+	@if command -v munged >/dev/null && command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
+	    && command -v sbatch >/dev/null && command -v ip >/dev/null; then \
+	  echo "ci-deps: SLURM, munge and iproute2 present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(CI_PACKAGES); \
+	else \
+	  echo "ci-deps: cannot install $(CI_PACKAGES) (needs root and apt-get); the SLURM and two-host tests will be skipped"; \
+	fi
 
 train: install
 	$(BIN)/distlip train --config $(CONFIG) --resume auto

@@ -7,6 +7,11 @@ with torchrun or ``accelerate launch``. ``--dry-run`` prints the command instead
 Rendezvous: the first host of the allocation is the master; the port is derived from the job id
 (so jobs sharing a node do not collide, and a requeued job gets the same one) unless MASTER_PORT
 is set.
+
+Processes per node: the GPUs SLURM gives each node, or on a CPU-only allocation (no GPUs) one, unless
+``--procs-per-node`` says otherwise. The launcher runs under this interpreter (``python -m
+torch.distributed.run``, not a ``torchrun`` looked up on PATH), so the job uses the training
+environment that started it.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ class SlurmNode:
 
     hosts: tuple[str, ...]  # every node of the job, in SLURM_NODEID order
     node_rank: int
-    gpus_per_node: int
+    procs_per_node: int  # workers on each node: one per GPU, or as asked on CPU
     job_id: int
     port: int
 
@@ -106,24 +111,24 @@ class SlurmNode:
         return self.hosts[0]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], gpus_per_node: int | None = None) -> SlurmNode:
-        """Read the allocation from SLURM's variables; ConfigError lists every missing one."""
+    def from_env(cls, env: Mapping[str, str], procs_per_node: int | None = None) -> SlurmNode:
+        """Read the allocation from SLURM's variables; ConfigError lists every missing one.
+
+        ``procs_per_node`` overrides the worker count per node (default: the node's GPUs, or 1
+        on a CPU-only allocation).
+        """
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         nnodes = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")
-        gpus = gpus_per_node or env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE")
+        gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE") or "0"
         required = {
             "SLURM_JOB_NODELIST": nodelist,
             "SLURM_NNODES": nnodes,
             "SLURM_NODEID": env.get("SLURM_NODEID"),
             "SLURM_JOB_ID": env.get("SLURM_JOB_ID"),
-            "SLURM_GPUS_ON_NODE or SLURM_GPUS_PER_NODE": gpus,
         }
         missing = [name for name, value in required.items() if not value]
         if missing:
-            raise ConfigError(
-                f"missing SLURM variables: {', '.join(missing)}; run inside a job step "
-                "(sbatch/srun with --gpus-per-node) or pass --gpus-per-node"
-            )
+            raise ConfigError(f"missing SLURM variables: {', '.join(missing)}; run inside a job step (sbatch/srun)")
         hosts = tuple(expand_hostlist(nodelist))
         node_rank = _integer("SLURM_NODEID", env["SLURM_NODEID"])
         if len(hosts) != _integer("SLURM_NNODES", nnodes):
@@ -134,9 +139,10 @@ class SlurmNode:
         port = _integer("MASTER_PORT", env["MASTER_PORT"]) if env.get("MASTER_PORT") else master_port(job_id)
         # SLURM_GPUS_PER_NODE may carry a type ("h100:8"); the count is the last field.
         count = _integer("GPUs per node", str(gpus).rsplit(":", 1)[-1])
-        if count < 1:
-            raise ConfigError(f"GPUs per node is {count}: request GPUs with --gpus-per-node")
-        return cls(hosts, node_rank, count, job_id, port)
+        procs = procs_per_node if procs_per_node is not None else max(count, 1)
+        if procs < 1:
+            raise ConfigError(f"processes per node is {procs}: give a positive --procs-per-node")
+        return cls(hosts, node_rank, procs, job_id, port)
 
     def command(self, train_args: Sequence[str], launcher: str = "torchrun") -> list[str]:
         """The exact command that starts this node's share of the workers."""
@@ -145,10 +151,10 @@ class SlurmNode:
         if launcher == "torchrun":
             return [
                 *grace,
-                "torchrun",
+                sys.executable, "-m", "torch.distributed.run",
                 "--nnodes", str(self.num_nodes),
                 "--node_rank", str(self.node_rank),
-                "--nproc_per_node", str(self.gpus_per_node),
+                "--nproc_per_node", str(self.procs_per_node),
                 "--rdzv_backend", "c10d",
                 "--rdzv_endpoint", ":".join(endpoint),
                 "--rdzv_id", str(self.job_id),
@@ -161,12 +167,12 @@ class SlurmNode:
             return [
                 *grace,
                 f"PET_SIGNALS_TO_HANDLE={FORWARDED_SIGNALS}",
-                "accelerate", "launch",
+                sys.executable, "-m", "accelerate.commands.launch",
                 "--num_machines", str(self.num_nodes),
                 "--machine_rank", str(self.node_rank),
                 "--main_process_ip", endpoint[0],
                 "--main_process_port", endpoint[1],
-                "--num_processes", str(self.num_nodes * self.gpus_per_node),
+                "--num_processes", str(self.num_nodes * self.procs_per_node),
                 "--use_deepspeed",
                 "--deepspeed_multinode_launcher", "standard",
                 *train_args,
@@ -178,10 +184,10 @@ def launch_command(
     env: Mapping[str, str],
     train_args: Sequence[str],
     launcher: str = "torchrun",
-    gpus_per_node: int | None = None,
+    procs_per_node: int | None = None,
 ) -> list[str]:
     """The per-node launch command for the allocation described by ``env`` (e.g. ``os.environ``)."""
-    return SlurmNode.from_env(env, gpus_per_node).command(train_args, launcher)
+    return SlurmNode.from_env(env, procs_per_node).command(train_args, launcher)
 
 
 def _integer(name: str, value: str) -> int:
@@ -192,7 +198,7 @@ def _integer(name: str, value: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m distlip.slurm [--dry-run] [--launcher L] [--gpus-per-node G] -- <train args>``."""
+    """``python -m distlip.slurm [--dry-run] [--launcher L] [--procs-per-node N] -- <train args>``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     own, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(
@@ -202,12 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="torchrun")
-    parser.add_argument("--gpus-per-node", type=int, help="override SLURM_GPUS_ON_NODE/SLURM_GPUS_PER_NODE")
+    parser.add_argument(
+        "--procs-per-node", type=int, help="workers per node (default: the node's GPUs, or 1 without GPUs)"
+    )
     args = parser.parse_args(own)
     try:
         if not train_args:
             raise ConfigError("no training command: put it after --, e.g. -- -m distlip train --config c.yaml")
-        node = SlurmNode.from_env(os.environ, args.gpus_per_node)
+        node = SlurmNode.from_env(os.environ, args.procs_per_node)
         command = node.command(train_args, args.launcher)
     except ConfigError as err:
         print(f"distlip.slurm: error: {err}", file=sys.stderr)

@@ -19,8 +19,10 @@ import torch
 
 from distlip.checkpoint.export import save_model
 from distlip.checkpoint.state import load_checkpoint, save_checkpoint
-from distlip.checkpoint.store import Checkpoint, CheckpointStore
+from distlip.checkpoint.files import Checkpoint
+from distlip.checkpoint.store import CheckpointStore
 from distlip.config import Config, preflight
+from distlip.config.checks import check_output_dir
 from distlip.data.in_memory import InMemoryBatches, load_char_corpus, val_windows
 from distlip.distributed.engine import Engine
 from distlip.distributed.env import DistEnv, init_distributed, select_device
@@ -109,6 +111,7 @@ class Trainer:
         self.env = env = env or DistEnv.from_environ()
         self.out = Path(out_dir or cfg.train.out)
         preflight(cfg, env)
+        check_output_dir(self.out)
         self.device = select_device(cfg, env.local_rank)
         if cfg.train.threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
@@ -122,7 +125,7 @@ class Trainer:
         check_memory(cfg, env.world_size, self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        init_distributed(env, self.device)
+        init_distributed(env, self.device, cfg.dist.timeout)
         torch.manual_seed(cfg.train.seed)
         self.model = LipschitzTransformer(cfg.model).to(self.device)
         self.params = dict(self.model.named_parameters())

@@ -18,6 +18,8 @@ if str(TESTS) not in sys.path:
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# DeepSpeed's JIT build cache of this environment, as the Makefile sets it (pytest run directly).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 TIER_MARKS = {"multiproc": ("slow",), "convergence": ("slow", "convergence")}
 

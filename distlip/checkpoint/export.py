@@ -19,6 +19,7 @@ from distlip.errors import CheckpointError
 from distlip.lipschitz.caps import unit_caps
 from distlip.model import LipschitzTransformer
 
+
 def save_model(out_dir: Path, weights: dict[str, torch.Tensor], cfg: Config, tokenizer, extra: dict | None = None) -> None:
     """`weights`: full tensors by model parameter name (gathered: no ZeRO shards)."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from distlip.checkpoint.export import load_model, save_model
-from distlip.checkpoint.store import MANIFEST, Checkpoint, CheckpointStore
+from distlip.checkpoint.files import MANIFEST, Checkpoint
+from distlip.checkpoint.store import CheckpointStore
 from distlip.config import Config, config_from_dict
 from distlip.data.tokenizers import tokenizer_from_dict
 from distlip.distributed.deepspeed import uses_deepspeed
@@ -61,9 +62,26 @@ def save_checkpoint(store: CheckpointStore, step: int, rank: int, state: dict, m
     directory of `step`; the store commits it with `meta` (the run's config and tokenizer as
     JSON), points `latest` at it and rotates. Returns the tag directory."""
     state = _to_cpu({"format": FORMAT, **state})
-    path = store.begin(step)
-    torch.save(state, path / RANK_FILE.format(rank))
-    return store.commit(step, {"format": FORMAT, **meta})
+    # Every rank holds about as much as this one; the store refuses a checkpoint that cannot fit.
+    need = _tensor_bytes(state) * store.world_size
+    path = store.begin(step, need)
+    failure = None
+    try:
+        torch.save(state, path / RANK_FILE.format(rank))
+    except (OSError, RuntimeError) as err:  # a full disk: torch reports it as "file write failed"
+        failure = err
+    return store.commit(step, {"format": FORMAT, **meta}, failure=failure, need_bytes=need)
+
+
+def _tensor_bytes(tree) -> int:
+    """Bytes of the tensors in a nested dict/list, plus a little per tensor for the file format."""
+    if torch.is_tensor(tree):
+        return tree.numel() * tree.element_size() + 512
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
 
 
 def _to_cpu(tree):

@@ -3,88 +3,55 @@
 A checkpoint is a tag directory `root/step_NNNNNN/` holding whatever files the ranks write into it
 between `begin` and `commit` (distlip writes one `distlip_rank{r}.pt` per rank), sealed by a
 `manifest.json` (step, world size, size and SHA-256 of every file) that rank 0 writes last, after
-which `root/latest` names it. Layout and resume rules: docs/checkpoints.md.
+which `root/latest` names it. Layout and resume rules: docs/checkpoints.md; faults: docs/faults.md.
 
-    ckpt = store.resolve(resume)    # collective, at start-up: None for a fresh start
-    path = store.begin(step)        # collective: an empty tag directory, ready for every rank
-    torch.save(state, path / f"distlip_rank{rank}.pt")
-    store.commit(step, meta)        # collective: manifest, `latest`, rotation
+    ckpt = store.resolve(resume)            # collective, at start-up: None for a fresh start
+    path = store.begin(step, need_bytes=n)  # collective: an empty tag directory, ready for every rank
+    try:
+        torch.save(state, path / f"distlip_rank{rank}.pt")
+        failure = None
+    except (OSError, RuntimeError) as err:  # e.g. the disk filled up
+        failure = err
+    store.commit(step, meta, failure=failure)  # collective: manifest, `latest`, rotation
 
 A tag directory without a manifest is torn (a save was interrupted); one whose files do not match
 their manifest is corrupt. Both are skipped, with a warning, when looking for a checkpoint to
-resume from. Nothing good is deleted or overwritten until a newer checkpoint is committed. The
-directory must be on a filesystem every rank sees: rank 0 hashes every rank's files.
+resume from. Nothing good is deleted or overwritten until a newer checkpoint is committed. A full
+disk loses nothing: `begin` refuses a checkpoint that cannot fit, and a write that fails on any
+rank makes `commit` remove the torn directory; both raise one CheckpointError naming the directory
+and the bytes needed, while `latest` still names the previous checkpoint. The directory must be on
+a filesystem every rank sees: rank 0 hashes every rank's files.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
-import re
 import shutil
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from distlip.checkpoint.files import (
+    LATEST,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    Checkpoint,
+    CheckpointWarning,
+    atomic_write,
+    read_manifest,
+    sha256_files,
+    step_of,
+    tag_for,
+)
 from distlip.errors import CheckpointError, ConfigError
 
-MANIFEST = "manifest.json"
-LATEST = "latest"
-MANIFEST_FORMAT = 1
-_TAG = re.compile(r"step_(\d+)")
-# Hashing threads: hashlib releases the GIL on large reads, so a few threads overlap disk reads
-# of the per-rank shards; more than 8 rarely helps on one filesystem client.
-_HASH_THREADS = 8
-_CHUNK = 8 << 20  # bytes per read while hashing
-
 T = TypeVar("T")
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (torn or corrupt) or old ones could not be removed."""
-
-
-def tag_for(step: int) -> str:
-    """The tag (directory name) of the checkpoint taken after `step` optimizer steps."""
-    return f"step_{step:06d}"
-
-
-def step_of(tag: str) -> int | None:
-    """The step encoded in a tag, or None when `tag` is not a checkpoint name."""
-    match = _TAG.fullmatch(tag)
-    return int(match.group(1)) if match else None
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A verified checkpoint: its directory and parsed manifest."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def tag(self) -> str:
-        return self.path.name
-
-    @property
-    def step(self) -> int:
-        return int(self.manifest["step"])
-
-    @property
-    def world_size(self) -> int:
-        """Number of ranks that wrote it (resuming at another size needs resharding)."""
-        return int(self.manifest["world_size"])
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        return self.manifest["meta"]
 
 
 class CheckpointStore:
@@ -98,6 +65,8 @@ class CheckpointStore:
         broadcast: returns rank 0's argument on every rank (required when `world_size > 1`);
             decisions about the directory are made once, on rank 0, so that all ranks agree
             even where filesystem views lag, and rank 0's errors are raised on every rank.
+        all_gather: every rank's argument, in rank order, on every rank (required when
+            `world_size > 1`): which ranks could not write their files, and why.
 
     `CheckpointStore.for_process_group` wires rank, size and collectives from torch.distributed.
     """
@@ -110,12 +79,13 @@ class CheckpointStore:
         world_size: int = 1,
         barrier: Callable[[], Any] | None = None,
         broadcast: Callable[[Any], Any] | None = None,
+        all_gather: Callable[[Any], list[Any]] | None = None,
     ) -> None:
         if keep_last < 1:
             raise ConfigError(f"checkpoint keep_last={keep_last}: keep at least 1 checkpoint")
-        if world_size > 1 and (barrier is None or broadcast is None):
+        if world_size > 1 and (barrier is None or broadcast is None or all_gather is None):
             raise ConfigError(
-                f"CheckpointStore with world_size={world_size} needs barrier and broadcast: "
+                f"CheckpointStore with world_size={world_size} needs barrier, broadcast and all_gather: "
                 "use CheckpointStore.for_process_group(root, ...)"
             )
         self.root = Path(root)
@@ -124,6 +94,7 @@ class CheckpointStore:
         self.world_size = world_size
         self._barrier = barrier or (lambda: None)
         self._broadcast = broadcast or (lambda value: value)
+        self._all_gather = all_gather or (lambda value: [value])
 
     @classmethod
     def for_process_group(cls, root: str | os.PathLike[str], keep_last: int = 3) -> CheckpointStore:
@@ -136,6 +107,11 @@ class CheckpointStore:
             dist.broadcast_object_list(box, src=0)
             return box[0]
 
+        def all_gather(value: Any) -> list[Any]:
+            values: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(values, value)
+            return values
+
         return cls(
             root,
             keep_last,
@@ -143,15 +119,18 @@ class CheckpointStore:
             world_size=dist.get_world_size(),
             barrier=dist.barrier,
             broadcast=broadcast,
+            all_gather=all_gather,
         )
 
     # ------------------------------------------------------------------ collective operations
 
-    def begin(self, step: int) -> Path:
+    def begin(self, step: int, need_bytes: int = 0) -> Path:
         """Collective: an empty directory for the checkpoint of `step`, created before any rank writes.
 
         A torn or corrupt leftover with the same tag (an interrupted save) is removed; a good
-        checkpoint with that tag raises CheckpointError rather than being overwritten.
+        checkpoint with that tag raises CheckpointError rather than being overwritten. So does a
+        checkpoint that would not fit: `need_bytes` (all ranks' files together, estimated by the
+        caller) or the previous checkpoint's size, whichever is larger, beyond the free space.
         """
         path = self.root / tag_for(step)
 
@@ -167,16 +146,25 @@ class CheckpointStore:
                 path.mkdir(parents=True)
             except OSError as err:
                 raise CheckpointError(f"could not prepare checkpoint directory {path}: {err}") from err
+            need = max(need_bytes, self._latest_bytes())
+            free = shutil.disk_usage(path).free
+            if need > free:
+                shutil.rmtree(path, ignore_errors=True)
+                raise CheckpointError(self._no_space(path, need, free))
 
         self._on_rank0(prepare)
         return path
 
-    def commit(self, step: int, meta: dict[str, Any] | None = None) -> Path:
+    def commit(
+        self, step: int, meta: dict[str, Any] | None = None, failure: BaseException | None = None, need_bytes: int = 0
+    ) -> Path:
         """Collective: seal the checkpoint of `step` once every rank has written its files.
 
         Rank 0 hashes the files, writes `manifest.json` (with `meta`, which must be
         JSON-serialisable), points `latest` at it and removes checkpoints beyond `keep_last`.
-        Returns the tag directory; raises CheckpointError on every rank if sealing failed.
+        Returns the tag directory; raises CheckpointError on every rank if sealing failed, or if
+        any rank passes the `failure` of its own write: then the torn directory is removed and
+        `latest` keeps naming the previous checkpoint. `need_bytes` is as for `begin`.
         """
         path = self.root / tag_for(step)
         meta = dict(meta or {})
@@ -184,13 +172,24 @@ class CheckpointStore:
             json.dumps(meta)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"checkpoint meta is not JSON-serialisable ({err}): pass plain values") from err
-        self._barrier()  # every rank has finished writing into path
+        # Also the barrier: every rank has finished writing into path.
+        failed = [(r, why) for r, why in enumerate(self._all_gather(failure and _first_line(failure))) if why]
+        if failed:
+
+            def discard() -> None:
+                shutil.rmtree(path, ignore_errors=True)
+                raise CheckpointError(self._write_failed(path, need_bytes, *failed[0]))
+
+            self._on_rank0(discard)
 
         def seal() -> None:
             try:
                 self._write_manifest(path, step, meta)
-                _atomic_write(self.root / LATEST, path.name)
+                atomic_write(self.root / LATEST, path.name)
             except OSError as err:
+                shutil.rmtree(path, ignore_errors=True)
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CheckpointError(self._write_failed(path, need_bytes, 0, _first_line(err))) from err
                 raise CheckpointError(f"could not commit checkpoint {path}: {err}") from err
             self._rotate(path)
 
@@ -237,7 +236,7 @@ class CheckpointStore:
         if not (path / MANIFEST).is_file():
             return "missing manifest: write was interrupted"
         try:
-            files = _read_manifest(path)["files"]
+            files = read_manifest(path)["files"]
             expected = [(entry["path"], int(entry["bytes"]), entry["sha256"]) for entry in files]
         except (OSError, ValueError, KeyError, TypeError) as err:
             return f"unreadable manifest ({err})"
@@ -251,13 +250,44 @@ class CheckpointStore:
                 return f"truncated file {name} ({actual} of {size} bytes)"
             if actual != size:
                 return f"size mismatch in {name} ({actual} bytes, manifest says {size})"
-        digests = _sha256_files([path / name for name, _, _ in expected])
+        digests = sha256_files([path / name for name, _, _ in expected])
         for (name, _, sha), digest in zip(expected, digests):
             if digest != sha:
                 return f"checksum mismatch in {name}"
         return None
 
     # ------------------------------------------------------------------ internals
+
+    def _latest_bytes(self) -> int:
+        """Total size of the newest committed checkpoint per its manifest (0 if none): the next
+        one of the same run is as large."""
+        for path in reversed(self.tag_dirs()):
+            try:
+                return sum(int(entry["bytes"]) for entry in read_manifest(path)["files"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return 0
+
+    def _kept(self) -> str:
+        latest = self.root / LATEST
+        name = latest.read_text().strip() if latest.is_file() else ""
+        return f"{name} is still the latest checkpoint, intact" if name else "no checkpoint was committed yet"
+
+    def _no_space(self, path: Path, need: int, free: int) -> str:
+        return (f"no space for checkpoint {path.name} in {self.root}: it needs about {need:,} bytes and "
+                f"{free:,} are free; free space there or set train.out on a larger disk, then resume with "
+                f"--resume auto ({self._kept()})")
+
+    def _write_failed(self, path: Path, need_bytes: int, rank: int, reason: str) -> str:
+        """The message for a checkpoint that `rank` could not write (`reason`), once its
+        directory is removed; rank 0's view of the disk."""
+        free = shutil.disk_usage(self.root).free
+        # The write failed, so it needed more than is free now that its partial files are gone.
+        need = max(need_bytes, self._latest_bytes(), free + 1)
+        if any(mark in reason.lower() for mark in ("space", "quota", "write failed")):
+            return self._no_space(path, need, free)
+        return (f"rank {rank} could not write checkpoint {path.name} in {self.root} ({reason}); it was discarded "
+                f"and {self._kept()}")
 
     def _on_rank0(self, work: Callable[[], T]) -> T:
         """Run `work` on rank 0 only; every rank returns its result, or raises when it failed."""
@@ -283,7 +313,7 @@ class CheckpointStore:
             return None
         if str(resume) == "auto":
             tag = self.find_good()
-            return None if tag is None else Checkpoint(self.root / tag, _read_manifest(self.root / tag))
+            return None if tag is None else Checkpoint(self.root / tag, read_manifest(self.root / tag))
         path = self.root / resume if (self.root / resume).is_dir() else Path(resume)
         if not path.is_dir():
             available = ", ".join(p.name for p in self.tag_dirs()) or "none"
@@ -295,7 +325,7 @@ class CheckpointStore:
         if reason is not None:
             raise CheckpointError(f"checkpoint {path} is unusable: {reason}; resume from another tag or 'auto'")
         self._refuse_other_trajectories(path)
-        return Checkpoint(path, _read_manifest(path))
+        return Checkpoint(path, read_manifest(path))
 
     def _refuse_other_trajectories(self, start: Path | None) -> None:
         """Raise if root holds committed checkpoints that are not ancestors of `start`.
@@ -319,7 +349,7 @@ class CheckpointStore:
         if not files:
             raise CheckpointError(f"checkpoint {path} is empty: write the rank files between begin() and commit()")
         # fsync while hashing so the data is durable before the manifest that vouches for it.
-        digests = _sha256_files(files, fsync=True)
+        digests = sha256_files(files, fsync=True)
         now = time.time()
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -334,7 +364,7 @@ class CheckpointStore:
             ],
             "meta": meta,
         }
-        _atomic_write(path / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_write(path / MANIFEST, json.dumps(manifest, indent=1))
 
     def _rotate(self, newest: Path) -> None:
         """Remove committed checkpoints older than `newest` beyond `keep_last`, and torn leftovers.
@@ -356,41 +386,6 @@ class CheckpointStore:
                 warnings.warn(f"could not remove old checkpoint {path.name}: {err}", CheckpointWarning, stacklevel=3)
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    return json.loads((path / MANIFEST).read_text())
-
-
-def _sha256_files(files: list[Path], fsync: bool = False) -> list[str]:
-    """Hex SHA-256 of each file, streamed in chunks, several files at a time; optionally fsync each."""
-
-    def digest(file: Path) -> str:
-        value = hashlib.sha256()
-        with open(file, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                value.update(chunk)
-            if fsync:
-                os.fsync(handle.fileno())
-        return value.hexdigest()
-
-    with ThreadPoolExecutor(max_workers=max(1, min(_HASH_THREADS, len(files)))) as pool:
-        return list(pool.map(digest, files))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (the directory entry lives in the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -4,6 +4,8 @@ run before any data, process-group or DeepSpeed work so a mistake costs one line
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Protocol
 
 from distlip.config.schema import Config, DataConfig
@@ -96,6 +98,7 @@ def validate(cfg: Config) -> None:
     _require(t.logits_chunk_mib > 0, f"train.logits_chunk_mib={t.logits_chunk_mib} must be > 0 (MiB of logits computed at once)")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' is unknown; use auto, cpu or cuda")
     _require(t.dtype in ("float32", "bfloat16"), f"train.dtype='{t.dtype}' is unknown; use float32 or bfloat16")
+    _require(cfg.dist.timeout > 0, f"dist.timeout={cfg.dist.timeout} must be a positive number of seconds (default 300)")
     _require(cfg.dist.zero_stage in (0, 1, 2, 3),
              f"dist.zero_stage={cfg.dist.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     _require(t.log_every > 0 and t.eval_every >= 0 and t.certify_every >= 0, "train.log_every must be > 0; eval_every and certify_every ≥ 0")
@@ -138,6 +141,19 @@ def preflight(cfg: Config, env: Placement) -> None:
     _require(t.save_every >= 0, f"train.save_every={t.save_every} must be ≥ 0 (0: checkpoint at the end only)")
     _require(t.keep_last >= 1, f"train.keep_last={t.keep_last}: keep at least 1 checkpoint")
     check_coefficients(c.method, c.weight_decay, c.spectral_wd, c.power_iters)
+
+
+def check_output_dir(out: Path) -> None:
+    """The run directory can be created and written: a read-only or unwritable `train.out` is
+    refused at start-up, not at the first checkpoint hours later."""
+    probe = out / f".distlip-write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output directory {out} is not writable ({err.strerror or err}): choose another --out "
+                          "(train.out), or make it writable") from None
 
 
 def check_distributed(cfg: Config, env: Placement) -> None:

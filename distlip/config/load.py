@@ -8,6 +8,7 @@ as one `ConfigError` line that names the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -18,10 +19,51 @@ from distlip.config.schema import Config
 from distlip.errors import ConfigError, did_you_mean
 
 
+# YAML 1.1, which PyYAML implements, reads `3e-4` and `1.0e9` as strings (its floats need a dot
+# and a signed exponent) and `010` as octal 8. Config files and overrides are read with the
+# number forms people write instead: decimal integers (leading zeros are decimal), 0x/0o/0b
+# integers, and floats with or without a dot or exponent sign (`3e-4`, `1E-3`, `.5`, `5.`,
+# `+1.5`); `_` may group digits (`1_000`). Everything else resolves as before.
+_INT = re.compile(r"^[-+]?(?:[0-9][0-9_]*|0[xX][0-9a-fA-F][0-9a-fA-F_]*|0[oO][0-7][0-7_]*|0[bB][01][01_]*)$")
+_FLOAT = re.compile(
+    r"^[-+]?(?:(?:[0-9][0-9_]*)?\.[0-9][0-9_]*|[0-9][0-9_]*\.?)(?:[eE][-+]?[0-9][0-9_]*)?$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+)
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+class _NumberLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` with the number forms above."""
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+    base = {"0x": 16, "0o": 8, "0b": 2}.get(digits[:2].lower(), 10)
+    return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+_NumberLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_NumberLoader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
+_NumberLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+_NumberLoader.add_constructor(_INT_TAG, _construct_int)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text with the number forms above (`yaml.safe_load` otherwise)."""
+    return yaml.load(text, Loader=_NumberLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the dataclass field's type, or raise ConfigError."""
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    # A whole number written as a float (`train.steps=1e4`) is an integer.
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
     if typ is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     if typ is dict and isinstance(value, dict):
@@ -54,8 +96,8 @@ def _build(cls, data: dict, prefix: str):
 
 
 def _parse_value(text: str) -> Any:
-    """CLI override values are YAML scalars: 0.1, true, [0.9, 0.95], {embed: 0.1}, text."""
-    return yaml.safe_load(text) if text != "" else ""
+    """CLI override values are YAML scalars: 0.1, 3e-4, true, [0.9, 0.95], {embed: 0.1}, text."""
+    return read_yaml(text) if text != "" else ""
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -102,7 +144,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file '{p}' not found; presets live in configs/ (e.g. configs/shakespeare.yaml)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = read_yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
     apply_overrides(data, overrides or [])

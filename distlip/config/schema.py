@@ -120,6 +120,9 @@ class DistConfig:
 
     zero_stage: int = 0
     deepspeed_config: str = ""  # optional user JSON; must agree with this config
+    # Seconds a rank waits for the others (every collective and barrier, and the start-up
+    # rendezvous) before it fails and names the rank that stopped answering.
+    timeout: float = 300.0
 
 
 @dataclass

@@ -7,13 +7,16 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from distlip.config import Config
 from distlip.config.checks import check_device
+from distlip.distributed import liveness
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,32 @@ def select_device(cfg: Config, local_rank: int = 0) -> torch.device:
     return torch.device(want, local_rank) if want == "cuda" else torch.device(want)
 
 
-def init_distributed(env: DistEnv, device: torch.device) -> None:
-    """Start the process group (gloo on CPU, NCCL on GPU) when the launcher started several ranks."""
+def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 300.0) -> None:
+    """Start the process group (gloo on CPU, NCCL on GPU) when the launcher started several ranks.
+
+    `timeout_s` (`dist.timeout`) bounds every collective, barrier and the rendezvous itself: a
+    rank that waits longer on the others fails, and `run_and_exit` names who stopped answering.
+    """
     if env.world_size == 1 or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    # Groups made later without a timeout of their own take torch's default (30 min on gloo, 10
+    # on NCCL), not the default group's; DeepSpeed makes one for its gradient all-reduce. Make
+    # dist.timeout the default of every group of this process.
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
     try:
         import deepspeed
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     except ImportError:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
+    liveness.announce(_default_store(), dist.get_rank(), timeout_s)
+
+
+def _default_store() -> dist.Store:
+    """The launcher's key-value store behind the default process group."""
+    return distributed_c10d._get_default_store()
 
 
 def exit_process(status: int) -> NoReturn:
@@ -69,9 +88,23 @@ def exit_process(status: int) -> NoReturn:
 
 
 def run_and_exit(main: Callable[[], int]) -> NoReturn:
-    """`exit_process(main())`, also for a SystemExit raised inside (preemption's requeue status)."""
+    """`exit_process(main())`, also for a SystemExit raised inside (preemption's requeue status).
+
+    A collective that fails because another rank stopped answering (timeout, broken connection)
+    ends this rank with status 1 and, on the lowest surviving rank, one line naming the lost
+    rank and the fix, instead of a traceback per rank.
+    """
     try:
         status = main()
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:
+        if not (dist.is_available() and dist.is_initialized() and liveness.is_peer_failure(exc)):
+            raise
+        message = liveness.lost_peer_message(_default_store(), dist.get_rank(), dist.get_world_size(), exc)
+        if message:
+            print(f"error: {message}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # not destroy_process_group(): the group is broken and tearing it down can hang
     exit_process(status)

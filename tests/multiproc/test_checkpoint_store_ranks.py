@@ -1,10 +1,13 @@
 """CheckpointStore on two ranks (gloo): rank 0 decides, every rank's files are in the manifest,
-and a refusal reaches both ranks."""
+a refusal reaches both ranks, and one rank's failed write is discarded on both."""
+
+import errno
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distlip.checkpoint.store import CheckpointStore, tag_for
+from distlip.checkpoint.files import tag_for
+from distlip.checkpoint.store import CheckpointStore
 from distlip.errors import CheckpointError
 
 
@@ -27,6 +30,18 @@ def _two_rank_worker(rank: int, root: str, init_file: str) -> None:
             raise AssertionError("begin() over a good checkpoint did not raise")
         except CheckpointError:
             pass
+        # Rank 1 alone runs out of space: both ranks raise (none waits for ever), the torn
+        # directory goes, step 30 stays the latest.
+        path = store.begin(40)
+        failure = OSError(errno.ENOSPC, "No space left on device") if rank == 1 else None
+        try:
+            store.commit(40, failure=failure)
+            raise AssertionError("commit() after a failed write did not raise")
+        except CheckpointError as err:
+            assert str(err).startswith(f"no space for checkpoint step_000040 in {root}: it needs about "), err
+            assert str(err).endswith("(step_000030 is still the latest checkpoint, intact)"), err
+        assert not path.exists()
+        assert store.resolve("auto").tag == "step_000030"
     finally:
         dist.destroy_process_group()
 

@@ -127,8 +127,8 @@ def test_saved_configs_from_before_per_group_caps_load_as_whole_matrix_caps():
 
 
 def test_certify_prints_group_caps_and_a_row_per_head_block(tmp_path, capsys):
-    from distlip.cli import main as cli
     from distlip.checkpoint.export import save_model
+    from distlip.cli import main as cli
     trainer = make_trainer(tmp_path / "run", "constraint.method=hard_cap", "constraint.caps={qk: 1.5, head: 0.5}")
     trainer.train_step()
     save_model(tmp_path / "model", weights(trainer), trainer.cfg, trainer.data.tokenizer)

@@ -8,17 +8,17 @@ import signal
 
 import pytest
 import torch
-
 from safetensors.torch import load_file, save_file
 
+from distlip.checkpoint.export import load_model
+from distlip.checkpoint.files import CheckpointWarning
 from distlip.checkpoint.state import RANK_FILE, open_model, read_rank_files
-from distlip.checkpoint.store import CheckpointStore, CheckpointWarning
-from distlip.lipschitz.certificate import exact_norms, norm_keys
+from distlip.checkpoint.store import CheckpointStore
 from distlip.cli import build_parser
 from distlip.cli import main as cli
 from distlip.config import load_config
 from distlip.errors import CheckpointError, ConfigError
-from distlip.checkpoint.export import load_model
+from distlip.lipschitz.certificate import exact_norms, norm_keys
 from distlip.model import matrix_of
 from distlip.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE_ENV
 from distlip.trainer import Trainer

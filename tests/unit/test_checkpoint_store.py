@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from distlip.checkpoint.store import MANIFEST, CheckpointStore, CheckpointWarning
+from distlip.checkpoint.files import MANIFEST, CheckpointWarning
+from distlip.checkpoint.store import CheckpointStore
 from distlip.errors import CheckpointError
 
 MODEL = "model_shard.pt"

@@ -1,5 +1,6 @@
 """distlip.slurm and slurm/train.sbatch: hostlists, per-node commands, dry run, requeue, USR2 forwarding."""
 
+import os
 import re
 import signal
 import socket
@@ -58,7 +59,7 @@ def test_torchrun_command_per_node(node_id):
     assert 15000 <= port < 30000
     assert launch_command(two_node_env(node_id), TRAIN) == [
         "env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}",
-        "torchrun",
+        sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "2",
         "--node_rank", str(node_id),
         "--nproc_per_node", "4",
@@ -78,7 +79,7 @@ def test_accelerate_command_per_node(node_id):
         "env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}", "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
     ]  # fmt: skip
     assert command[3:] == [
-        "accelerate", "launch",
+        sys.executable, "-m", "accelerate.commands.launch",
         "--num_machines", "2",
         "--machine_rank", str(node_id),
         "--main_process_ip", "gpu07",
@@ -91,20 +92,31 @@ def test_accelerate_command_per_node(node_id):
 
 
 def test_environment_errors_name_the_problem():
-    with pytest.raises(ConfigError, match="missing SLURM variables: SLURM_NNODES, SLURM_NODEID, SLURM_GPUS_ON_NODE"):
+    with pytest.raises(ConfigError, match="missing SLURM variables: SLURM_NNODES, SLURM_NODEID;"):
         launch_command({"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "a"}, TRAIN)
     with pytest.raises(ConfigError, match="SLURM_NNODES=3 but SLURM_JOB_NODELIST=gpu\\[07-08\\] names 2 hosts"):
         launch_command(two_node_env(0, SLURM_NNODES="3"), TRAIN)
     with pytest.raises(ConfigError, match="unknown launcher 'mpirun'"):
         launch_command(two_node_env(0), TRAIN, launcher="mpirun")
-    assert launch_command(two_node_env(0), TRAIN, gpus_per_node=2)[8] == "2"
+    assert launch_command(two_node_env(0), TRAIN, procs_per_node=2)[10] == "2"
+    with pytest.raises(ConfigError, match="processes per node is 0"):
+        launch_command(two_node_env(0), TRAIN, procs_per_node=0)
+
+
+@pytest.mark.parametrize("gpus", [{}, {"SLURM_GPUS_ON_NODE": "0"}, {"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "0"}])
+def test_cpu_only_allocation_runs_one_process_per_node_or_as_asked(gpus):
+    env = {k: v for k, v in two_node_env(0).items() if k != "SLURM_GPUS_ON_NODE"} | gpus
+    command = launch_command(env, TRAIN)
+    assert command[command.index("--nproc_per_node") + 1] == "1"
+    command = launch_command(env, TRAIN, procs_per_node=3)
+    assert command[command.index("--nproc_per_node") + 1] == "3"
 
 
 def test_cli_dry_run_prints_command_or_explains(monkeypatch, capsys):
     for name, value in two_node_env(1).items():
         monkeypatch.setenv(name, value)
     assert main(["--dry-run", "--launcher", "torchrun", "--", *TRAIN]) == 0
-    assert " torchrun --nnodes 2 --node_rank 1 --nproc_per_node 4 " in capsys.readouterr().out
+    assert " -m torch.distributed.run --nnodes 2 --node_rank 1 --nproc_per_node 4 " in capsys.readouterr().out
     assert main(["--dry-run"]) == 2
     assert "no training command" in capsys.readouterr().err
     monkeypatch.delenv("SLURM_NODEID")
@@ -145,7 +157,8 @@ SCONTROL = 'echo "$*" >>"$SCONTROL_LOG"\n'
 def sbatch_env(tmp_path: Path, nodes: int, **extra: str) -> dict[str, str]:
     hosts = "gpu[07-08]" if nodes == 2 else "localhost"
     return {
-        "PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        # Not the training environment's bin/: the launcher must come from PYTHON, not from PATH.
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
         "HOME": str(tmp_path),
         "PYTHONPATH": str(REPO),
         "PYTHON": sys.executable,
@@ -167,13 +180,20 @@ def test_sbatch_dry_run_prints_every_nodes_command(tmp_path):
     write_stubs(tmp_path / "bin", {"srun": SRUN, "scontrol": SCONTROL})
     env = sbatch_env(tmp_path, nodes=2, DRY_RUN="1", LAUNCHER="torchrun")
     done = subprocess.run(["bash", str(SBATCH), "train.steps=100"], env=env, capture_output=True, text=True, check=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=240 torchrun ")]
+    launcher = f"env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=240 {sys.executable} -m torch.distributed.run "
+    lines = [line for line in done.stdout.splitlines() if line.startswith(launcher)]
     assert len(lines) == 2
     for node_id, line in enumerate(lines):
         assert f"--node_rank {node_id} " in line
         assert f"--rdzv_endpoint gpu07:{master_port(4242)} " in line
         assert line.endswith(f"-m distlip train --config configs/test.yaml --out {tmp_path}/run train.resume=auto train.steps=100")
     assert re.search(r"^\+ scontrol requeue 4242 ", done.stdout, re.M)
+    assert "train.sbatch: a node that dies or hangs ends the step within dist.timeout=<from configs/test.yaml, default 300> s" in done.stdout
+    env["DIST_TIMEOUT"] = "120"
+    done = subprocess.run(["bash", str(SBATCH), "train.steps=100"], env=env, capture_output=True, text=True, check=True)
+    assert "ends the step within dist.timeout=120 s" in done.stdout
+    assert all(line.endswith("train.resume=auto dist.timeout=120 train.steps=100")
+               for line in done.stdout.splitlines() if line.startswith(launcher))
     assert not (tmp_path / "scontrol.log").exists()  # printed, not run
     assert not (tmp_path / "run").exists()
 
@@ -188,12 +208,72 @@ def test_sbatch_dry_run_prints_every_nodes_command(tmp_path):
     ],
 )
 def test_sbatch_requeues_only_when_training_asks(tmp_path, launcher_body, requeued, status):
-    write_stubs(tmp_path / "bin", {"srun": SRUN, "scontrol": SCONTROL, "torchrun": launcher_body})
+    # The job step stands in for srun -> launcher -> workers: only its exit status and file matter.
+    write_stubs(tmp_path / "bin", {"srun": launcher_body, "scontrol": SCONTROL})
     done = subprocess.run(["bash", str(SBATCH)], env=sbatch_env(tmp_path, nodes=1), capture_output=True, text=True)
     assert done.returncode == status, done.stdout + done.stderr
     log = tmp_path / "scontrol.log"
     assert (log.read_text() == "requeue 4242\n") if requeued else not log.exists()
     assert not (tmp_path / "run" / ".requeue-4242").exists()
+
+
+def test_usr2_during_start_up_requeues(tmp_path):
+    """A warning before the workers catch USR2 kills the step (status 1 or 128+12): still requeued."""
+    ready = tmp_path / "ready"
+    write_stubs(tmp_path / "bin", {"srun": f'touch "{ready}"; exec sleep 60\n', "scontrol": SCONTROL})
+    batch = subprocess.Popen(["bash", str(SBATCH)], env=sbatch_env(tmp_path, nodes=1), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert batch.poll() is None and time.monotonic() < deadline, batch.stdout.read()
+            time.sleep(0.05)
+        batch.send_signal(signal.SIGUSR2)
+        out, _ = batch.communicate(timeout=30)
+    finally:
+        batch.kill()
+    assert batch.returncode == 0, out
+    assert "preemption warning arrived before training could checkpoint" in out
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+def make_lock(extensions: Path, minutes_old: float) -> Path:
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    stamp = time.time() - 60 * minutes_old
+    os.utime(lock, (stamp, stamp))
+    return lock
+
+
+def test_stale_build_lock_in_the_jobs_own_extensions_dir_is_removed_with_one_line(tmp_path):
+    write_stubs(tmp_path / "bin", {"srun": 'echo "ext=$TORCH_EXTENSIONS_DIR"\n', "scontrol": SCONTROL})
+    lock = make_lock(tmp_path / "run" / "torch_extensions", minutes_old=0)
+    dry = subprocess.run(["bash", str(SBATCH)], env=sbatch_env(tmp_path, nodes=1, DRY_RUN="1"), capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert f"stale DeepSpeed build lock {lock} (0 min old, left by a killed build): a real run removes it" in dry.stdout
+    assert lock.exists()
+    done = subprocess.run(["bash", str(SBATCH)], env=sbatch_env(tmp_path, nodes=1), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line for line in done.stdout.splitlines() if str(lock) in line] == [
+        next(line for line in done.stdout.splitlines() if "removed stale DeepSpeed build lock" in line)
+    ]
+    assert f"ext={tmp_path / 'run' / 'torch_extensions'}" in done.stdout  # per job, survives requeues
+    assert not lock.exists()
+
+
+def test_build_lock_in_a_shared_extensions_dir_is_removed_only_when_old(tmp_path):
+    write_stubs(tmp_path / "bin", {"srun": "exit 0\n", "scontrol": SCONTROL})
+    shared = tmp_path / "shared_extensions"
+    lock = make_lock(shared, minutes_old=5)
+    env = sbatch_env(tmp_path, nodes=1, TORCH_EXTENSIONS_DIR=str(shared))
+    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, check=True)
+    assert f"DeepSpeed build lock {lock} is 5 min old: another job may be building" in done.stdout
+    assert lock.exists()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, check=True)
+    assert f"removed stale DeepSpeed build lock {lock} (60 min old" in done.stdout
+    assert not lock.exists()
 
 
 WORKER = """import os, sys, time
