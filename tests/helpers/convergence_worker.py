@@ -18,7 +18,11 @@ SHAKESPEARE = ["train.progress=false", "train.tensorboard=false", "model.d_model
                "model.n_heads=4", "model.context=64", "train.batch_size=32", "train.eval_every=0",
                f"train.steps={SHAKESPEARE_STEPS}", "train.certify_every=0", "train.threads=1",
                "optim.lr=0.5", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=2.0",
-               "compression.warmup_steps=2"]
+               "compression.warmup_steps=2",
+               # Whole-matrix caps, as these thresholds were calibrated: per head, lr 0.5 puts each head
+               # block's Muon step (√H·μ) beyond the soft cap's coupling range, so it falls back to the
+               # hard cap and every method ends ≈0.25 higher. These tests measure compression, not caps.
+               "constraint.per_head=false"]
 EVAL_WINDOWS = 1024  # a fixed, evenly spaced sample of the validation split: 65,536 tokens
 METHODS = {
     "dense": ["compression.estimator=dense"],
