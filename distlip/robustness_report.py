@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from distlip.certificate import CAP_RTOL, certify, embed_rms_max, exact_norms
+from distlip.certificate import CAP_RTOL, certify_weights
 from distlip.errors import DataError
 from distlip.lipschitz.adversarial import attack
 from distlip.lipschitz.robustness import bounds_at, certified_at, certified_radius, head_margin, summarize
 from distlip.metrics import Progress
-from distlip.model import LipschitzTransformer, matrix_names
+from distlip.model import LipschitzTransformer
 
 
 @dataclass
@@ -72,25 +72,23 @@ def _mask(cfg, tokenizer, x: torch.Tensor) -> torch.Tensor | None:
     return document_causal_mask(x, tokenizer.eot_id)
 
 
-def model_bounds(model: LipschitzTransformer, caps: dict) -> tuple[float, object, object, float] | None:
+def model_bounds(model: LipschitzTransformer, cfg) -> tuple[float, object, object, float] | None:
     """(network bound, embeddings → logits bound at input RMS R, → final residual bound at R,
-    largest embedding RMS), by exact SVD; None when no matrix has a cap (no certificate)."""
+    largest embedding RMS), by exact SVD; None when the run caps no matrix (no certificate)."""
+    cert, caps = certify_weights({n: p.detach() for n, p in model.named_parameters()}, cfg)
     if not any(c is not None for c in caps.values()):
         return None
-    params = dict(model.named_parameters())
-    norms = exact_norms({n: params[n] for n in matrix_names(model)})
-    embed = embed_rms_max(params["embed.weight"])
-    net_at, body_at = bounds_at(norms, model.cfg)
-    return certify(norms, embed, model.cfg, caps).network_bound, net_at, body_at, embed
+    net_at, body_at = bounds_at(cert.norms, model.cfg)
+    return cert.network_bound, net_at, body_at, cert.embed
 
 
-def evaluate(name: str, model: LipschitzTransformer, cfg, tokenizer, caps: dict, x: torch.Tensor,
+def evaluate(name: str, model: LipschitzTransformer, cfg, tokenizer, x: torch.Tensor,
              y: torch.Tensor, eps: list[float], *, batch: int = 8, steps: int = 10, restarts: int = 2,
              loss: str = "margin", progress: bool = True) -> Robustness:
     """Certified and empirical robustness of `model` on windows `x`, `y` (n, T) at each ε.
     `batch` windows are evaluated (and attacked) at a time."""
     model.eval().requires_grad_(False)
-    bounds = model_bounds(model, caps)
+    bounds = model_bounds(model, cfg)
     margins, correct, alive = [], [], torch.zeros(len(eps))
     bar = Progress(len(range(0, len(x), batch)), enabled=progress)
     for i, start in enumerate(range(0, len(x), batch)):
@@ -121,11 +119,11 @@ class ProbeError(Exception):
     """The probe found a ratio above the certified bound: the certificate is wrong (a bug)."""
 
 
-def probe(name: str, model: LipschitzTransformer, cfg, tokenizer, caps: dict, x: torch.Tensor,
+def probe(name: str, model: LipschitzTransformer, cfg, tokenizer, x: torch.Tensor,
           radii: tuple[float, ...] = (0.01, 0.1, 0.5), *, steps: int = 30, restarts: int = 2,
           iters: int = 20) -> dict:
     """Largest ratio max_rms(f(a) − f(b)) / max_rms(a − b) found for f = embeddings → logits
-    (all head rows, as certified) near the embeddings of windows `x` (n, T), in float64: pair
+    near the embeddings of windows `x` (n, T), in float64: pair
     ascent within each radius of `radii`, and Jacobian power iteration at the inputs.
 
     Returns {"found", "bound", "looseness" (bound / found), "rows": [(method, radius, found,
@@ -134,13 +132,13 @@ def probe(name: str, model: LipschitzTransformer, cfg, tokenizer, caps: dict, x:
     """
     from distlip.lipschitz.attack import jacobian_attack, pair_attack
 
-    bounds = model_bounds(model, caps)
+    bounds = model_bounds(model, cfg)
     m = copy.deepcopy(model).double().eval().requires_grad_(False)
     best: dict = {}  # (method, radius) → (largest ratio over windows, bound on that ball)
     for i in range(len(x)):
         xb = x[i:i + 1]
         mask = _mask(cfg, tokenizer, xb)
-        f = lambda h: m.head(m.hidden(h, mask)) * m.cfg.logit_scale  # noqa: E731
+        f = lambda h: m.logits_from_embeddings(h, mask)  # noqa: E731
         h = m.embed(xb)
         trials = [("jacobian", 0.0, jacobian_attack(f, h, iters=iters, seed=i))]
         trials += [("pairs", r, pair_attack(f, h, r, steps=steps, restarts=restarts, seed=i)) for r in radii]

@@ -58,7 +58,7 @@ def train_tiny(cap: float | None, n_heads: int = 1, steps: int = 200, seed: int 
 
 def bounds(model):
     params = dict(model.named_parameters())
-    norms = exact_norms({n: params[n] for n in matrix_names(model)})
+    norms = exact_norms({n: params[n] for n in matrix_names(model)}, model.cfg.n_heads)
     return norms, bounds_at(norms, model.cfg), embed_rms_max(params["embed.weight"])
 
 
@@ -121,7 +121,7 @@ def test_head_margin_is_never_below_the_norm_margin():
     W = torch.randn(V, d, generator=g)
     z = torch.randn(200, d, generator=g) @ W.T
     head = torch.linalg.matrix_norm(W.double(), ord=2).item() * math.sqrt(d / V)  # RMS→RMS norm
-    assert (head_margin(z, W, 1.0) * head >= norm_margin(z, V) * (1 - 1e-9)).all()
+    assert (head_margin(z, W, 1.0) * head >= norm_margin(z) * (1 - 1e-9)).all()
 
 
 def test_bound_at_unit_rms_is_the_certificate_and_grows_with_rms(capped):

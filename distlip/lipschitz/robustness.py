@@ -7,12 +7,13 @@ token provably cannot change. The derivations are in `docs/robustness.md`; in sh
 
 - A *margin* says how far some intermediate representation may move (per-token RMS) before
   the top-1 logit can be overtaken. `norm_margin` works from the logits alone: the top pair
-  moves apart by at most √(2·n_out) times the per-token RMS of the logit change, and no
+  moves apart by at most √(2V) times the per-token RMS of the change of the V logits, and no
   smaller factor follows from that norm. `head_margin` is tighter: it uses the head's rows,
   since z_a − z_b = (u_a − u_b)·h for the final residual h, u = logit_scale·W_head.
 - A *bound* `bound_at(R)` on the map from embeddings to that representation, valid for inputs
   whose tokens have RMS ≤ R. A perturbed input has token RMS up to R = (largest embedding
-  RMS) + ε, and the certificate's attention term grows with R, so the bound is taken at R.
+  RMS) + ε, outside the certificate's usual domain (RMS ≤ 1), and its attention term grows
+  with R, so the bound is taken at R.
 - The prediction is certified at ε when margin > ε·bound_at(R₀ + ε).
 
 Everything here is a pure function of tensors (no model, no process group). Margins and radii
@@ -44,12 +45,12 @@ def top_two(logits: Tensor) -> tuple[Tensor, Tensor]:
     return top.indices[:, 0], top.values[:, 0] - top.values[:, 1]
 
 
-def norm_margin(logits: Tensor, n_out: int) -> Tensor:
-    """How far (N,) the logits may move, in per-token RMS over the head's `n_out` outputs
-    (padding rows included, as in the certificate), before the top-1 prediction can change:
-    (top-1 − top-2) / √(2·n_out). Pair it with the bound of embeddings → logits."""
+def norm_margin(logits: Tensor) -> Tensor:
+    """How far (N,) the logits may move, in per-token RMS over the V logits (the certificate's
+    output norm), before the top-1 prediction can change: (top-1 − top-2) / √(2V). `logits`
+    (N, V). Pair it with the bound of embeddings → logits."""
     _, margin = top_two(logits)
-    return margin / math.sqrt(2 * n_out)
+    return margin / math.sqrt(2 * logits.shape[-1])
 
 
 @torch.no_grad()
@@ -115,15 +116,14 @@ def summarize(correct: Tensor, certified: list[Tensor], radius: Tensor | None) -
 
 def bounds_at(norms: dict[str, float], cfg) -> tuple[BoundAt, BoundAt]:
     """(embeddings → logits, embeddings → final residual stream) bounds as functions of the
-    inputs' largest token RMS R, from RMS→RMS matrix norms (names as in the model) and the
-    `ModelConfig`. The certificate assumes tokens of RMS ≤ 1, and R enters it only through
-    the activation-magnitude bound r, which is linear in R and appears as s·r² in the attention
-    term; so the bound on {RMS ≤ R} is the certificate with attention sharpness s·R². The body
-    bound is the certificate with a unit head (‖W_head‖ = 1, logit scale 1)."""
+    inputs' largest token RMS R, from the certificate's norm table (`exact_norms`, head blocks
+    included) and the `ModelConfig`. The certificate's domain is tokens of RMS ≤ max(1, embed),
+    so passing R as `embed` gives the bound on that ball; the body is the certificate with its
+    head factor divided out (a unit head: its network bound over its head factor)."""
     body_norms = {**norms, "head.weight": 1.0}
 
-    def at(R: float, head: bool) -> float:
-        c = replace(cfg, attn_scale=cfg.attn_scale * R * R, logit_scale=cfg.logit_scale if head else 1.0)
-        return certify(norms if head else body_norms, 1.0, c).network_bound
+    def body(R: float) -> float:
+        c = certify(body_norms, R, cfg)
+        return c.network_bound / c.head
 
-    return (lambda R: at(R, True)), (lambda R: at(R, False))
+    return (lambda R: certify(norms, R, cfg).network_bound), body
