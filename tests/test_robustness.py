@@ -32,8 +32,9 @@ def markov_tokens(n: int, vocab: int = 8, seed: int = 0) -> torch.Tensor:
 
 
 def train_tiny(cap: float | None, n_heads: int = 1, steps: int = 200, seed: int = 0):
-    """A 2×16 model trained by AdamW on `markov_tokens`; after every step each matrix is capped
-    at RMS→RMS norm `cap` by SVD and token vectors at RMS 1 (None: unconstrained)."""
+    """A 2×16 model trained by AdamW on `markov_tokens`; after every step each matrix (each
+    head block of W_q, W_k, W_v) is capped at RMS→RMS norm `cap` by SVD and token vectors at
+    RMS 1 (None: unconstrained)."""
     torch.manual_seed(seed)
     ids = markov_tokens(4000)
     cfg = ModelConfig(vocab_size=8, d_model=16, n_layers=2, n_heads=n_heads, context=16)
@@ -49,8 +50,14 @@ def train_tiny(cap: float | None, n_heads: int = 1, steps: int = 200, seed: int 
         if cap is not None:
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    p.copy_(embed_cap(p) if name == "embed.weight"
-                            else exact_cap(p, cap * math.sqrt(p.shape[0] / p.shape[1])))
+                    if name == "embed.weight":
+                        p.copy_(embed_cap(p))
+                        continue
+                    # W_q, W_k, W_v: each head's row block capped (what the per-head bound reads)
+                    H = n_heads if name.endswith(("attn.q.weight", "attn.k.weight", "attn.v.weight")) else 1
+                    blocks = p.view(H, p.shape[0] // H, p.shape[1])
+                    for b in blocks:
+                        b.copy_(exact_cap(b, cap * math.sqrt(b.shape[0] / b.shape[1])))
     model.eval()
     w = ids[torch.arange(0, 1024, 16)[:, None] + torch.arange(17)]
     return model, w[:, :-1], w[:, 1:]
@@ -71,9 +78,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def capped():
-    return train_tiny(cap=1.0)
+@pytest.fixture(scope="module", params=[1, 4], ids=["1head", "4heads"])
+def capped(request):
+    return train_tiny(cap=1.0, n_heads=request.param)
 
 
 def test_the_norm_factor_is_the_best_the_norm_alone_allows():
@@ -154,7 +161,7 @@ def test_logit_pairs_never_move_apart_faster_than_the_conversions_allow(capped):
     _, (net_at, body_at), embed = bounds(model)
     h = model.embed(x[:8]).detach()
     u = model.head.weight.detach().double() * model.cfg.logit_scale
-    n, d = model.head.weight.shape
+    n, d = model.cfg.vocab_size, model.cfg.d_model
     pair = (u[:, None, :] - u[None, :, :]).norm(dim=-1) * math.sqrt(d)  # (V, V)
     g = torch.Generator().manual_seed(0)
     z0 = model.logits_from_embeddings(h).detach().double()
