@@ -21,7 +21,14 @@ import torch
 from distlip.certificate import CAP_RTOL, certify_weights
 from distlip.errors import DataError
 from distlip.lipschitz.adversarial import attack
-from distlip.lipschitz.robustness import bounds_at, certified_at, certified_radius, head_margin, summarize
+from distlip.lipschitz.robustness import (
+    bounds_at,
+    certified_at,
+    certified_radius,
+    head_margin,
+    norm_margin,
+    summarize,
+)
 from distlip.metrics import Progress
 from distlip.model import LipschitzTransformer
 
@@ -40,6 +47,7 @@ class Robustness:
     bound: float | None = None  # certified bound of embeddings → logits
     certified: list[float] | None = None
     median_radius: float | None = None
+    median_radius_norm: float | None = None  # the same from the logits' norm alone (√(2V) factor)
     probe: dict = field(default_factory=dict)
 
 
@@ -89,7 +97,7 @@ def evaluate(name: str, model: LipschitzTransformer, cfg, tokenizer, x: torch.Te
     `batch` windows are evaluated (and attacked) at a time."""
     model.eval().requires_grad_(False)
     bounds = model_bounds(model, cfg)
-    margins, correct, alive = [], [], torch.zeros(len(eps))
+    margins, norm_margins, correct, alive = [], [], [], torch.zeros(len(eps))
     bar = Progress(len(range(0, len(x), batch)), enabled=progress)
     for i, start in enumerate(range(0, len(x), batch)):
         xb, yb = x[start:start + batch], y[start:start + batch]
@@ -100,6 +108,7 @@ def evaluate(name: str, model: LipschitzTransformer, cfg, tokenizer, x: torch.Te
             z = f(h)
         correct.append((z.argmax(-1) == yb).flatten())
         margins.append(head_margin(z.flatten(0, 1), model.head.weight, model.cfg.logit_scale))
+        norm_margins.append(norm_margin(z.flatten(0, 1)))
         for j, e in enumerate(eps):
             alive[j] += attack(f, h, yb, e, steps=steps, restarts=restarts, loss=loss, seed=i).sum()
         bar.update(i + 1, {"windows": min(start + batch, len(x))})
@@ -108,10 +117,12 @@ def evaluate(name: str, model: LipschitzTransformer, cfg, tokenizer, x: torch.Te
     n = correct.numel()
     out = Robustness(name, list(eps), n, correct.sum().item() / n, (alive / n).tolist())
     if bounds is not None:
-        bound, _, body_at, embed = bounds
+        bound, net_at, body_at, embed = bounds
         certified = [certified_at(margin, body_at, embed, e) for e in eps]
         s = summarize(correct, certified, certified_radius(margin, body_at, embed))
         out.bound, out.certified, out.median_radius = bound, s["certified_accuracy"], s["median_radius"]
+        out.median_radius_norm = summarize(correct, [], certified_radius(torch.cat(norm_margins), net_at, embed))[
+            "median_radius"]
     return out
 
 
@@ -165,7 +176,7 @@ def format_table(results: list[Robustness]) -> str:
     lines = []
     for r in results:
         bound = "not certified (no matrix is capped)" if r.bound is None else f"{r.bound:.4g}"
-        radius = "-" if r.median_radius is None else f"{r.median_radius:.4g}"
+        radius = "-" if r.median_radius is None else f"{r.median_radius:.4g} (from the logits' norm alone {r.median_radius_norm:.4g})"
         lines.append(f"{r.name}: {r.predictions} predictions, clean accuracy {r.clean:.1%}, "
                      f"bound (embeddings → logits) {bound}, median certified radius of correct predictions {radius}")
         if r.probe:

@@ -31,10 +31,22 @@ def markov_tokens(n: int, vocab: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.tensor(ids)
 
 
+@torch.no_grad()
+def cap_weights(model, cap: float) -> None:
+    """Every matrix (each head block of W_q, W_k, W_v: what the per-head bound reads) at
+    RMS→RMS norm ≤ `cap` by SVD, token vectors at RMS ≤ 1."""
+    for name, p in model.named_parameters():
+        if name == "embed.weight":
+            p.copy_(embed_cap(p))
+            continue
+        H = model.cfg.n_heads if name.endswith(("attn.q.weight", "attn.k.weight", "attn.v.weight")) else 1
+        for b in p.view(H, p.shape[0] // H, p.shape[1]):
+            b.copy_(exact_cap(b, cap * math.sqrt(b.shape[0] / b.shape[1])))
+
+
 def train_tiny(cap: float | None, n_heads: int = 1, steps: int = 200, seed: int = 0):
-    """A 2×16 model trained by AdamW on `markov_tokens`; after every step each matrix (each
-    head block of W_q, W_k, W_v) is capped at RMS→RMS norm `cap` by SVD and token vectors at
-    RMS 1 (None: unconstrained)."""
+    """A 2×16 model trained by AdamW on `markov_tokens`, `cap_weights` after every step (None:
+    unconstrained)."""
     torch.manual_seed(seed)
     ids = markov_tokens(4000)
     cfg = ModelConfig(vocab_size=8, d_model=16, n_layers=2, n_heads=n_heads, context=16)
@@ -48,16 +60,7 @@ def train_tiny(cap: float | None, n_heads: int = 1, steps: int = 200, seed: int 
         loss.backward()
         opt.step()
         if cap is not None:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if name == "embed.weight":
-                        p.copy_(embed_cap(p))
-                        continue
-                    # W_q, W_k, W_v: each head's row block capped (what the per-head bound reads)
-                    H = n_heads if name.endswith(("attn.q.weight", "attn.k.weight", "attn.v.weight")) else 1
-                    blocks = p.view(H, p.shape[0] // H, p.shape[1])
-                    for b in blocks:
-                        b.copy_(exact_cap(b, cap * math.sqrt(b.shape[0] / b.shape[1])))
+            cap_weights(model, cap)
     model.eval()
     w = ids[torch.arange(0, 1024, 16)[:, None] + torch.arange(17)]
     return model, w[:, :-1], w[:, 1:]
