@@ -90,7 +90,8 @@ def main() -> None:
         section = (f"## Certified vs empirical robustness\n\n{provenance()}. Command: `{cmd.strip()}` "
                    f"({args.steps} training steps per model, one thread; {args.windows} evenly spaced validation "
                    f"windows of {cfg.seq_len()} tokens; attack: {args.steps_attack} steps × 2 restarts on the margin; "
-                   f"probe: {args.probe_windows} windows).\n\n```\n{table}\n```\n\n![robustness]({Path(args.png).name})\n")
+                   f"probe: {args.probe_windows} windows).\n\n```\n{table}\n```\n\n"
+                   f"![robustness]({Path(args.png).name})\n")
         write_section(ROOT / args.results, "## Certified vs empirical robustness", section)
 
 

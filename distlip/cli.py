@@ -74,7 +74,8 @@ def _probe(args: argparse.Namespace, model, cfg, tok) -> int:
     print(f"\nprobe on {len(x)} validation windows (float64):")
     for method, radius, ratio, limit in p["rows"]:
         where = "at the inputs" if method == "jacobian" else f"radius {radius:g}"
-        print(f"  {method:<9}{where:<16} largest ratio {ratio:.6g}" + (f"  (bound on that ball {limit:.6g})" if limit else ""))
+        ball = f"  (bound on that ball {limit:.6g})" if limit else ""
+        print(f"  {method:<9}{where:<16} largest ratio {ratio:.6g}{ball}")
     if p["bound"] is None:
         print(f"largest ratio found: {p['found']:.6g}; no certificate (no matrix is capped)")
     else:
@@ -89,7 +90,8 @@ def _robustness(args: argparse.Namespace) -> int:
 
     bad = [e for e in args.eps if not e > 0]
     if bad:
-        raise ConfigError(f"--eps values must be > 0 (got {bad[0]:g}): give perturbation sizes such as --eps 0.01 0.1 1")
+        raise ConfigError(f"--eps values must be > 0 (got {bad[0]:g}): give perturbation sizes such as "
+                          "--eps 0.01 0.1 1")
     if args.windows < 0 or args.batch < 1:
         raise ConfigError("--windows must be ≥ 0 (0: every window) and --batch ≥ 1")
     model, cfg, tok, caps = open_model(args.path)
@@ -157,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--batch", type=int, default=8, help="windows evaluated at a time (default: %(default)s)")
     rob.add_argument("--steps", type=int, default=10, help="attack steps per restart (default: %(default)s)")
     rob.add_argument("--restarts", type=int, default=2, help="attack restarts (default: %(default)s)")
-    rob.add_argument("--loss", choices=("margin", "ce"), default="margin", help="attack objective (default: %(default)s)")
+    rob.add_argument("--loss", choices=("margin", "ce"), default="margin",
+                     help="attack objective (default: %(default)s)")
     rob.add_argument("--png", default="robustness.png", help="plot path, '' for none (default: %(default)s)")
     rob.set_defaults(func=_robustness)
 

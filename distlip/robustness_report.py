@@ -134,8 +134,8 @@ def probe(name: str, model: LipschitzTransformer, cfg, tokenizer, x: torch.Tenso
           radii: tuple[float, ...] = (0.01, 0.1, 0.5), *, steps: int = 30, restarts: int = 2,
           iters: int = 20) -> dict:
     """Largest ratio max_rms(f(a) − f(b)) / max_rms(a − b) found for f = embeddings → logits
-    near the embeddings of windows `x` (n, T), in float64: pair
-    ascent within each radius of `radii`, and Jacobian power iteration at the inputs.
+    near the embeddings of windows `x` (n, T), in float64: gradient ascent on pairs within each
+    radius of `radii`, and Jacobian power iteration at the inputs.
 
     Returns {"found", "bound", "looseness" (bound / found), "rows": [(method, radius, found,
     bound on that ball)]}. Each ratio is compared with the bound on the ball it came from
@@ -176,7 +176,8 @@ def format_table(results: list[Robustness]) -> str:
     lines = []
     for r in results:
         bound = "not certified (no matrix is capped)" if r.bound is None else f"{r.bound:.4g}"
-        radius = "-" if r.median_radius is None else f"{r.median_radius:.4g} (from the logits' norm alone {r.median_radius_norm:.4g})"
+        radius = ("-" if r.median_radius is None
+                  else f"{r.median_radius:.4g} (from the logits' norm alone {r.median_radius_norm:.4g})")
         lines.append(f"{r.name}: {r.predictions} predictions, clean accuracy {r.clean:.1%}, "
                      f"bound (embeddings → logits) {bound}, median certified radius of correct predictions {radius}")
         if r.probe:
