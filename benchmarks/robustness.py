@@ -25,7 +25,7 @@ import torch
 
 from common import ROOT, provenance, write_section
 
-from distlip.checkpoint import open_model
+from distlip.checkpoint.state import open_model
 from distlip.robustness_report import evaluate, format_table, plot, probe, validation_windows
 
 MODELS = {

@@ -85,7 +85,7 @@ def _probe(args: argparse.Namespace, model, cfg, tok) -> int:
 
 
 def _robustness(args: argparse.Namespace) -> int:
-    from distlip.checkpoint import open_model
+    from distlip.checkpoint.state import open_model
     from distlip.robustness_report import evaluate, format_table, plot, validation_windows
 
     bad = [e for e in args.eps if not e > 0]

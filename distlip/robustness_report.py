@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from distlip.certificate import CAP_RTOL, certify_weights
 from distlip.errors import DataError
 from distlip.lipschitz.adversarial import attack
+from distlip.lipschitz.certificate import CAP_RTOL, certify_weights
 from distlip.lipschitz.robustness import (
     bounds_at,
     certified_at,
@@ -54,7 +54,7 @@ class Robustness:
 def validation_windows(cfg, tokenizer, windows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`windows` evenly spaced non-overlapping validation windows (0: all) of the run's data,
     as (n, T) inputs and targets, T = the run's sequence length."""
-    from distlip.data.chars import load_char_corpus, val_windows
+    from distlip.data.in_memory import load_char_corpus, val_windows
 
     d, T = cfg.data, cfg.seq_len()
     if d.source in ("shakespeare", "text") and d.tokenizer == "char":

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distlip.certificate import certify, embed_rms_max, exact_norms
 from distlip.config import ModelConfig
-from distlip.constraints import embed_cap, exact_cap
 from distlip.lipschitz.adversarial import attack, margins, project
+from distlip.lipschitz.certificate import certify, embed_rms_max, exact_norms
+from distlip.lipschitz.constraints import embed_cap, exact_cap
 from distlip.lipschitz.robustness import (
     bounds_at,
     certified_at,

@@ -5,10 +5,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from distlip.checkpoint.export import save_model
 from distlip.cli import main
 from distlip.config import load_config
-from distlip.data.chars import load_char_corpus
-from distlip.export import save_model
+from distlip.data.in_memory import load_char_corpus
 from distlip.model import LipschitzTransformer
 
 from test_robustness import cap_weights

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distlip.certificate import certify
+from distlip.lipschitz.certificate import certify
 
 BoundAt = Callable[[float], float]  # input token RMS R → Lipschitz bound on {RMS ≤ R}
 
