@@ -31,25 +31,22 @@ from distlip.robustness_report import evaluate, format_table, plot, probe, valid
 MODELS = {
     "default": ["constraint.method=soft_cap", "constraint.sigma_max=3"],
     "tight": ["constraint.method=hard_cap", "constraint.target_bound=10", "optim.lr=2"],
-    "adamw": ["constraint.method=none", "constraint.embed_cap=false", "optim.name=adamw", "optim.lr=0.003",
-              "optim.lr_mult={}"],
+    "adamw": ["constraint.method=none", "constraint.embed_cap=false", "optim.name=adamw", "optim.lr_mult={}"],
 }
 LABELS = {"default": "default (soft cap σ 3)", "tight": "tight (hard cap, target bound 10)",
-          "adamw": "unconstrained (AdamW 3e-3)"}
+          "adamw": "unconstrained (AdamW {lr:g})"}
 
 
-def train(out: Path, overrides: list[str], steps: int, text: str | None) -> float:
-    """`distlip train` on one process and one thread; returns its wall seconds."""
+def train(out: Path, overrides: list[str], steps: int, text: str | None) -> None:
+    """`distlip train` on one process and one thread."""
     data = ["data.source=text", f"data.path={text}"] if text else []
     cmd = [sys.executable, "-m", "distlip", "train", "--config", "configs/default.yaml", "--out", str(out),
            f"train.steps={steps}", "train.threads=1", "train.eval_every=0", "train.progress=false",
            "train.tensorboard=false", *data, *overrides]
-    start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "TORCH_COMPILE_DISABLE": "1"},
                           capture_output=True, text=True)
     if proc.returncode not in (0, 1):  # 1: trained, but the run is not certified (no caps)
         raise RuntimeError(f"training {out.name} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return time.time() - start
 
 
 def main() -> None:
@@ -58,6 +55,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--text", default=None, help="train on this text file instead of the packaged plays")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--adamw-lr", type=float, default=0.003, help="the unconstrained baseline's learning rate")
     ap.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
     ap.add_argument("--windows", type=int, default=32, help="validation windows evaluated per model")
     ap.add_argument("--probe-windows", type=int, default=2)
@@ -67,18 +65,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = ROOT / args.out
-    results, train_s = [], {}
+    results = []
     for name in args.models:
-        run = out / name
+        overrides, label, run = MODELS[name], LABELS[name].format(lr=args.adamw_lr), out / name
+        if name == "adamw":
+            overrides, run = overrides + [f"optim.lr={args.adamw_lr:g}"], out / f"adamw-lr{args.adamw_lr:g}"
         if not (run / "model.safetensors").is_file():
-            print(f"training {name} ({args.steps} steps) ...", flush=True)
-            train_s[name] = train(run, MODELS[name], args.steps, args.text)
+            print(f"training {run.name} ({args.steps} steps) ...", flush=True)
+            train(run, overrides, args.steps, args.text)
         model, cfg, tok, _ = open_model(run)
         x, y = validation_windows(cfg, tok, args.windows)
         start = time.time()
-        r = evaluate(LABELS[name], model, cfg, tok, x, y, args.eps, steps=args.steps_attack, progress=False)
+        r = evaluate(label, model, cfg, tok, x, y, args.eps, steps=args.steps_attack, progress=False)
         px, _ = validation_windows(cfg, tok, args.probe_windows)
-        r.probe = probe(LABELS[name], model, cfg, tok, px)
+        r.probe = probe(label, model, cfg, tok, px)
         print(f"{name}: evaluated in {time.time() - start:.0f} s", flush=True)
         results.append(r)
     table = format_table(results)
