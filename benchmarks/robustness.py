@@ -1,6 +1,7 @@
 """What the certificate buys: certified vs empirical robust accuracy, constrained vs unconstrained.
 
-Trains (or reuses, when OUT/NAME/model.safetensors exists) three models of the default size
+Trains (or reuses, when OUT/NAME/model.safetensors exists; evaluations too, from
+OUT/NAME/robustness.json when the settings match) three models of the default size
 (128×4, context 128) for the same number of steps: the default recipe (soft cap σmax 3), a
 tightly certified one (hard cap with a target bound of 10) and an unconstrained AdamW baseline
 (no caps, no embedding cap). For each it reports clean accuracy, the certified bound of
@@ -15,6 +16,8 @@ section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -26,7 +29,7 @@ import torch
 from common import ROOT, provenance, write_section
 
 from distlip.checkpoint.state import open_model
-from distlip.robustness_report import evaluate, format_table, plot, probe, validation_windows
+from distlip.robustness_report import Robustness, evaluate, format_table, plot, probe, validation_windows
 
 MODELS = {
     "default": ["constraint.method=soft_cap", "constraint.sigma_max=3"],
@@ -56,7 +59,7 @@ def main() -> None:
     ap.add_argument("--text", default=None, help="train on this text file instead of the packaged plays")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--adamw-lr", type=float, default=0.003, help="the unconstrained baseline's learning rate")
-    ap.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
+    ap.add_argument("--eps", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3, 1.0])
     ap.add_argument("--windows", type=int, default=32, help="validation windows evaluated per model")
     ap.add_argument("--probe-windows", type=int, default=2)
     ap.add_argument("--steps-attack", type=int, default=10)
@@ -74,12 +77,19 @@ def main() -> None:
             print(f"training {run.name} ({args.steps} steps) ...", flush=True)
             train(run, overrides, args.steps, args.text)
         model, cfg, tok, _ = open_model(run)
+        settings = {"eps": args.eps, "windows": args.windows, "steps_attack": args.steps_attack,
+                    "probe_windows": args.probe_windows}
+        saved = run / "robustness.json"  # results of an earlier evaluation with the same settings
+        if saved.is_file() and json.loads(saved.read_text())["settings"] == settings:
+            results.append(Robustness(**json.loads(saved.read_text())["result"]))
+            continue
         x, y = validation_windows(cfg, tok, args.windows)
         start = time.time()
         r = evaluate(label, model, cfg, tok, x, y, args.eps, steps=args.steps_attack, progress=False)
         px, _ = validation_windows(cfg, tok, args.probe_windows)
         r.probe = probe(label, model, cfg, tok, px)
-        print(f"{name}: evaluated in {time.time() - start:.0f} s", flush=True)
+        print(f"{run.name}: evaluated in {time.time() - start:.0f} s", flush=True)
+        saved.write_text(json.dumps({"settings": settings, "result": dataclasses.asdict(r)}))
         results.append(r)
     table = format_table(results)
     print(table)
