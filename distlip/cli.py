@@ -10,7 +10,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from distlip.errors import DistlipError
+from distlip.errors import ConfigError, DistlipError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def _certify(args: argparse.Namespace) -> int:
     from distlip.lipschitz.certificate import CAP_RTOL, certify_weights
     from distlip.model import matrix_of
 
-    model, cfg, _, _ = open_model(args.path)
+    model, cfg, tok, _ = open_model(args.path)
     params = {n: p.detach() for n, p in model.named_parameters()}
     cert, caps = certify_weights(params, cfg)
     print("caps: " + "  ".join(f"{g} {c:.4g}" for g, c in group_caps(cfg.constraint).items())
@@ -59,6 +59,51 @@ def _certify(args: argparse.Namespace) -> int:
     if bad:
         print(f"error: {len(bad)} matrices exceed their cap: {', '.join(bad[:5])}", file=sys.stderr)
         return 1
+    return _probe(args, model, cfg, tok) if args.probe else 0
+
+
+def _probe(args: argparse.Namespace, model, cfg, tok) -> int:
+    from distlip.robustness_report import ProbeError, probe, validation_windows
+
+    x, _ = validation_windows(cfg, tok, args.probe_windows)
+    try:
+        p = probe(args.path, model, cfg, tok, x)
+    except ProbeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nprobe on {len(x)} validation windows (float64):")
+    for method, radius, ratio, limit in p["rows"]:
+        where = "at the inputs" if method == "jacobian" else f"radius {radius:g}"
+        ball = f"  (bound on that ball {limit:.6g})" if limit else ""
+        print(f"  {method:<9}{where:<16} largest ratio {ratio:.6g}{ball}")
+    if p["bound"] is None:
+        print(f"largest ratio found: {p['found']:.6g}; no certificate (no matrix is capped)")
+    else:
+        print(f"largest ratio found: {p['found']:.6g}; certified bound {p['bound']:.6g}; "
+              f"looseness (bound / found) {p['looseness']:.4g}")
+    return 0
+
+
+def _robustness(args: argparse.Namespace) -> int:
+    from distlip.checkpoint.state import open_model
+    from distlip.robustness_report import evaluate, format_table, plot, validation_windows
+
+    bad = [e for e in args.eps if not e > 0]
+    if bad:
+        raise ConfigError(f"--eps values must be > 0 (got {bad[0]:g}): give perturbation sizes such as "
+                          "--eps 0.01 0.1 1")
+    if args.windows < 0 or args.batch < 1:
+        raise ConfigError("--windows must be ≥ 0 (0: every window) and --batch ≥ 1")
+    model, cfg, tok, caps = open_model(args.path)
+    x, y = validation_windows(cfg, tok, args.windows)
+    if not any(c is not None for c in caps.values()):
+        print(f"note: {args.path} has no certificate (constraint.method={cfg.constraint.method} caps no matrix): "
+              "robustness is not certified; running the attack only", file=sys.stderr)
+    result = evaluate(args.path, model, cfg, tok, x, y, sorted(args.eps), batch=args.batch,
+                      steps=args.steps, restarts=args.restarts, loss=args.loss)
+    print(format_table([result]))
+    if args.png:
+        print(f"plot: {plot([result], args.png)}")
     return 0
 
 
@@ -99,7 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
     cert = sub.add_parser("certify", help="exact Lipschitz certificate of an exported model or checkpoint")
     cert.add_argument("path", help="an exported model (model.safetensors + config.json), a checkpoint "
                                    "directory (step_NNNNNN), or a run directory (its newest checkpoint)")
+    cert.add_argument("--probe", action="store_true",
+                      help="also search for the largest output/input ratio near real validation inputs "
+                           "(the certificate's looseness); a ratio above the bound is an error")
+    cert.add_argument("--probe-windows", type=int, default=4, help="validation windows probed (default: %(default)s)")
     cert.set_defaults(func=_certify)
+
+    rob = sub.add_parser("robustness", help="certified and empirical robustness of predictions on validation windows")
+    rob.add_argument("path", help="an exported model, a checkpoint directory or a run directory")
+    rob.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0],
+                     help="perturbation sizes: per-token RMS of the embedding change (default: %(default)s)")
+    rob.add_argument("--windows", type=int, default=64,
+                     help="evenly spaced validation windows evaluated, 0 for all (default: %(default)s)")
+    rob.add_argument("--batch", type=int, default=8, help="windows evaluated at a time (default: %(default)s)")
+    rob.add_argument("--steps", type=int, default=10, help="attack steps per restart (default: %(default)s)")
+    rob.add_argument("--restarts", type=int, default=2, help="attack restarts (default: %(default)s)")
+    rob.add_argument("--loss", choices=("margin", "ce"), default="margin",
+                     help="attack objective (default: %(default)s)")
+    rob.add_argument("--png", default="robustness.png", help="plot path, '' for none (default: %(default)s)")
+    rob.set_defaults(func=_robustness)
 
     export = sub.add_parser("export", help="consolidate a checkpoint into model.safetensors + config.json")
     export.add_argument("checkpoint", help="a checkpoint directory (step_NNNNNN) or a run directory (its newest)")
