@@ -10,8 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from common import provenance, table
 from step_breakdown import PHASES, mfu
+
+from common import provenance, table
 
 GOAL_TOKENS_PER_S = 420_000  # one H100-class GPU, 145M preset, bf16
 GOAL_CONSTRAINT_SHARE = 0.03  # constraint + certificate, of the step
@@ -88,7 +89,8 @@ def main() -> None:
                   big.get("memory_error") is not None and abs(big["memory_error"]) <= GOAL_MEMORY_ERROR)]
         body = ("Throughput (means after the first logged window; phases in ms per step):\n\n" + table([big], cols)
                 + "\n\nPeak memory (GiB, `torch.cuda.max_memory_allocated`) against `distlip.memory`:\n\n"
-                + table([big], mem_cols) + "\n\n" + "\n".join(f"- {g}: {'met' if ok else 'NOT met'}" for g, ok in goals))
+                + table([big], mem_cols) + "\n\n"
+                + "\n".join(f"- {g}: {'met' if ok else 'NOT met'}" for g, ok in goals))
     parts.append(section("145M preset, one GPU", body, "no metrics in 145m/ (see 145m.log)"))
 
     end = final(out / "145m")
@@ -96,7 +98,8 @@ def main() -> None:
     body = None
     if end is not None and audit.is_file():
         body = (f"Final: val_loss {end['val_loss']:.4f}, val_acc {end['val_acc']:.2%}, lipschitz_bound "
-                f"{end['lipschitz_bound']:.4g}, max ‖W‖/cap {end['max_cap_ratio']:.4f}, certified {end['certified']}.\n\n"
+                f"{end['lipschitz_bound']:.4g}, max ‖W‖/cap {end['max_cap_ratio']:.4f}, "
+                f"certified {end['certified']}.\n\n"
                 f"`distlip certify` (exact SVD of every matrix):\n\n```\n{audit.read_text().rstrip()}\n```")
     report["145m_final"] = end
     parts.append(section("145M preset: exact-SVD audit after training", body, "145m final record or 145m_certify.txt"))
@@ -105,7 +108,8 @@ def main() -> None:
     report["shakespeare"] = sk
     body = None
     if sk is not None:
-        body = table([sk], [("step", "{}"), ("val_loss", "{:.4f}"), ("val_acc", "{:.2%}"), ("lipschitz_bound", "{:.4g}"),
+        body = table([sk], [("step", "{}"), ("val_loss", "{:.4f}"), ("val_acc", "{:.2%}"),
+                            ("lipschitz_bound", "{:.4g}"),
                             ("max_cap_ratio", "{:.4f}"), ("certified", "{}"), ("train_seconds", "{:.1f}")])
     parts.append(section("Shakespeare recipe", body, "no final record in shakespeare/ (see shakespeare.log)"))
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from distlip.config import Config, ModelConfig
+from distlip.distributed.sharding import plan_ownership
 from distlip.errors import ConfigError
 from distlip.loss import FLOAT32_BYTES, LOGIT_BUFFERS, chunk_tokens
-from distlip.distributed.sharding import plan_ownership
 
 GIB = 2**30
 # float32 copies of a same-shape group alive during Muon's step on it (measured: 7.2 for one
@@ -190,7 +190,8 @@ def estimate_memory(cfg: Config, world_size: int = 1, rank: int | None = None,
     chunk = min(chunk_tokens(t.logits_chunk_mib, vocab), tokens)
     head_grad = f4 * vp * d
     # bf16: the head's bf16 copy, and each chunk's head gradient in bf16 and float32 before it is added
-    logits = LOGIT_BUFFERS * f4 * chunk * vocab + f4 * tokens * d + head_grad + ((2 * vp + 6 * vocab) * d if half else 0)
+    half_copies = (2 * vp + 6 * vocab) * d if half else 0
+    logits = LOGIT_BUFFERS * f4 * chunk * vocab + f4 * tokens * d + head_grad + half_copies
     groups: dict[tuple, int] = {}
     for n in owned:
         if n != "embed.weight":

@@ -12,7 +12,6 @@ a time, so memory stays at batch × context × vocabulary.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +101,7 @@ def evaluate(name: str, model: LipschitzTransformer, cfg, tokenizer, x: torch.Te
     for i, start in enumerate(range(0, len(x), batch)):
         xb, yb = x[start:start + batch], y[start:start + batch]
         mask = _mask(cfg, tokenizer, xb)
-        f = lambda h: model.logits_from_embeddings(h, mask)  # noqa: E731
+        f = lambda h, mask=mask: model.logits_from_embeddings(h, mask)  # noqa: E731
         h = model.embed(xb)
         with torch.no_grad():
             z = f(h)
@@ -149,7 +148,7 @@ def probe(name: str, model: LipschitzTransformer, cfg, tokenizer, x: torch.Tenso
     for i in range(len(x)):
         xb = x[i:i + 1]
         mask = _mask(cfg, tokenizer, xb)
-        f = lambda h: m.logits_from_embeddings(h, mask)  # noqa: E731
+        f = lambda h, mask=mask: m.logits_from_embeddings(h, mask)  # noqa: E731
         h = m.embed(xb)
         trials = [("jacobian", 0.0, jacobian_attack(f, h, iters=iters, seed=i))]
         trials += [("pairs", r, pair_attack(f, h, r, steps=steps, restarts=restarts, seed=i)) for r in radii]

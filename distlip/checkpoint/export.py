@@ -1,7 +1,8 @@
 """Trained models on disk: DIR/model.safetensors (names as in the model) + DIR/config.json.
 
 config.json holds the full run config, the resolved model sizes, the tokenizer and the cap of
-every certified unit (matrix, or head block of W_q/W_k/W_v), which is enough to rebuild the model and certify it with no other file.
+every certified unit (matrix, or head block of W_q/W_k/W_v), which is enough to rebuild the model
+and certify it with no other file.
 Loading never unpickles: safetensors for tensors, JSON for the rest.
 """
 
@@ -20,7 +21,8 @@ from distlip.lipschitz.caps import unit_caps
 from distlip.model import LipschitzTransformer
 
 
-def save_model(out_dir: Path, weights: dict[str, torch.Tensor], cfg: Config, tokenizer, extra: dict | None = None) -> None:
+def save_model(out_dir: Path, weights: dict[str, torch.Tensor], cfg: Config, tokenizer,
+               extra: dict | None = None) -> None:
     """`weights`: full tensors by model parameter name (gathered: no ZeRO shards)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().float().cpu().contiguous() for n, t in weights.items()}
@@ -48,5 +50,6 @@ def load_model(path: str | Path) -> tuple[LipschitzTransformer, Config, object, 
     model = LipschitzTransformer(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"'{weights}' does not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(f"'{weights}' does not match the config: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
     return model, cfg, tokenizer_from_dict(meta["tokenizer"]), meta.get("caps", {})

@@ -232,7 +232,8 @@ def load_checkpoint(ckpt: Checkpoint, cfg: Config, tokenizer, env: DistEnv, shap
     if data_state is None:
         reset.append("the data stream's per-rank position (the stream restarts from its beginning)")
     if same:
-        return state, f"resumed from {ckpt.path} at step {ckpt.step}" + (f"; reset: {', '.join(reset)}" if reset else "")
+        note = f"; reset: {', '.join(reset)}" if reset else ""
+        return state, f"resumed from {ckpt.path} at step {ckpt.step}{note}"
     embed = ""
     if EMBED in adam:
         before = _adam_holder(config_from_dict(ckpt.meta["config"]), ckpt.world_size)

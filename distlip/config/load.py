@@ -18,7 +18,6 @@ from distlip.config.checks import validate
 from distlip.config.schema import Config
 from distlip.errors import ConfigError, did_you_mean
 
-
 # YAML 1.1, which PyYAML implements, reads `3e-4` and `1.0e9` as strings (its floats need a dot
 # and a signed exponent) and `010` as octal 8. Config files and overrides are read with the
 # number forms people write instead: decimal integers (leading zeros are decimal), 0x/0o/0b

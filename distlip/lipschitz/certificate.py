@@ -165,7 +165,7 @@ def certify(norms: dict[str, float], embed: float, cfg: ModelConfig,
     r0 = max(1.0, embed)
     r, log_net, blocks = r0, 0.0, []
     for i in range(cfg.n_layers):
-        name = lambda key: f"blocks.{i}.{key}.weight"  # noqa: E731
+        name = lambda key, i=i: f"blocks.{i}.{key}.weight"  # noqa: E731
         a, b, c = (_head_norms(norms, name(k), H) for k in ("attn.q", "attn.k", "attn.v"))
         wo, w_in, w_out = norms[name("attn.o")], norms[name("mlp.fc_in")], norms[name("mlp.fc_out")]
         per_head = [ch * (1 + 2 * s * r * r * ah * bh) for ah, bh, ch in zip(a, b, c)]

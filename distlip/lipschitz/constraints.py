@@ -287,7 +287,8 @@ def soft_cap_alpha(sigma_max: float, mu: float, lam_eta: float = 0.0) -> float:
 
 
 def check_coefficients(method: str, weight_decay: float, spectral_wd: float, power_iters: int) -> None:
-    """The method's coefficients: each method gets the ones it uses and no others (also checked in `config.checks.preflight`)."""
+    """The method's coefficients: each method gets the ones it uses and no others (also checked in
+    `config.checks.preflight`)."""
     if weight_decay < 0 or spectral_wd < 0 or power_iters < 1:
         raise ConfigError(
             "weight_decay and spectral_wd must be >= 0 and power_iters >= 1; fix the "
@@ -526,7 +527,8 @@ class Constrainer:
             warnings.warn(
                 f"soft cap without an update bound in the coupling's range: {name!r} has σ₁ beyond "
                 f"{1 + SOFT_CAP_MAX_MU}·its cap, using the hard cap for such matrices "
-                "(warned once)"
+                "(warned once)",
+                stacklevel=3,
             )
             self._warned_fallback = True
 

@@ -69,7 +69,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_path,
     assert len(lines) == 1, err
     prefix = f"error: no space for checkpoint step_000020 in {run}: it needs about "
     assert lines[0].startswith(prefix), lines[0]
-    need, free = (int(n.replace(",", "")) for n in re.search(r"needs about ([\d,]+) bytes and ([\d,]+) are free", lines[0]).groups())
+    found = re.search(r"needs about ([\d,]+) bytes and ([\d,]+) are free", lines[0])
+    need, free = (int(n.replace(",", "")) for n in found.groups())
     assert need >= size > free
     assert lines[0].endswith("then resume with --resume auto (step_000010 is still the latest checkpoint, intact)")
     store = CheckpointStore(run)

@@ -43,8 +43,9 @@ class Node:
     def __init__(self, host: Host, node_rank: int, master: Host, port: int, out: Path, log: Path, *extra: str):
         env = {**os.environ, "GLOO_SOCKET_IFNAME": host.ifname, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1",
                "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
-        cmd = host.command([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
-                            "--nproc_per_node", "1", "--master_addr", master.addr, "--master_port", str(port),
+        cmd = host.command([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                            "--node_rank", str(node_rank), "--nproc_per_node", "1",
+                            "--master_addr", master.addr, "--master_port", str(port),
                             "--max_restarts", "0", "-m", "distlip", "train", "--config", "configs/smoke.yaml",
                             "--out", str(out), *OVERRIDES, *extra])  # fmt: skip
         self.log = log
@@ -57,7 +58,11 @@ class Node:
 
     def worker(self) -> psutil.Process:
         """The training process (the launcher's child running distlip)."""
-        return next(p for p in self.family() if "distlip" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline()))
+        def is_worker(p) -> bool:
+            cmd = " ".join(p.cmdline())
+            return "distlip" in cmd and "torch.distributed.run" not in cmd
+
+        return next(p for p in self.family() if is_worker(p))
 
     def kill(self) -> None:
         """SIGKILL the launcher and its workers at once."""
@@ -77,7 +82,8 @@ class Node:
 
 
 def launch(hosts: tuple[Host, Host], port: int, out: Path, name: str, *extra: str) -> tuple[Node, Node]:
-    return tuple(Node(h, i, hosts[0], port, out, out.parent / f"{name}-node{i}.log", *extra) for i, h in enumerate(hosts))
+    return tuple(Node(h, i, hosts[0], port, out, out.parent / f"{name}-node{i}.log", *extra)
+                 for i, h in enumerate(hosts))
 
 
 def last_step(run: Path) -> int:
@@ -92,7 +98,8 @@ def wait_until(ready, nodes: tuple[Node, Node], timeout: float = 300) -> None:
         if any(n.proc.poll() is not None for n in nodes) or time.monotonic() > deadline:
             for n in nodes:
                 n.kill()
-            pytest.fail("the run ended or stalled before the fault:\n" + "\n".join(n.log.read_text()[-2000:] for n in nodes))
+            logs = "\n".join(n.log.read_text()[-2000:] for n in nodes)
+            pytest.fail("the run ended or stalled before the fault:\n" + logs)
         time.sleep(0.02)
 
 

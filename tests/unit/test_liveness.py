@@ -25,8 +25,10 @@ def test_the_silent_rank_is_named_by_the_lowest_survivor_only(store, monkeypatch
     failure = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 20000ms for send operation")
     messages = {}
     # Ranks 1 and 3 answer the roll call with rank 0; rank 2 is dead.
-    threads = [threading.Thread(target=lambda r=r: messages.__setitem__(r, liveness.lost_peer_message(store, r, 4, failure, wait_s=1)))
-               for r in (1, 3)]  # fmt: skip
+    def answer(r: int) -> None:
+        messages[r] = liveness.lost_peer_message(store, r, 4, failure, wait_s=1)
+
+    threads = [threading.Thread(target=answer, args=(r,)) for r in (1, 3)]
     for t in threads:
         t.start()
     messages[0] = liveness.lost_peer_message(store, 0, 4, failure, wait_s=1)
@@ -53,7 +55,8 @@ def test_several_lost_ranks_and_an_unannounced_one(store, monkeypatch):
     "exc, peer",
     [
         (dist.DistBackendError("boom"), True),
-        (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:1234"), True),
+        (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] "
+                      "Connection closed by peer [10.0.0.2]:1234"), True),
         (RuntimeError("Timed out waiting 300000ms for recv operation to complete"), True),
         (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
         (ValueError("gloo"), False),

@@ -4,14 +4,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_robustness import cap_weights
 
 from distlip.checkpoint.export import save_model
 from distlip.cli import main
 from distlip.config import load_config
 from distlip.data.in_memory import load_char_corpus
 from distlip.model import LipschitzTransformer
-
-from test_robustness import cap_weights
 
 TEXT = "the cat sat on the mat. the dog ate the log. " * 40
 

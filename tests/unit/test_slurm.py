@@ -76,7 +76,8 @@ def test_accelerate_command_per_node(node_id):
     env = two_node_env(node_id, SLURM_GPUS_ON_NODE="", SLURM_GPUS_PER_NODE="h100:4", MASTER_PORT="29400")
     command = launch_command(env, TRAIN, launcher="accelerate")
     assert command[:3] == [
-        "env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}", "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
+        "env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}",
+        "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
     ]  # fmt: skip
     assert command[3:] == [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -103,7 +104,8 @@ def test_environment_errors_name_the_problem():
         launch_command(two_node_env(0), TRAIN, procs_per_node=0)
 
 
-@pytest.mark.parametrize("gpus", [{}, {"SLURM_GPUS_ON_NODE": "0"}, {"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "0"}])
+@pytest.mark.parametrize("gpus", [{}, {"SLURM_GPUS_ON_NODE": "0"},
+                                  {"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "0"}])
 def test_cpu_only_allocation_runs_one_process_per_node_or_as_asked(gpus):
     env = {k: v for k, v in two_node_env(0).items() if k != "SLURM_GPUS_ON_NODE"} | gpus
     command = launch_command(env, TRAIN)
@@ -186,9 +188,11 @@ def test_sbatch_dry_run_prints_every_nodes_command(tmp_path):
     for node_id, line in enumerate(lines):
         assert f"--node_rank {node_id} " in line
         assert f"--rdzv_endpoint gpu07:{master_port(4242)} " in line
-        assert line.endswith(f"-m distlip train --config configs/test.yaml --out {tmp_path}/run train.resume=auto train.steps=100")
+        assert line.endswith(f"-m distlip train --config configs/test.yaml --out {tmp_path}/run "
+                             "train.resume=auto train.steps=100")
     assert re.search(r"^\+ scontrol requeue 4242 ", done.stdout, re.M)
-    assert "train.sbatch: a node that dies or hangs ends the step within dist.timeout=<from configs/test.yaml, default 300> s" in done.stdout
+    assert ("train.sbatch: a node that dies or hangs ends the step within "
+            "dist.timeout=<from configs/test.yaml, default 300> s") in done.stdout
     env["DIST_TIMEOUT"] = "120"
     done = subprocess.run(["bash", str(SBATCH), "train.steps=100"], env=env, capture_output=True, text=True, check=True)
     assert "ends the step within dist.timeout=120 s" in done.stdout
@@ -300,7 +304,8 @@ def test_usr2_to_batch_shell_reaches_worker_through_real_torchrun(tmp_path):
     ready = tmp_path / "ready"
     env = sbatch_env(tmp_path, nodes=1, TRAIN_ENTRY=str(tmp_path / "worker.py"), READY_FILE=str(ready),
                      MASTER_PORT=str(port))  # fmt: skip
-    batch = subprocess.Popen(["bash", str(SBATCH)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    batch = subprocess.Popen(["bash", str(SBATCH)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():
