@@ -111,7 +111,6 @@ class Trainer:
         self.env = env = env or DistEnv.from_environ()
         self.out = Path(out_dir or cfg.train.out)
         preflight(cfg, env)
-        check_output_dir(self.out)
         self.device = select_device(cfg, env.local_rank)
         if cfg.train.threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
@@ -123,6 +122,7 @@ class Trainer:
                               f"{self.data.tokenizer.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
         self.cfg = cfg = apply_target(cfg)  # caps for a target bound, now that the vocabulary is known
         check_memory(cfg, env.world_size, self.device)
+        check_output_dir(self.out)  # last of the refusals: it creates the run directory
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         init_distributed(env, self.device, cfg.dist.timeout)
