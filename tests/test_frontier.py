@@ -191,3 +191,16 @@ def test_frontier_dry_run(tmp_path):
                             "--results", str(tmp_path / "RESULTS.md")],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "0 to run" in again.stdout
+
+
+def test_certify_shows_both_protocols_of_an_exported_run(tmp_path, capsys):
+    from distlip.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--config", SMOKE, "--out", str(out), *FAST, "train.steps=4"]) == 0
+    printed = capsys.readouterr().out
+    assert "paper protocol: 20 batches × 64 stride-1 windows of 16" in printed and "final: val_loss" in printed
+    assert main(["certify", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    whole = next(i for i, line in enumerate(lines) if line.startswith("validation at export, whole split"))
+    assert "paper protocol" in lines[whole + 1]
