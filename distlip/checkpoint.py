@@ -15,8 +15,8 @@ never unpickles objects)::
     momentum     {name: fp32 tensor}   Muon / column-normalised momentum of those tensors
     adam         {name: {"step": 0-dim, "exp_avg", "exp_avg_sq"}}   full Adam state (the embedding
                  under optim.embed=adam, every parameter under the AdamW baseline)
-    constraint   {name: (d_in,) fp32}  the constrainer's power-iteration vectors, owned names
-    sigma        {name: (d_in,) fp32}  the certificate estimator's vectors, owned names
+    constraint   {name: (d_in,) fp32}  the constrainer's power-iteration vectors, owned names (head blocks `name[h]`)
+    sigma        {name: (d_in,) fp32}  the certificate estimator's vectors, owned names (head blocks `name[h]`)
     data         this rank's data-pipeline state at the step boundary
     rng          {"torch": uint8 tensor, "cuda": uint8 tensor (GPU runs)}
     compression  this rank's compression state (only when the engine has one)
@@ -37,14 +37,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from distlip.certificate import Certificate, certify, embed_rms_max, exact_norms
+from distlip.certificate import Certificate, certify_weights
 from distlip.checkpoint_store import MANIFEST, Checkpoint, CheckpointStore
 from distlip.config import Config, config_from_dict
 from distlip.data.tokenizers import tokenizer_from_dict
 from distlip.engine import EMBED, DistEnv, uses_deepspeed
 from distlip.errors import CheckpointError, ConfigError
-from distlip.export import load_model, matrix_caps, save_model
-from distlip.model import LipschitzTransformer, matrix_names
+from distlip.export import load_model, save_model
+from distlip.lipschitz.caps import unit_caps
+from distlip.model import LipschitzTransformer, matrix_names, matrix_of
 from distlip.zero_state import gather_adam, scatter_adam
 
 if TYPE_CHECKING:
@@ -88,8 +89,8 @@ def _rank_state(trainer: Trainer) -> dict:
         "weights": weights,
         "momentum": optim["momentum"],
         "adam": adam,
-        "constraint": {n: v for n, v in engine.constrainer.state_dict().items() if n in owned},
-        "sigma": {n: v for n, v in trainer.estimator.state_dict()["vectors"].items() if n in owned},
+        "constraint": {n: v for n, v in engine.constrainer.state_dict().items() if matrix_of(n) in owned},
+        "sigma": {n: v for n, v in trainer.estimator.state_dict()["vectors"].items() if matrix_of(n) in owned},
         "data": trainer.data.train.state_dict(),
         "rng": rng,
     }
@@ -195,16 +196,14 @@ def open_model(path: str | Path) -> tuple[LipschitzTransformer, Config, object, 
     if missing or unexpected:
         raise CheckpointError(f"{ckpt.path} does not match its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    return model, cfg, tok, matrix_caps(cfg, matrix_names(model))
+    return model, cfg, tok, unit_caps(cfg, matrix_names(model))
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> tuple[Checkpoint, Certificate]:
     """Consolidate a checkpoint into OUT/model.safetensors + OUT/config.json (with its exact
     certificate), loadable by `export.load_model`. Returns (checkpoint, certificate)."""
     weights, cfg, tok, ckpt = read_checkpoint(path)
-    names = [n for n in weights if n != EMBED]
-    caps = matrix_caps(cfg, names)
-    cert = certify(exact_norms({n: weights[n] for n in names}), embed_rms_max(weights[EMBED]), cfg.model, caps)
+    cert, _ = certify_weights(weights, cfg)
     save_model(Path(out_dir), weights, cfg, tok, {
         "certificate": {"lipschitz_bound": cert.bound, "log10_bound": cert.log10_bound},
         "checkpoint": {"path": str(ckpt.path), "step": ckpt.step}})
@@ -253,9 +252,10 @@ def load_checkpoint(trainer: Trainer, ckpt: Checkpoint) -> str:
     engine.optim.load_state_dict({"momentum": merged_field(files, "momentum"), "adam": adam})
     if engine.ds is not None and EMBED in adam:
         scatter_adam(engine.ds, params[EMBED], adam[EMBED])
-    engine.constrainer.load_state_dict({n: v for n, v in merged_field(files, "constraint").items() if n in owned})
+    engine.constrainer.load_state_dict(
+        {n: v for n, v in merged_field(files, "constraint").items() if matrix_of(n) in owned})
     trainer.estimator.load_state_dict(
-        {"vectors": {n: v.to(trainer.device) for n, v in merged_field(files, "sigma").items() if n in owned}})
+        {"vectors": {n: v.to(trainer.device) for n, v in merged_field(files, "sigma").items() if matrix_of(n) in owned}})
     same = ckpt.world_size == env.world_size
     mine = files[env.rank] if same else files[0]
     data_state = mine["data"] if same else _common_data_state(files, ckpt, env, trainer.cfg.data.restart_on_resize)

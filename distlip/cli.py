@@ -29,27 +29,31 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _certify(args: argparse.Namespace) -> int:
-    from distlip.certificate import CAP_RTOL, certify, embed_rms_max, exact_norms
+    from distlip.certificate import CAP_RTOL, certify_weights
     from distlip.checkpoint import open_model
-    from distlip.model import matrix_names
+    from distlip.lipschitz.caps import group_caps, group_of
+    from distlip.model import matrix_of
 
-    model, cfg, _, caps = open_model(args.path)
-    params = dict(model.named_parameters())
-    norms = exact_norms({n: params[n] for n in matrix_names(model)})
-    cert = certify(norms, embed_rms_max(params["embed.weight"]), cfg.model, caps)
-    print(f"{'matrix':<28}{'shape':>14}{'‖W‖ rms→rms':>14}{'cap':>9}{'ratio':>9}")
-    for name, value in norms.items():
-        cap = caps.get(name)
-        shape = "×".join(map(str, params[name].shape))
+    model, cfg, _, _ = open_model(args.path)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    cert, caps = certify_weights(params, cfg)
+    print("caps: " + "  ".join(f"{g} {c:.4g}" for g, c in group_caps(cfg.constraint).items())
+          + f"  (per head: {'yes' if cfg.constraint.per_head else 'no'})")
+    print(f"{'matrix (head block)':<30}{'group':>8}{'shape':>12}{'‖W‖ rms→rms':>14}{'cap':>9}{'ratio':>9}")
+    for key, value in cert.norms.items():
+        cap = caps.get(key)
+        w = params[matrix_of(key)]
+        shape = "×".join(map(str, (w.shape[0] // cfg.model.n_heads, w.shape[1]) if key != matrix_of(key) else w.shape))
         flag = "  EXCEEDS" if cap is not None and value > cap * (1 + CAP_RTOL) else ""
         cap_s, ratio_s = (f"{cap:.4g}", f"{value / cap:.4f}") if cap else ("-", "-")
-        print(f"{name:<28}{shape:>14}{value:>14.6f}{cap_s:>9}{ratio_s:>9}{flag}")
-    print(f"\n{'block':<8}{'L_attn':>12}{'L_mlp':>12}{'r_in':>10}")
+        print(f"{key:<30}{group_of(matrix_of(key)):>8}{shape:>12}{value:>14.6f}{cap_s:>9}{ratio_s:>9}{flag}")
+    print(f"\n{'block':<8}{'L_attn':>12}{'L_mlp':>12}{'r_in':>10}  L_attn per head")
     for i, b in enumerate(cert.blocks):
-        print(f"{i:<8}{b['attn']:>12.5g}{b['mlp']:>12.5g}{b['r_in']:>10.4g}")
+        heads = " ".join(f"{x:.4g}" for x in b["heads"])
+        print(f"{i:<8}{b['attn']:>12.5g}{b['mlp']:>12.5g}{b['r_in']:>10.4g}  {heads}")
     print(f"\nembedding (max token RMS): {cert.embed:.6f}")
     print(f"head (‖W‖·logit scale):    {cert.head:.6f}")
-    print(f"network bound (embeddings → logits): {cert.network_bound:.6g}")
+    print(f"network bound (embeddings with token RMS ≤ {cert.r0:.4g} → logits): {cert.network_bound:.6g}")
     print(f"lipschitz_bound: {cert.bound:.6g}")
     _print_recorded_validation(args.path)
     bad = cert.violations(caps)

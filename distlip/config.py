@@ -41,13 +41,17 @@ class ConstraintConfig:
     """Weight constraint applied after every optimiser step (SPEC §2)."""
 
     method: str = "soft_cap"
-    sigma_max: float = 1.0  # cap on every hidden matrix, RMS→RMS units
-    head_sigma_max: float = 0.0  # 0: same as sigma_max
+    sigma_max: float = 1.0  # cap on every matrix whose group has none in `caps`, RMS→RMS units
+    # Per-group caps: embed (largest token RMS), qk, v, o, mlp_in, mlp_out, head (RMS→RMS).
+    caps: dict = field(default_factory=dict)
+    per_head: bool = True  # W_q, W_k, W_v capped per attention head (what the certificate reads)
+    # > 0: caps chosen so the certificate with every norm at its cap is ≤ this (caps give the ratios)
+    target_bound: float = 0.0
     weight_decay: float = 0.0  # λ for weight_decay (multiplied by lr)
     spectral_wd: float = 0.0  # λ for spectral_weight_decay (not multiplied by lr)
     margin: float = 1.05  # safety factor on Muon's update-norm bound for the soft-cap coupling
     power_iters: int = 3  # warm-started power iterations per step
-    embed_cap: bool = True  # token vectors capped to RMS ≤ 1
+    embed_cap: bool = True  # token vectors capped to RMS ≤ caps.embed (default 1)
 
 
 @dataclass
@@ -299,7 +303,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config saved with `to_dict` (e.g. a run's config.json)."""
+    """Rebuild a Config saved with `to_dict` (e.g. a run's config.json). Configs saved before
+    per-group caps (`head_sigma_max`, no `per_head`) load as what they were: whole-matrix caps."""
+    c = data.get("constraint")
+    if isinstance(c, dict) and "per_head" not in c:
+        head = c.pop("head_sigma_max", 0.0)
+        data = {**data, "constraint": {**c, "per_head": False, **({"caps": {"head": head}} if head else {})}}
     _check_fields(Config, data)
     cfg = _build(Config, _merge(Config().to_dict(), data), "")
     validate(cfg)
@@ -330,24 +339,27 @@ def _check_soft_cap_step(cfg: Config) -> None:
     """With Muon, the soft cap's coupling needs the largest update norm μ = lr·mult·1.14502·margin
     to stay ≤ 0.3·σmax (beyond that the composite overshoots the cap): refuse before training."""
     from distlip.constraints import SOFT_CAP_MAX_MU
-    from distlip.newton_schulz import NS_MAX_GAIN
+    from distlip.lipschitz.caps import group_caps
+
+    from distlip.lipschitz.budget import soft_cap_floors
 
     c, o = cfg.constraint, cfg.optim
-    if c.method != "soft_cap" or o.name != "muon":
-        return
-    for group in ("qkv", "out", "mlp", "head"):
-        cap = (c.head_sigma_max or c.sigma_max) if group == "head" else c.sigma_max
-        mu = o.lr * o.lr_mult.get(group, 1.0) * NS_MAX_GAIN * c.margin
-        _require(mu <= SOFT_CAP_MAX_MU * cap,
-                 f"soft cap: the {group} matrices' Muon step (lr·mult·1.145·margin = {mu:.3g}) exceeds "
-                 f"{SOFT_CAP_MAX_MU}·sigma_max = {SOFT_CAP_MAX_MU * cap:.3g}, so the cap would overshoot; lower "
-                 f"optim.lr to ≤ {SOFT_CAP_MAX_MU * cap / (o.lr_mult.get(group, 1.0) * NS_MAX_GAIN * c.margin):.3g}, "
-                 "raise constraint.sigma_max, or use constraint.method=hard_cap")
+    if c.target_bound > 0:
+        return  # the target's allocation keeps every cap above its floor (or refuses the target)
+    caps = group_caps(c)
+    for group, floor in soft_cap_floors(cfg).items():
+        _require(caps[group] >= floor,
+                 f"soft cap: the {group} matrices' Muon step (lr·mult·1.145·margin = {floor * SOFT_CAP_MAX_MU:.3g}) "
+                 f"exceeds {SOFT_CAP_MAX_MU}·cap = {SOFT_CAP_MAX_MU * caps[group]:.3g}, so the cap would overshoot; "
+                 f"lower optim.lr to ≤ {o.lr * caps[group] / floor:.3g}, raise the cap (constraint.caps.{group} or "
+                 "constraint.sigma_max), or use constraint.method=hard_cap")
 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that do not need data, devices or process groups."""
     from distlip.constraints import check_method  # local: constraints imports torch
+    from distlip.lipschitz.budget import check_target
+    from distlip.lipschitz.caps import check_caps
 
     m, c, o, d, t = cfg.model, cfg.constraint, cfg.optim, cfg.data, cfg.train
     _require(m.d_model > 0 and m.n_layers > 0 and m.n_heads > 0, "model.d_model, n_layers and n_heads must be positive")
@@ -361,7 +373,10 @@ def validate(cfg: Config) -> None:
     _require(m.pad_vocab_to >= 1, "model.pad_vocab_to must be ≥ 1")
     check_method(c.method)
     _require(c.sigma_max > 0, f"constraint.sigma_max={c.sigma_max} must be > 0 (it is the cap on each matrix)")
-    _require(c.head_sigma_max >= 0, f"constraint.head_sigma_max={c.head_sigma_max} must be ≥ 0 (0 means same as sigma_max)")
+    check_caps(c.caps)
+    _require(c.target_bound >= 0, f"constraint.target_bound={c.target_bound} must be ≥ 0 (0: no target)")
+    if c.target_bound > 0:
+        check_target(cfg)
     _require(c.power_iters >= 1, "constraint.power_iters must be ≥ 1")
     _check_soft_cap_step(cfg)
     _require(o.name in ("muon", "adamw"), f"optim.name='{o.name}' is unknown{_closest(o.name, ['muon', 'adamw'])}; use muon or adamw")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from distlip.errors import CheckpointError, ConfigError
+from distlip.model import block_key, matrix_of
 from distlip.newton_schulz import msign, odd_polynomial
 
 METHODS = (
@@ -296,6 +297,15 @@ class Constrainer:
     sigma_max is an RMS→RMS cap: a float for every matrix, or a mapping from parameter
     names or glob patterns (e.g. ``{"head.weight": 1.0, "*": 2.0}``) to caps; exact names
     win over patterns, patterns are tried in order.
+
+    row_blocks maps a parameter name to a number of row blocks H (attention heads): such a
+    (d_out, d_in) matrix is constrained as H matrices (d_out/H, d_in), each in its own RMS→RMS
+    units √(d_in·H/d_out)·σ₁ and under the matrix's cap, so that every head's block is capped.
+    Caps ≤ c on every block imply ‖W‖ ≤ c for the whole matrix (‖W‖² ≤ mean over blocks of
+    their norms²). A block of an update whose norm is ≤ μ has norm ≤ √H·μ: the soft cap's
+    coupling uses that bound per block, or, when it is beyond the coupling's range, the
+    block's measured σ₁ bound (as without an update bound). Vectors and state are per block,
+    keyed `name[h]`.
     """
 
     def __init__(
@@ -307,8 +317,10 @@ class Constrainer:
         spectral_wd: float = 0.0,
         power_iters: int = 3,
         seed: int = 0,
+        row_blocks: Mapping[str, int] | None = None,
     ) -> None:
         self.method = check_method(method)
+        self.row_blocks = {n: int(h) for n, h in (row_blocks or {}).items() if h > 1}
         if isinstance(sigma_max, Mapping):
             self._caps = {k: _check_cap(c, f"sigma_max[{k!r}]") for k, c in sigma_max.items()}
         else:
@@ -346,6 +358,7 @@ class Constrainer:
         """The RMS→RMS cap for parameter ``name``."""
         if isinstance(self._caps, float):
             return self._caps
+        name = matrix_of(name)  # a row block has its matrix's cap
         if name in self._caps:
             return self._caps[name]
         for pattern, cap in self._caps.items():
@@ -383,13 +396,36 @@ class Constrainer:
         self.calls += len(named)
         if self.method == "none":
             return dict(named)
+        units, unit_mus = self._split_blocks(named, update_norms)
         out: dict[str, Tensor] = {}
-        for names in self._groups(named):
-            mats = [named[n] for n in names]
+        for names in self._groups(units):
+            mats = [units[n] for n in names]
             W = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)
-            mus = [update_norms.get(n) for n in names]
+            mus = [unit_mus.get(n) for n in names]
             out.update(zip(names, self._apply_group(names, W, lr, mus).unbind(0)))
-        return {name: out[name] for name in named}
+        return {name: (torch.cat([out[block_key(name, h)] for h in range(self.row_blocks[name])])
+                       if name in self.row_blocks else out[name]) for name in named}
+
+    def _split_blocks(
+        self, named: Mapping[str, Tensor], update_norms: Mapping[str, float | None]
+    ) -> tuple[dict[str, Tensor], dict[str, float | None]]:
+        """Matrices with row blocks → one (d_out/H, d_in) unit per block, keyed `name[h]`, with
+        the block's update bound √H·μ. Other matrices pass through."""
+        units: dict[str, Tensor] = {}
+        mus: dict[str, float | None] = {}
+        for name, W in named.items():
+            H = self.row_blocks.get(name, 1)
+            if H == 1:
+                units[name], mus[name] = W, update_norms.get(name)
+                continue
+            if W.size(0) % H:
+                raise ConfigError(f"{name!r} has {W.size(0)} rows, not divisible into {H} head blocks; "
+                                  "check model.n_heads")
+            mu = update_norms.get(name)
+            mu = None if mu is None else mu * math.sqrt(H)
+            for h, block in enumerate(W.chunk(H, dim=0)):
+                units[block_key(name, h)], mus[block_key(name, h)] = block, mu
+        return units, mus
 
     def state_dict(self) -> dict[str, Tensor]:
         """Power-iteration vectors keyed by parameter name (CPU float32 copies)."""
@@ -459,6 +495,10 @@ class Constrainer:
         """
         cap_list = caps.tolist()
         slack = [(self.sigma_max_for(n) - c) * (1.0 - lam_eta) for n, c in zip(names, cap_list)]
+        # A head block's √H·μ can exceed the coupling's range where the whole matrix's μ does not:
+        # such a block is measured instead (σ̄ from above), as without an update bound.
+        mus = [None if mu is not None and matrix_of(n) != n and mu + d > SOFT_CAP_MAX_MU * c else mu
+               for n, mu, d, c in zip(names, mus, slack, cap_list)]
         if all(mu is not None for mu in mus):
             alphas = [soft_cap_alpha(c, mu + d, lam_eta) for c, mu, d in zip(cap_list, mus, slack)]
             return soft_cap(X, torch.tensor(alphas, dtype=X.dtype, device=X.device))
@@ -482,8 +522,8 @@ class Constrainer:
     def _warn_fallback(self, name: str) -> None:
         if not self._warned_fallback:
             warnings.warn(
-                f"soft cap without an update bound: {name!r} has σ₁ beyond "
-                f"{1 + SOFT_CAP_MAX_MU}·sigma_max, using the hard cap for such matrices "
+                f"soft cap without an update bound in the coupling's range: {name!r} has σ₁ beyond "
+                f"{1 + SOFT_CAP_MAX_MU}·its cap, using the hard cap for such matrices "
                 "(warned once)"
             )
             self._warned_fallback = True

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from distlip.certificate import embed_rms_max
 from distlip.config import Config, OptimConfig
 from distlip.constraints import Constrainer, embed_cap
+from distlip.lipschitz.caps import cap_of, row_blocks
 from distlip.data.packing import document_causal_mask
 from distlip.errors import ConfigError
 from distlip.exchange import CompressedExchange
@@ -230,7 +231,9 @@ class Engine:
         c = cfg.constraint
         self.constrainer = Constrainer(c.method, {n: sigma_max[n] for n in matrix_names(model)},
                                        weight_decay=c.weight_decay, spectral_wd=c.spectral_wd,
-                                       power_iters=c.power_iters, seed=cfg.train.seed)
+                                       power_iters=c.power_iters, seed=cfg.train.seed,
+                                       row_blocks=row_blocks(cfg, matrix_names(model)))
+        self.embed_max_rms = cap_of(EMBED, c)
 
     def _optim_config(self) -> OptimConfig:
         """EF21 with ef21_eta < 1 aggregates momentum v ← (1−η)v + ηg itself (β = 1 − η); stepping
@@ -362,7 +365,7 @@ class Engine:
                 self.held[n].data.copy_(w)
         if EMBED in self.owned and self.cfg.constraint.embed_cap:
             e = self.held[EMBED]
-            e.data.copy_(embed_cap(e.data))
+            e.data.copy_(embed_cap(e.data, self.embed_max_rms))
 
     @torch.no_grad()
     def _share_from_owners(self) -> None:
@@ -394,7 +397,7 @@ class Engine:
     def _cap_deepspeed_embedding(self) -> None:
         if self.ds is None or not self.cfg.constraint.embed_cap:
             return
-        self.set_embedding(embed_cap(self.embedding()))
+        self.set_embedding(embed_cap(self.embedding(), self.embed_max_rms))
 
     @torch.no_grad()
     def set_embedding(self, full: torch.Tensor) -> None:
@@ -459,8 +462,10 @@ class Engine:
         dist.all_reduce(t)
         return t.tolist()
 
-    def owned_norms(self, norm_fn) -> dict[str, float]:
-        """RMS→RMS norms of every matrix, each computed by its owner only, then summed."""
+    def owned_norms(self, norm_fn, keys: list[str] | None = None) -> dict[str, float]:
+        """RMS→RMS norms of every matrix, each computed by its owner only, then summed. `keys`:
+        every key `norm_fn` returns over all matrices (head blocks included); default the names."""
         names = matrix_names(self.model)
+        keys = keys or names
         mine = norm_fn({n: self.held[n].data for n in names if n in self.owned})
-        return dict(zip(names, self.all_sum([mine.get(n, 0.0) for n in names])))
+        return dict(zip(keys, self.all_sum([mine.get(k, 0.0) for k in keys])))

@@ -1,7 +1,7 @@
 """Trained models on disk: DIR/model.safetensors (names as in the model) + DIR/config.json.
 
-config.json holds the full run config, the resolved model sizes, the tokenizer and every
-matrix's cap, which is enough to rebuild the model and certify it with no other file.
+config.json holds the full run config, the resolved model sizes, the tokenizer and the cap of
+every certified unit (matrix, or head block of W_q/W_k/W_v), which is enough to rebuild the model and certify it with no other file.
 Loading never unpickles: safetensors for tensors, JSON for the rest.
 """
 
@@ -16,19 +16,8 @@ from safetensors.torch import load_file, save_file
 from distlip.config import Config, config_from_dict
 from distlip.data.tokenizers import tokenizer_from_dict
 from distlip.errors import CheckpointError
+from distlip.lipschitz.caps import unit_caps
 from distlip.model import LipschitzTransformer
-
-CAPPED_METHODS = ("soft_cap", "hard_cap", "spectral_normalize", "stiefel", "exact_cap")
-
-
-def matrix_caps(cfg: Config, names: list[str]) -> dict[str, float | None]:
-    """Each matrix's RMS→RMS cap; None for methods that give no guarantee (decay, hammer, none)."""
-    c = cfg.constraint
-    if c.method not in CAPPED_METHODS:
-        return {n: None for n in names}
-    head = c.head_sigma_max or c.sigma_max
-    return {n: (head if n == "head.weight" else c.sigma_max) for n in names}
-
 
 def save_model(out_dir: Path, weights: dict[str, torch.Tensor], cfg: Config, tokenizer, extra: dict | None = None) -> None:
     """`weights`: full tensors by model parameter name (gathered: no ZeRO shards)."""
@@ -36,7 +25,7 @@ def save_model(out_dir: Path, weights: dict[str, torch.Tensor], cfg: Config, tok
     tensors = {n: t.detach().float().cpu().contiguous() for n, t in weights.items()}
     save_file(tensors, str(out_dir / "model.safetensors"))
     meta = {"config": cfg.to_dict(), "tokenizer": tokenizer.to_dict(),
-            "caps": matrix_caps(cfg, [n for n in weights if n != "embed.weight"]), **(extra or {})}
+            "caps": unit_caps(cfg, [n for n in weights if n != "embed.weight"]), **(extra or {})}
     tmp = out_dir / "config.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(out_dir / "config.json")

@@ -167,3 +167,19 @@ def matrix_names(model: nn.Module) -> list[str]:
 def attention_flops_per_token(cfg: ModelConfig) -> float:
     """Forward+backward FLOPs per token for QKᵀ and AV (causal: half the T×T entries)."""
     return 6 * cfg.n_layers * cfg.d_model * cfg.context
+
+
+def head_blocks(name: str, n_heads: int) -> int:
+    """Row blocks a matrix splits into, one per attention head: n_heads for W_q, W_k, W_v (rows
+    h·d_head … (h+1)·d_head − 1 make head h's query, key or value), 1 for every other matrix."""
+    return n_heads if name.endswith(("attn.q.weight", "attn.k.weight", "attn.v.weight")) else 1
+
+
+def block_key(name: str, h: int) -> str:
+    """Name of head h's row block of matrix `name` (norm tables, power-iteration vectors)."""
+    return f"{name}[{h}]"
+
+
+def matrix_of(key: str) -> str:
+    """The matrix a norm-table key belongs to: `block_key(name, h)` → name; a name → itself."""
+    return key.split("[", 1)[0]

@@ -17,16 +17,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distlip.certificate import Certificate, SigmaEstimator, certify, exact_norms
+from functools import partial
+
+from distlip.certificate import Certificate, SigmaEstimator, certify, exact_norms, norm_keys
 from distlip.checkpoint import load_checkpoint, save_checkpoint
 from distlip.checkpoint_store import Checkpoint, CheckpointStore
 from distlip.config import Config
-from distlip.constraints import Constrainer
+from distlip.constraints import Constrainer, embed_cap
 from distlip.data.chars import InMemoryBatches, load_char_corpus, val_windows
 from distlip.divergence import DivergenceGuard
 from distlip.engine import DistEnv, Engine, check_distributed, init_distributed
 from distlip.errors import ConfigError, DistlipError
-from distlip.export import matrix_caps, save_model
+from distlip.export import save_model
+from distlip.lipschitz.budget import apply_target
+from distlip.lipschitz.caps import CAPPED_METHODS, EMBED, cap_of, matrix_caps, row_blocks, unit_caps
 from distlip.metrics import MetricsLogger, Progress
 from distlip.model import LipschitzTransformer, matrix_names
 from distlip.paper_protocol import BATCH_SIZE, batch_scores, describe, protocol_windows
@@ -128,6 +132,7 @@ class Trainer:
         elif cfg.model.vocab_size < self.data.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"{self.data.tokenizer.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
+        self.cfg = cfg = apply_target(cfg)  # caps for a target bound, now that the vocabulary is known
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         init_distributed(env, self.device)
@@ -135,13 +140,13 @@ class Trainer:
         self.model = LipschitzTransformer(cfg.model).to(self.device)
         self.params = dict(self.model.named_parameters())
         self.matrices = matrix_names(self.model)
-        self.caps = matrix_caps(cfg, self.matrices)
+        self.caps = unit_caps(cfg, self.matrices)
         self._project_initial()
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                          if cfg.train.dtype == "bfloat16" else nullcontext())
         self.timer = StepTimer(self.device)
         self.engine = Engine(cfg, self.model, env, self.timer, self._sigma_max_map(), self._document_eot())
-        self.estimator = SigmaEstimator(seed=cfg.train.seed)
+        self.estimator = SigmaEstimator(seed=cfg.train.seed, n_heads=cfg.model.n_heads)
         self.step, self.lr = 0, 0.0
         if cfg.train.save_every < 0:
             raise ConfigError(f"train.save_every={cfg.train.save_every} must be ≥ 0 (0: checkpoint at the end only)")
@@ -181,19 +186,21 @@ class Trainer:
         return eot
 
     def _sigma_max_map(self) -> dict[str, float]:
-        c = self.cfg.constraint
-        return {n: (c.head_sigma_max or c.sigma_max) if n == "head.weight" else c.sigma_max for n in self.matrices}
+        return matrix_caps(self.cfg.constraint, self.matrices)
 
     @torch.no_grad()
     def _project_initial(self) -> None:
-        """Start feasible: exact-cap the initial matrices (orthogonal init has norm 1, which is
-        above a cap below 1)."""
-        if self.caps[self.matrices[0]] is None:
+        """Start feasible: exact-cap the initial matrices (orthogonal init has norm 1, and each head
+        block of W_q/W_k/W_v norm √H, above caps below that) and the token vectors."""
+        if self.cfg.constraint.method not in CAPPED_METHODS:
             return
-        init = Constrainer("exact_cap", self._sigma_max_map())
+        init = Constrainer("exact_cap", self._sigma_max_map(), row_blocks=row_blocks(self.cfg, self.matrices))
         named = {n: self.params[n].data for n in self.matrices}
         for n, w in init.apply_many(named, lr=0.0, update_norms={n: None for n in named}).items():
             self.params[n].data.copy_(w)
+        if self.cfg.constraint.embed_cap:
+            e = self.params[EMBED].data
+            e.copy_(embed_cap(e, cap_of(EMBED, self.cfg.constraint)))
 
     # ---- one step -------------------------------------------------------------------------
     def forward_backward(self) -> float:
@@ -222,7 +229,9 @@ class Trainer:
 
     def certificate(self, exact: bool) -> Certificate:
         """Each owner computes its matrices' norms; the sums give every rank the whole table."""
-        norms = self.engine.owned_norms(exact_norms if exact else self.estimator)
+        keys = norm_keys(self.matrices, self.cfg.model.n_heads)
+        norms = self.engine.owned_norms(partial(exact_norms, n_heads=self.cfg.model.n_heads) if exact else self.estimator,
+                                        keys)
         return certify(norms, self.engine.embed_rms_max(), self.cfg.model, self.caps)
 
     def _phase_times(self) -> dict[str, float]:

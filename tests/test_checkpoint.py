@@ -11,7 +11,7 @@ import torch
 
 from safetensors.torch import load_file, save_file
 
-from distlip.certificate import exact_norms
+from distlip.certificate import exact_norms, norm_keys
 from distlip.checkpoint import RANK_FILE, open_model, read_rank_files
 from distlip.checkpoint_store import CheckpointStore, CheckpointWarning
 from distlip.cli import build_parser
@@ -19,6 +19,7 @@ from distlip.cli import main as cli
 from distlip.config import load_config
 from distlip.errors import CheckpointError, ConfigError
 from distlip.export import load_model
+from distlip.model import matrix_of
 from distlip.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE_ENV
 from distlip.trainer import Trainer
 
@@ -58,7 +59,9 @@ def test_rank_file_holds_plain_tensors_keyed_by_name(tmp_path):
     assert set(state["weights"]) == set(trainer.params)
     assert set(state["momentum"]) == set(trainer.matrices)
     assert set(state["adam"]["embed.weight"]) == {"step", "exp_avg", "exp_avg_sq"}
-    assert set(state["constraint"]) <= set(trainer.matrices) and set(state["sigma"]) == set(trainer.matrices)
+    # power-iteration vectors: per matrix, and per head block of W_q, W_k, W_v
+    assert {matrix_of(k) for k in state["constraint"]} <= set(trainer.matrices)
+    assert set(state["sigma"]) == set(norm_keys(trainer.matrices, trainer.cfg.model.n_heads))
     assert {"data", "rng"} <= set(state)
     manifest = json.loads((tmp_path / "step_000001" / "manifest.json").read_text())
     assert manifest["meta"]["config"]["model"]["d_model"] == 16 and manifest["meta"]["tokenizer"]["kind"] == "char"

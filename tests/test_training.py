@@ -8,7 +8,7 @@ import torch
 
 from distlip.certificate import CAP_RTOL, certify, embed_rms_max, exact_norms
 from distlip.config import load_config
-from distlip.export import CAPPED_METHODS
+from distlip.lipschitz.caps import CAPPED_METHODS
 from distlip.optim import lr_at, momentum_at
 from distlip.trainer import Trainer
 
