@@ -58,16 +58,25 @@ def point(method: str, sigma: float | None, lr: float, optim: str = "muon", **ex
 
 
 def constrained(sigmas, lrs_per_sigma) -> list[dict]:
-    """Soft cap at the first learning rate (or the largest its coupling allows, when lower), hard cap,
+    """Soft cap at each learning rate (or the largest its coupling allows, when lower), hard cap,
     spectral normalisation and the exact (SVD) cap at each σmax and learning rate."""
     pts = []
     for s in sigmas:
-        pts.append(point("soft_cap", s, min(lrs_per_sigma[0], round(SOFT_CAP_LR * s, 3))))
+        limit = round(SOFT_CAP_LR * s, 3)
         for lr in lrs_per_sigma:
+            if lr < limit or lr == min(x for x in lrs_per_sigma if x >= limit):
+                pts.append(point("soft_cap", s, min(lr, limit)))
             pts.append(point("hard_cap", s, lr))
             pts.append(point("spectral_normalize", s, lr))
             pts.append(point("exact_cap", s, lr))
     return list({p["id"]: p for p in pts}.values())
+
+
+def targets(bounds, ratios, lr: float, method: str = "exact_cap") -> list[dict]:
+    """Points at a target bound: caps allocated before training so that the certificate with every
+    matrix at its cap is ≤ B; `ratios` are `constraint.caps` tables (groups left out take the
+    config's sigma_max) whose proportions the allocation keeps."""
+    return [point(method, None, lr, constraint__target_bound=b, constraint__caps=r) for b in bounds for r in ratios]
 
 
 def baselines(muon_lrs, adamw_lrs) -> list[dict]:
@@ -78,7 +87,8 @@ def baselines(muon_lrs, adamw_lrs) -> list[dict]:
 GRIDS = {
     # the `make train` model (128×4, context 128, batch 32) for 300 steps
     "default-proxy": {"config": "configs/default.yaml", "set": ["train.steps=300"],
-                      "points": constrained([1.5, 2.0, 3.0], [0.8, 2.0])
+                      "points": targets([10, 100], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.4)
+                      + constrained([1.5, 2.0, 3.0], [0.4, 0.8, 2.0])
                       + baselines([0.02, 0.05, 0.1, 0.2], [1e-3, 3e-3, 1e-2])},
     # the paper's model (256×3, context 256, batch 64) for 300 steps
     "shakespeare-proxy": {"config": "configs/shakespeare.yaml", "set": ["train.steps=300"],
@@ -124,6 +134,7 @@ def run_point(p: dict, grid: dict, args, out: Path) -> dict:
            f"train.device={args.device}", *grid["set"], *p["overrides"], *args.set]
     if args.text:
         cmd += ["data.source=text", f"data.path={args.text}"]
+    run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     minutes = (time.perf_counter() - start) / 60
