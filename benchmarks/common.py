@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def train(out: Path, config: str, overrides: list[str], nproc: int = 1, port: int = 29700) -> list[dict]:
@@ -20,10 +19,10 @@ def train(out: Path, config: str, overrides: list[str], nproc: int = 1, port: in
     env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "PYTHONPATH": str(ROOT)}
     args = ["--config", config, "--out", str(out), "train.progress=false", "train.tensorboard=false", *overrides]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "distlip.train", *args]
+        cmd = [sys.executable, "-m", "distlip", "train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(port), "-m", "distlip.train", *args]
+               "--master_port", str(port), "-m", "distlip", "train", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode not in (0, 1):  # 1: finished but a cap was exceeded; still report it
         raise RuntimeError(f"training failed ({proc.returncode}):\n{proc.stderr[-2000:]}")

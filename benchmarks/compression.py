@@ -1,4 +1,4 @@
-"""Compressed communication (SPEC §5) on 2-process Shakespeare training: bytes, time, loss.
+"""Compressed communication (docs/compression.md#formulas) on 2-process Shakespeare training: bytes, time, loss.
 
 Every method trains the same small model (d 64, 2 layers, context 64, batch 32, Muon with the
 soft cap at σmax 2, colnorm embedding so every tensor goes through the exchange) for the same
@@ -24,7 +24,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import ROOT, TINY_SHAKESPEARE, final, provenance, table, train
+from common import ROOT, final, provenance, table, train
 from slow_link import slow_link, train_two_nodes
 
 from distlip.config import load_config
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--methods", nargs="*", default=ALL_ROWS, help="a subset of the method names")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides for every run, e.g. model.d_model=256")
-    ap.add_argument("--text", default=str(TINY_SHAKESPEARE), help="benchmark text (char-rnn tinyshakespeare)")
+    ap.add_argument("--text", required=True, help="benchmark text, e.g. the char-rnn tinyshakespeare.txt")
     ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "compression_loss_vs_bytes.png"))
     ap.add_argument("--results", default="", help="append the table to this markdown file")
     ap.add_argument("--slow-link", action="store_true", help="time dense vs 1%% as 2 nodes over a shaped veth (root)")

@@ -1,4 +1,4 @@
-"""Compress + communicate one step of the 145M model's gradients: 1% against dense (SPEC §5).
+"""Compress + communicate one step of the 145M model's gradients: 1% against dense (docs/compression.md#formulas).
 
 The tensors are those distlip exchanges for `--preset` (every matrix, 123.6M fp32 coordinates
 for configs/nanogpt-145m.yaml; its embedding belongs to DeepSpeed), owned as the engine owns
@@ -62,11 +62,12 @@ def sync() -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from distlip.compress import ByteCounter, CompressionConfig, TorchComm
+    from distlip.compress import ByteCounter, TorchComm, build, check
+    from distlip.config import CompressionConfig
     from distlip.compress.accounting import DOWNLINK, broadcast_bytes
-    from distlip.engine import exit_process
-    from distlip.exchange import TimedComm
-    from distlip.sharding import plan_ownership
+    from distlip.distributed.env import exit_process
+    from distlip.distributed.exchange import TimedComm
+    from distlip.distributed.sharding import plan_ownership
 
     cuda = args.device == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -87,7 +88,9 @@ def worker(args: argparse.Namespace) -> None:
         comm = TimedComm(TorchComm())
         section = dict(compressor=compressor, estimator=estimator, ratio=ratio, warmup_steps=WARMUP,
                        downlink=downlink, downlink_ratio=ratio if downlink != "identity" else 1.0)
-        uplink, down = CompressionConfig(**section).build(comm, counter)
+        section = CompressionConfig(**section)
+        check(section)
+        uplink, down = build(section, comm, counter)
         totals = [0.0, 0.0]  # all seconds, collective seconds
         for step in range(WARMUP + args.steps):
             if step == WARMUP:

@@ -1,6 +1,6 @@
-"""Time every weight constraint against one Muon Newton–Schulz step (SPEC §2, §4).
+"""Time every weight constraint against one Muon Newton–Schulz step (docs/method.md#constraints, #muon).
 
-Matrices are those of the 145M model (SPEC §1.2): per layer W_q, W_k, W_v, W_o
+Matrices are those of the 145M model (docs/method.md#architecture): per layer W_q, W_k, W_v, W_o
 (768×768), MLP in (3072×768) and out (768×3072); the head (50304×768). Each method runs
 through ``Constrainer.apply_many`` exactly as training calls it (same-shape matrices
 batched, power-iteration vectors already warm); Newton–Schulz runs on the same batches.
@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 import torch
 
-from distlip.constraints import METHODS, Constrainer, rms_scale
-from distlip.newton_schulz import NS_MAX_GAIN, orthogonalize
+from distlip.lipschitz.constraints import METHODS, Constrainer, rms_scale
+from distlip.lipschitz.newton_schulz import NS_MAX_GAIN, orthogonalize
 
 D_MODEL, D_MLP, N_LAYERS, HEAD_ROWS = 768, 3072, 12, 50304
-HIDDEN_LR, HEAD_LR, SAFETY = 0.05, 0.005, 1.05  # SPEC §1.2 learning rates
+HIDDEN_LR, HEAD_LR, SAFETY = 0.05, 0.005, 1.05  # learning rates of docs/method.md#reference-results
 
 
 def _semi_orthogonal(d_out: int, d_in: int, gen: torch.Generator) -> torch.Tensor:

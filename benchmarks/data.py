@@ -2,7 +2,7 @@
 
     python benchmarks/data.py [--results benchmarks/RESULTS.md]
 
-Corpora: the packaged Shakespeare (and shared/data/tinyshakespeare.txt when present) written as
+Corpora: the packaged Shakespeare (and the text given with --text, e.g. tinyshakespeare.txt) written as
 local jsonl of ~4,000-character documents, a web-page-like size. Tokenizers: a GPT-2-style
 byte-level BPE (50,257 requested) trained here, since the hub is offline, and character level.
 "Pipeline" is `StreamingBatches` end to end (read jsonl → tokenise → shuffle → pack → prefetch
@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from common import TINY_SHAKESPEARE, provenance, write_section
+from common import provenance, write_section
 
 from distlip.config import DataConfig
 from distlip.data.sources import shakespeare_plays
 from distlip.data.stream import StreamingBatches
 from distlip.data.tokenizers import load_tokenizer, train_bpe
 
-# SPEC §1.2: 393,216 tokens per step at 152.7 ms/step on 8 H100s
+# docs/method.md#reference-results: 393,216 tokens per step at 152.7 ms/step on 8 H100s
 TOKENS_PER_STEP, STEP_SECONDS, GPUS = 393_216, 0.1527, 8
 GPU_TOKENS_PER_S = TOKENS_PER_STEP / STEP_SECONDS / GPUS
 SECTION = "## Data pipeline throughput"
@@ -81,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", help="write the section into this markdown file (replacing an older one)")
     parser.add_argument("--vocab-size", type=int, default=50257)
+    parser.add_argument("--text", help="a second corpus, e.g. the char-rnn tinyshakespeare.txt")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is reported")
     args = parser.parse_args()
     # per-core numbers: one tokenizer thread (read when its pool starts) and one Arrow thread
@@ -90,8 +91,8 @@ def main() -> None:
     pa.set_io_thread_count(1)
 
     corpora = {"packaged Shakespeare": "\n".join(shakespeare_plays())}
-    if TINY_SHAKESPEARE.is_file():
-        corpora["tinyshakespeare"] = TINY_SHAKESPEARE.read_text(encoding="utf-8")
+    if args.text:
+        corpora[Path(args.text).stem] = Path(args.text).read_text(encoding="utf-8")
     start = time.perf_counter()
     bpe = train_bpe(corpora.values(), args.vocab_size)
     train_s = time.perf_counter() - start
@@ -120,7 +121,7 @@ def main() -> None:
         f"{args.repeats} runs. Pipeline: `StreamingBatches` over local jsonl "
         "of ~4,000-character documents (read, tokenise, shuffle buffer 1000, pack 8×1024, prefetch). "
         f"The 145M model consumes {GPU_TOKENS_PER_S / 1e3:.0f}K tokens/s per H100 "
-        f"({TOKENS_PER_STEP:,} tokens per {STEP_SECONDS * 1e3:.1f} ms step on 8 GPUs, SPEC §1.2).", "",
+        f"({TOKENS_PER_STEP:,} tokens per {STEP_SECONDS * 1e3:.1f} ms step on 8 GPUs, docs/method.md#reference-results).", "",
         "| corpus | tokenizer | chars/token | tokenise tokens/s/core | pipeline tokens/s/core "
         "| pipeline ÷ one GPU's need | cores per 8-GPU node |",
         "|---|---|---|---|---|---|---|",

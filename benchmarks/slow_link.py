@@ -1,4 +1,4 @@
-"""Two "hosts" on one machine joined by a bandwidth-limited link (SPEC §6), for timing
+"""Two "hosts" on one machine joined by a bandwidth-limited link (namespaces, veth, `tc tbf`), for timing
 communication as it would be between nodes. Needs root (network namespaces).
 
 `slow_link(rate)` creates namespaces dlbench0 / dlbench1 joined by a veth pair (10.77.0.1 and
@@ -77,5 +77,5 @@ def train_two_nodes(out: Path, config: str, overrides: list[str], port: int = 29
                     timeout: int = 900) -> list[dict]:
     """`distlip train` as a 2-node job over the slow link (inside `slow_link()`); metrics records."""
     args = ["--config", config, "--out", str(out), "train.progress=false", "train.tensorboard=false", *overrides]
-    two_nodes(["-m", "distlip.train", *args], port, timeout)
+    two_nodes(["-m", "distlip", "train", *args], port, timeout)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

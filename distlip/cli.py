@@ -15,7 +15,7 @@ from distlip.errors import DistlipError
 
 def _train(args: argparse.Namespace) -> int:
     from distlip.config import load_config
-    from distlip.engine import apply_launcher_zero_stage
+    from distlip.distributed.deepspeed import apply_launcher_zero_stage
     from distlip.trainer import Trainer, print_summary
 
     overrides = args.overrides + ([f"train.resume={args.resume}"] if args.resume is not None else [])
@@ -29,9 +29,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _certify(args: argparse.Namespace) -> int:
-    from distlip.certificate import CAP_RTOL, certify_weights
-    from distlip.checkpoint import open_model
+    from distlip.checkpoint.state import open_model
     from distlip.lipschitz.caps import group_caps, group_of
+    from distlip.lipschitz.certificate import CAP_RTOL, certify_weights
     from distlip.model import matrix_of
 
     model, cfg, _, _ = open_model(args.path)
@@ -76,7 +76,7 @@ def _print_recorded_validation(path: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from distlip.checkpoint import export_checkpoint
+    from distlip.checkpoint.state import export_checkpoint
 
     ckpt, cert = export_checkpoint(args.checkpoint, args.out)
     out = Path(args.out)
@@ -86,7 +86,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from distlip.checkpoint import open_model
+    from distlip.checkpoint.state import open_model
     from distlip.sample import generate
 
     model, _, tokenizer, _ = open_model(args.path)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The `distlip` console script and `python -m distlip`: main(), then `exit_process`, which
     ends a launched rank without the teardown that can abort it after success."""
-    from distlip.engine import run_and_exit
+    from distlip.distributed.env import run_and_exit
 
     run_and_exit(main)
 

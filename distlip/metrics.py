@@ -1,12 +1,17 @@
 """Run logging: JSONL records (the interface other tools read), TensorBoard when installed,
-and a progress bar. Only the rank that owns the run directory writes."""
+a progress bar, and the per-phase step timer. Only the rank that owns the run directory writes."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 
 def _jsonable(value):
@@ -80,3 +85,40 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# Step-time breakdown with synchronised timers (CUDA work is asynchronous).
+PHASES = ("data", "forward", "backward", "comm", "optimizer", "constraint", "certificate")
+
+
+class StepTimer:
+    """Accumulates seconds per phase; `averages()` returns ms per step since the last reset."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.total = defaultdict(float)
+        self.steps = 0
+
+    @contextmanager
+    def phase(self, name: str):
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.total[name] += time.perf_counter() - start
+
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def averages(self) -> dict[str, float]:
+        """Milliseconds per step per phase (and peak GPU memory in GiB), then reset."""
+        n = max(self.steps, 1)
+        out = {f"ms_{k}": 1000 * self.total.get(k, 0.0) / n for k in PHASES}
+        if self.cuda:
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.total.clear()
+        self.steps = 0
+        return out

@@ -1,4 +1,4 @@
-"""The Lipschitz transformer (SPEC §1): no norms, no biases, convex residuals, 1/d attention.
+"""The Lipschitz transformer (docs/method.md#architecture): no norms, no biases, convex residuals, 1/d attention.
 
 Every hidden layer is a bias-free `nn.Linear` whose weight (d_out, d_in) the constraint keeps
 under its RMS→RMS cap; the token embedding's rows are capped to RMS ≤ 1. Shapes: token ids
@@ -145,7 +145,7 @@ def is_output_projection(name: str) -> bool:
 
 
 def param_group(name: str) -> str:
-    """Learning-rate group of a parameter: embed, head, qkv, out or mlp (SPEC §1.1)."""
+    """Learning-rate group of a parameter: embed, head, qkv, out or mlp (docs/method.md#muon)."""
     if name == "embed.weight":
         return "embed"
     if name == "head.weight":

@@ -1,5 +1,5 @@
 """Optimisers: Muon for matrices, a per-token normalised step or Adam for the embedding,
-AdamW as the baseline, and the learning-rate / momentum schedules (SPEC §1.1, §1.2, §4).
+AdamW as the baseline, and the learning-rate / momentum schedules (docs/method.md#muon).
 
 The per-matrix update math lives in pure functions (`muon_update`, `colnorm_update`) so the
 sharded engine can run exactly the same arithmetic on the matrices a rank owns.
@@ -14,7 +14,7 @@ import torch
 
 from distlip.config import OptimConfig
 from distlip.model import param_group
-from distlip.newton_schulz import NS_MAX_GAIN, orthogonalize
+from distlip.lipschitz.newton_schulz import NS_MAX_GAIN, orthogonalize
 
 
 def lr_at(cfg: OptimConfig, step: int, total: int) -> float:

@@ -12,47 +12,29 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from functools import partial
-
-from distlip.certificate import Certificate, SigmaEstimator, certify, exact_norms, norm_keys
-from distlip.checkpoint import load_checkpoint, save_checkpoint
-from distlip.checkpoint_store import Checkpoint, CheckpointStore
-from distlip.config import Config
-from distlip.constraints import Constrainer, embed_cap
-from distlip.data.chars import InMemoryBatches, load_char_corpus, val_windows
+from distlip.checkpoint.export import save_model
+from distlip.checkpoint.state import load_checkpoint, save_checkpoint
+from distlip.checkpoint.store import Checkpoint, CheckpointStore
+from distlip.config import Config, preflight
+from distlip.data.in_memory import InMemoryBatches, load_char_corpus, val_windows
+from distlip.distributed.engine import Engine
+from distlip.distributed.env import DistEnv, init_distributed, select_device
 from distlip.divergence import DivergenceGuard
-from distlip.engine import DistEnv, Engine, check_distributed, init_distributed
 from distlip.errors import ConfigError, DistlipError
-from distlip.export import save_model
 from distlip.lipschitz.budget import apply_target
 from distlip.lipschitz.caps import CAPPED_METHODS, EMBED, cap_of, matrix_caps, row_blocks, unit_caps
-from distlip.metrics import MetricsLogger, Progress
-from distlip.model import LipschitzTransformer, matrix_names
+from distlip.lipschitz.certificate import Certificate, SigmaEstimator, certify, exact_norms, norm_keys
+from distlip.lipschitz.constraints import Constrainer, embed_cap
+from distlip.metrics import MetricsLogger, Progress, StepTimer
+from distlip.model import LipschitzTransformer, matrix_names, matrix_of
 from distlip.paper_protocol import BATCH_SIZE, batch_scores, describe, protocol_windows
 from distlip.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
-from distlip.timing import StepTimer
-
-
-def select_device(cfg: Config, local_rank: int = 0) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.train.dtype == "bfloat16" and want == "cpu":
-        raise ConfigError("train.dtype=bfloat16 runs on GPUs only here (CPU bf16 autocast is slow and "
-                          "inexact for this model); use train.dtype=float32 on CPU")
-    if want == "cuda" and local_rank >= torch.cuda.device_count():
-        # NCCL refuses two ranks on one GPU, and a missing ordinal fails deep inside CUDA.
-        raise ConfigError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
-                          "NCCL needs one GPU per process; launch at most that many processes per node, "
-                          "or set train.device=cpu")
-    return torch.device(want, local_rank) if want == "cuda" else torch.device(want)
 
 
 @dataclass
@@ -122,7 +104,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env = env or DistEnv.from_environ()
         self.out = Path(out_dir or cfg.train.out)
-        check_distributed(cfg, env)
+        preflight(cfg, env)
         self.device = select_device(cfg, env.local_rank)
         if cfg.train.threads > 0 and self.device.type == "cpu":
             torch.set_num_threads(cfg.train.threads)
@@ -148,8 +130,6 @@ class Trainer:
         self.engine = Engine(cfg, self.model, env, self.timer, self._sigma_max_map(), self._document_eot())
         self.estimator = SigmaEstimator(seed=cfg.train.seed, n_heads=cfg.model.n_heads)
         self.step, self.lr = 0, 0.0
-        if cfg.train.save_every < 0:
-            raise ConfigError(f"train.save_every={cfg.train.save_every} must be ≥ 0 (0: checkpoint at the end only)")
         self.store = CheckpointStore.for_process_group(self.out, cfg.train.keep_last)
         self.resumed = self._resume(cfg.train.resume)
         self.saved_step = self.step if self.resumed else None
@@ -164,7 +144,11 @@ class Trainer:
             if ckpt.step > self.cfg.train.steps:
                 raise ConfigError(f"checkpoint {ckpt.path} is at step {ckpt.step}, past "
                                   f"train.steps={self.cfg.train.steps}; raise train.steps to continue training it")
-            note = load_checkpoint(self, ckpt)
+            shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.params.items()}  # ZeRO-3 may hold p.data empty
+            state, note = load_checkpoint(ckpt, self.cfg, self.data.tokenizer, self.env, shapes,
+                                          self.engine.keeps_masters)
+            self.load_state_dict(state)
+            self.step = ckpt.step
             if self.env.is_main:
                 print(f"distlip: {note}", file=sys.stderr, flush=True)
         return ckpt
@@ -172,8 +156,33 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the whole state at this step boundary (collective; at most once per step)."""
         if self.saved_step != self.step:
-            save_checkpoint(self, self.store)
+            meta = {"config": self.cfg.to_dict(), "tokenizer": self.data.tokenizer.to_dict()}
+            save_checkpoint(self.store, self.step, self.env.rank, self.state_dict(), meta)
             self.saved_step = self.step
+
+    def state_dict(self) -> dict:
+        """This rank's whole training state, composed from its components (the engine's tensors by
+        name, the certificate estimator's vectors, the data stream, the RNG); collective under
+        DeepSpeed. Checkpointing works on this dict and never on the trainer."""
+        state = self.engine.state_dict()
+        owned = set(self.engine.owned)
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {**state, "sigma": {n: v for n, v in self.estimator.state_dict()["vectors"].items() if matrix_of(n) in owned},
+                "data": self.data.train.state_dict(), "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore every component from `state` (as `checkpoint.state.load_checkpoint` merges it);
+        `data` None leaves the stream at its beginning."""
+        self.engine.load_state_dict(state)
+        owned = set(self.engine.owned)
+        self.estimator.load_state_dict({"vectors": {n: v.to(self.device) for n, v in state["sigma"].items() if matrix_of(n) in owned}})
+        if state["data"] is not None:
+            self.data.train.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
     def _document_eot(self) -> int | None:
         if not self.cfg.data.document_mask:

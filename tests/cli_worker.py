@@ -5,7 +5,7 @@ import json
 import sys
 
 from distlip.cli import main
-from distlip.engine import run_and_exit
+from distlip.distributed.env import run_and_exit
 
 
 def run_all() -> int:

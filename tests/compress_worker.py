@@ -5,9 +5,9 @@ import sys
 
 import torch
 
-from distlip.certificate import exact_norms
+from distlip.lipschitz.certificate import exact_norms
 from distlip.config import load_config
-from distlip.engine import exit_process
+from distlip.distributed.env import exit_process
 from distlip.errors import DistlipError
 from distlip.trainer import Trainer, evaluate
 

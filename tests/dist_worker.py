@@ -6,9 +6,9 @@ import sys
 
 import torch
 
-from distlip.certificate import exact_norms
+from distlip.lipschitz.certificate import exact_norms
 from distlip.config import load_config
-from distlip.engine import exit_process
+from distlip.distributed.env import exit_process
 from distlip.trainer import Trainer
 
 STAGES = (0, 1, 2, 3)

@@ -5,11 +5,11 @@ refused in one line."""
 import pytest
 import torch
 
-from distlip.certificate import CAP_RTOL, certify_weights, exact_norms
 from distlip.config import load_config
 from distlip.errors import ConfigError
 from distlip.lipschitz.budget import allocate, bound_at_caps, soft_cap_floors
 from distlip.lipschitz.caps import CAPPED_METHODS, GROUPS, group_caps, group_of
+from distlip.lipschitz.certificate import CAP_RTOL, certify_weights, exact_norms
 from distlip.model import block_key
 from distlip.trainer import Trainer
 
@@ -128,7 +128,7 @@ def test_saved_configs_from_before_per_group_caps_load_as_whole_matrix_caps():
 
 def test_certify_prints_group_caps_and_a_row_per_head_block(tmp_path, capsys):
     from distlip.cli import main as cli
-    from distlip.export import save_model
+    from distlip.checkpoint.export import save_model
     trainer = make_trainer(tmp_path / "run", "constraint.method=hard_cap", "constraint.caps={qk: 1.5, head: 0.5}")
     trainer.train_step()
     save_model(tmp_path / "model", weights(trainer), trainer.cfg, trainer.data.tokenizer)
@@ -139,3 +139,18 @@ def test_certify_prints_group_caps_and_a_row_per_head_block(tmp_path, capsys):
         assert f"blocks.1.attn.k.weight[{h}]" in out
     cert, _ = certify_weights(weights(trainer), trainer.cfg)
     assert out.splitlines()[-1] == f"lipschitz_bound: {cert.bound:.6g}"
+
+
+def test_attacks_never_beat_a_target_bound_model(tmp_path):
+    from distlip.lipschitz.attack import jacobian_attack, pair_attack
+    trainer = make_trainer(tmp_path, "constraint.method=hard_cap", "constraint.target_bound=2", "optim.lr=1.0",
+                           "optim.lr_mult={embed: 0.5, head: 1.0, qkv: 1.0, out: 1.0, mlp: 1.0}")
+    for _ in range(8):
+        trainer.train_step()
+    cert, _ = certify_weights(weights(trainer), trainer.cfg)
+    model = trainer.model.double()
+    f = lambda h: model.head(model.hidden(h))  # noqa: E731  embeddings → logits, float64
+    x = model.embed(trainer.data.val_x[:4]).detach()
+    found = max(jacobian_attack(f, x, iters=15), pair_attack(f, x * 0.8, 0.2, steps=20, restarts=2))
+    assert cert.bound <= 2 * (1 + 1e-6)
+    assert 0.01 < found <= cert.network_bound, f"attack {found} vs certificate {cert.network_bound}"

@@ -9,7 +9,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distlip.checkpoint_store import MANIFEST, CheckpointStore, CheckpointWarning, tag_for
+from distlip.checkpoint.store import MANIFEST, CheckpointStore, CheckpointWarning, tag_for
 from distlip.errors import CheckpointError
 
 MODEL = "mp_rank_00_model_states.pt"

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from distlip.config import Config, config_from_dict, load_config
-from distlip.engine import DistEnv, check_distributed
+from distlip.distributed.env import DistEnv
+from distlip.config.checks import check_distributed
 from distlip.errors import ConfigError
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"

@@ -1,4 +1,4 @@
-"""Weight constraints and Newton–Schulz against the SVD oracle (SPEC §2, §4)."""
+"""Weight constraints and Newton–Schulz against the SVD oracle (docs/method.md#constraints, #muon)."""
 
 import math
 import warnings
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distlip.constraints import (
+from distlip.lipschitz.constraints import (
     HARD_CAP_COEFFS,
     HARD_CAP_PEAK,
     HARD_CAP_RANGE,
@@ -22,7 +22,7 @@ from distlip.constraints import (
     soft_cap_alpha,
 )
 from distlip.errors import ConfigError
-from distlip.newton_schulz import MUON_NS_COEFFS, NS_MAX_GAIN, msign, orthogonalize
+from distlip.lipschitz.newton_schulz import MUON_NS_COEFFS, NS_MAX_GAIN, msign, orthogonalize
 
 CAP_METHODS = ("hard_cap", "soft_cap", "spectral_normalize", "stiefel", "exact_cap")
 
@@ -225,7 +225,7 @@ def test_soft_cap_alpha_published_values_and_root():
         k = sigma_max * (1 - lam_eta) + mu
         p1 = k - alpha * k**3
         assert abs(p1 + alpha * p1**3 - sigma_max) < 1e-9 * sigma_max
-        # The quartic of SPEC §2, solved independently.
+        # The quartic of docs/method.md#constraints, solved independently.
         roots = np.roots([-(k**9), 3 * k**7, -3 * k**5, 0.0, k - sigma_max])
         real = sorted(r.real for r in roots if abs(r.imag) < 1e-9 and r.real >= 0)
         assert abs(alpha - real[0]) < 1e-9 * max(1.0, real[0])
@@ -239,7 +239,7 @@ def test_soft_cap_composite_stays_under_cap_within_range():
             s = np.linspace(0.0, sigma_max + mu, 20_001)
             y = s - 3 * alpha**2 * s**5 + 3 * alpha**3 * s**7 - alpha**4 * s**9
             assert y.max() <= sigma_max * (1 + 1e-12)
-    # Beyond the range the composite overshoots: SPEC's 1.028 at μ = 0.5.
+    # Beyond the range the composite overshoots: 1.028 at μ = 0.5 (docs/method.md#constraints).
     roots = np.roots([-(1.5**9), 3 * 1.5**7, -3 * 1.5**5, 0.0, 0.5])
     alpha = min(r.real for r in roots if abs(r.imag) < 1e-9 and r.real >= 0)
     s = np.linspace(0.0, 1.5, 20_001)
@@ -362,7 +362,7 @@ def test_config_errors():
 
 @pytest.mark.parametrize("kind", ["random", "orthogonal", "rank_deficient", "tall", "batched"])
 def test_sigma_upper_bound_is_above_and_close_to_sigma_max(kind):
-    from distlip.constraints import sigma_upper_bound
+    from distlip.lipschitz.constraints import sigma_upper_bound
     g = torch.Generator().manual_seed(3)
     W = {"random": lambda: torch.randn(64, 48, generator=g),
          "orthogonal": lambda: torch.linalg.qr(torch.randn(96, 96, generator=g))[0],  # all σ equal: the worst case

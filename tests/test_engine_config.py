@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from distlip.config import load_config
-from distlip.engine import DistEnv, apply_launcher_zero_stage, check_distributed, deepspeed_config
+from distlip.distributed.env import DistEnv
+from distlip.distributed.deepspeed import apply_launcher_zero_stage, deepspeed_config
+from distlip.config.checks import check_distributed
 from distlip.errors import ConfigError
-from distlip.trainer import select_device
+from distlip.distributed.env import select_device
 
 SMOKE = "configs/smoke.yaml"
 

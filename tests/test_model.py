@@ -1,4 +1,4 @@
-"""The architecture is the one SPEC §1 describes."""
+"""The architecture is the one docs/method.md#architecture describes."""
 
 import math
 

@@ -25,11 +25,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distlip.checkpoint import certified_weights, export_checkpoint, find_checkpoint, merged_field, open_model, read_rank_files
+from distlip.checkpoint.state import certified_weights, export_checkpoint, find_checkpoint, merged_field, open_model, read_rank_files
 from distlip.cli import main as cli
 from distlip.config import load_config
 from distlip.errors import CheckpointError
-from distlip.export import load_model
+from distlip.checkpoint.export import load_model
 from distlip.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE_ENV
 from distlip.slurm import FORWARDED_SIGNALS
 from distlip.trainer import Trainer

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from distlip.certificate import CAP_RTOL, certify, embed_rms_max, exact_norms
+from distlip.lipschitz.certificate import CAP_RTOL, certify, embed_rms_max, exact_norms
 from distlip.config import load_config
 from distlip.lipschitz.caps import CAPPED_METHODS
 from distlip.optim import lr_at, momentum_at

@@ -1,9 +1,9 @@
-"""Compressed gradient and weight communication (SPEC §5): the config block and its objects.
+"""Compressed gradient and weight communication (docs/compression.md#formulas): the config block and its objects.
 
-The trainer builds everything from one `compression:` block:
+The trainer builds everything from one `compression:` block (`distlip.config.CompressionConfig`):
 
-    cfg = CompressionConfig.from_dict(block)          # ConfigError on any bad key or pair
-    uplink, downlink = cfg.build(TorchComm(), counter)
+    check(section)                                    # ConfigError on any bad value or pair
+    uplink, downlink = build(section, TorchComm(), counter)
     mine = uplink.aggregate_many(grads, step=step, owners=owner_of)   # {name: aggregate} of my tensors
     if downlink: downlink.sync_many({name: (param.data, master_or_None, owner)}, step=step)
 
@@ -14,7 +14,6 @@ Modules: `compressors` (tensor to message), `transport` (collectives), `estimato
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, fields
 
 from distlip.compress.accounting import ByteCounter
 from distlip.compress.compressors import Compressor, Identity, Message, RandK, TopK
@@ -30,13 +29,13 @@ from distlip.compress.estimators import (
     check_pair,
 )
 from distlip.compress.transport import Comm, SingleProcessComm, TorchComm
-from distlip.config import CompressionConfig as CompressionSection
+from distlip.config.schema import CompressionConfig
 from distlip.errors import ConfigError
 
 __all__ = [
-    "ByteCounter", "Comm", "CompressionConfig", "Compressor", "Dense", "Diana", "Downlink", "EF14",
+    "ByteCounter", "Comm", "Compressor", "Dense", "Diana", "Downlink", "EF14",
     "EF21Momentum", "Estimator", "Identity", "Marina", "Message", "Plain", "RandK", "SingleProcessComm",
-    "TopK", "TorchComm", "make_compressor", "validate",
+    "TopK", "TorchComm", "build", "check", "estimator_name", "make_compressor", "validate",
 ]
 
 COMPRESSORS = ("identity", "randk", "randk_unscaled", "topk")
@@ -73,7 +72,7 @@ def validate(compressor: str, estimator: str, ratio: float, allow_plain: bool = 
 
     Refuses unknown names, ratios outside (0, 1], pairs `check_pair` rejects, and `plain`
     where it is known to fail unless `allow_plain`: scaled Rand-k below ratio 0.1 (variance
-    ω = d/k − 1 diverges at normal learning rates, SPEC §5) and Top-k (biased, and without
+    ω = d/k − 1 diverges at normal learning rates, docs/compression.md#formulas) and Top-k (biased, and without
     error feedback the bias can stall it). Plain unscaled Rand-k is allowed: in expectation it
     is the gradient times k/d, i.e. SGD at a k/d smaller learning rate.
     """
@@ -85,7 +84,7 @@ def validate(compressor: str, estimator: str, ratio: float, allow_plain: bool = 
     if isinstance(comp, RandK) and comp.scaled and ratio < PLAIN_RANDK_MIN_RATIO:
         raise ConfigError(
             f"plain scaled randk at ratio {ratio} has variance ω ≈ {1 / ratio - 1:.0f}×‖g‖² and diverges at "
-            "normal learning rates with gradient-scaled steps (SPEC §5; under Muon's fixed-norm step it trains, "
+            "normal learning rates with gradient-scaled steps (under Muon's fixed-norm step it trains, "
             "far behind dense): use estimator diana or marina, or set allow_plain: true"
         )
     if isinstance(comp, TopK):
@@ -95,44 +94,36 @@ def validate(compressor: str, estimator: str, ratio: float, allow_plain: bool = 
         )
 
 
-@dataclass
-class CompressionConfig(CompressionSection):
-    """The `compression:` config block (fields and their meaning: `distlip.config.CompressionConfig`),
-    validated on construction and able to build its estimator and downlink."""
+def check(section: CompressionConfig) -> None:
+    """Raise ConfigError (one line naming the fix) unless the `compression:` block is sound."""
+    validate(section.compressor, estimator_name(section), section.ratio, section.allow_plain)
+    if isinstance(section.warmup_steps, bool) or not isinstance(section.warmup_steps, int) or section.warmup_steps < 0:
+        raise ConfigError(f"compression.warmup_steps must be an integer ≥ 0, got {section.warmup_steps!r}")
+    build(section)  # the constructors check the remaining options (marina_p, ef21_eta, downlink)
 
-    def __post_init__(self) -> None:
-        validate(self.compressor, self.estimator_name, self.ratio, self.allow_plain)
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError(f"compression.warmup_steps must be an integer ≥ 0, got {self.warmup_steps!r}")
-        self.build()  # the constructors check the remaining options (marina_p, ef21_eta, downlink)
 
-    @classmethod
-    def from_dict(cls, block: dict) -> CompressionConfig:
-        """Build from a parsed config mapping; unknown keys are refused with the closest valid one."""
-        names = [f.name for f in fields(cls)]
-        for key in block:
-            _known("compression key", key, names)
-        return cls(**block)
+def estimator_name(section: CompressionConfig) -> str:
+    """The estimator the block names, or its compressor's default: dense, diana (randk) or ef21."""
+    if section.estimator is not None:
+        return section.estimator
+    if section.compressor == "identity":
+        return "dense"
+    return "diana" if section.compressor == "randk" else "ef21"
 
-    @property
-    def estimator_name(self) -> str:
-        if self.estimator is not None:
-            return self.estimator
-        if self.compressor == "identity":
-            return "dense"
-        return "diana" if self.compressor == "randk" else "ef21"
 
-    def build(self, comm: Comm | None = None, counter: ByteCounter | None = None) -> tuple[Estimator, Downlink | None]:
-        """The uplink estimator and, unless the downlink is identity, the Downlink, sharing `counter`."""
-        counter = counter if counter is not None else ByteCounter()
-        compressor = make_compressor(self.compressor, self.ratio, seed=self.seed, shared_seed=self.shared_seed)
-        cls = ESTIMATORS[self.estimator_name]
-        options = ({"p": self.marina_p, "same_batch": self.marina_same_batch} if cls is Marina
-                   else {"eta": self.ef21_eta, "eta_sent": self.ef21_eta_sent} if cls is EF21Momentum else {})
-        uplink = cls(compressor, comm, warmup_steps=self.warmup_steps, seed=self.seed, counter=counter,
-                     exact_own=self.exact_own, **options)
-        downlink = None
-        if self.downlink != "identity":
-            down = make_compressor(self.downlink, self.downlink_ratio, seed=self.seed, shared_seed=self.shared_seed)
-            downlink = Downlink(down, comm, warmup_steps=self.warmup_steps, counter=counter)
-        return uplink, downlink
+def build(section: CompressionConfig, comm: Comm | None = None,
+          counter: ByteCounter | None = None) -> tuple[Estimator, Downlink | None]:
+    """The uplink estimator and, unless the downlink is identity, the Downlink, sharing `counter`."""
+    counter = counter if counter is not None else ByteCounter()
+    compressor = make_compressor(section.compressor, section.ratio, seed=section.seed, shared_seed=section.shared_seed)
+    cls = ESTIMATORS[estimator_name(section)]
+    options = ({"p": section.marina_p, "same_batch": section.marina_same_batch} if cls is Marina
+               else {"eta": section.ef21_eta, "eta_sent": section.ef21_eta_sent} if cls is EF21Momentum else {})
+    uplink = cls(compressor, comm, warmup_steps=section.warmup_steps, seed=section.seed, counter=counter,
+                 exact_own=section.exact_own, **options)
+    downlink = None
+    if section.downlink != "identity":
+        down = make_compressor(section.downlink, section.downlink_ratio, seed=section.seed,
+                               shared_seed=section.shared_seed)
+        downlink = Downlink(down, comm, warmup_steps=section.warmup_steps, counter=counter)
+    return uplink, downlink

@@ -1,4 +1,4 @@
-"""Bytes on the wire per rank, beside what the dense exchange would have moved (SPEC §5).
+"""Bytes on the wire per rank, beside what the dense exchange would have moved (docs/compression.md#formulas).
 
 Cost model per rank, with M ranks and n bytes per rank's tensor or message:
 - ring all-reduce: sends and receives 2·(M−1)/M·n;

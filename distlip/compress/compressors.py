@@ -1,4 +1,4 @@
-"""Compressors: a flat tensor of d coordinates to a message and back (SPEC §5).
+"""Compressors: a flat tensor of d coordinates to a message and back (docs/compression.md#formulas).
 
 Every compressor keeps k = max(1, round(ratio·d)) coordinates of a flat (d,) tensor
 and puts them in a `Message`: the kept values in the tensor's dtype, plus their int32

@@ -1,4 +1,4 @@
-"""Gradient estimators over compressed communication (SPEC §5), and the EF21-P downlink.
+"""Gradient estimators over compressed communication (docs/compression.md#formulas), and the EF21-P downlink.
 
 An estimator turns each rank's local gradient of one tensor into the aggregate that a rank
 steps with, bit-identical on every rank that computes it. A step runs in three phases over
@@ -34,7 +34,7 @@ Valid (estimator, compressor) pairs, enforced by `check_pair`:
   feedback needs ‖C(x) − x‖ < ‖x‖, which scaled Rand-k violates (its error is ω‖x‖² ≥ ‖x‖²
   once k ≤ d/2);
 - Plain: anything, but the config layer only allows it when asked for (see `validate`).
-Compress gradients or momentum, never Muon's orthogonalised update (SPEC §4).
+Compress gradients or momentum, never Muon's orthogonalised update (docs/method.md#muon).
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ class Plain(Estimator):
     """Mean of Q(g_m) with no variance reduction or error feedback.
 
     With scaled Rand-k its variance is ω = d/k − 1 times the gradient's: at 1% it diverges at
-    ordinary learning rates (SPEC §5). Kept for comparisons; `validate` refuses it unless asked.
+    ordinary learning rates (docs/compression.md#formulas). Kept for comparisons; `validate` refuses it unless asked.
     """
 
     name = "plain"

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from distlip.config import DataConfig, load_config, validate_data
+from distlip.config import DataConfig, load_config
+from distlip.config.checks import validate_data
 from distlip.data.sources import describe, iter_documents
 from distlip.data.tokenizers import train_bpe
 from distlip.errors import DistlipError

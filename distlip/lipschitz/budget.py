@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from distlip.certificate import certify
 from distlip.errors import ConfigError
 from distlip.lipschitz.caps import CAPPED_METHODS, GROUPS, group_caps
+from distlip.lipschitz.certificate import certify
 from distlip.model import block_key
 
 # Learning-rate group (optim.lr_mult) of each cap group's matrices.
@@ -44,8 +44,8 @@ def bound_at_caps(caps: dict[str, float], model, per_head: bool = True) -> float
 def soft_cap_floors(cfg) -> dict[str, float]:
     """Smallest cap per matrix group under the soft cap with Muon: μ/0.3 with μ = lr·mult·NS gain·margin
     (below it the composite overshoots the cap). Empty for other methods or optimisers."""
-    from distlip.constraints import SOFT_CAP_MAX_MU
-    from distlip.newton_schulz import NS_MAX_GAIN
+    from distlip.lipschitz.constraints import SOFT_CAP_MAX_MU
+    from distlip.lipschitz.newton_schulz import NS_MAX_GAIN
 
     c, o = cfg.constraint, cfg.optim
     if c.method != "soft_cap" or o.name != "muon":

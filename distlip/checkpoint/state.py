@@ -33,23 +33,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from distlip.certificate import Certificate, certify_weights
-from distlip.checkpoint_store import MANIFEST, Checkpoint, CheckpointStore
+from distlip.checkpoint.export import load_model, save_model
+from distlip.checkpoint.store import MANIFEST, Checkpoint, CheckpointStore
 from distlip.config import Config, config_from_dict
 from distlip.data.tokenizers import tokenizer_from_dict
-from distlip.engine import EMBED, DistEnv, uses_deepspeed
+from distlip.distributed.deepspeed import uses_deepspeed
+from distlip.distributed.engine import EMBED
+from distlip.distributed.env import DistEnv
 from distlip.errors import CheckpointError, ConfigError
-from distlip.export import load_model, save_model
 from distlip.lipschitz.caps import unit_caps
-from distlip.model import LipschitzTransformer, matrix_names, matrix_of
-from distlip.zero_state import gather_adam, scatter_adam
-
-if TYPE_CHECKING:
-    from distlip.trainer import Trainer
+from distlip.lipschitz.certificate import Certificate, certify_weights
+from distlip.model import LipschitzTransformer, matrix_names
 
 FORMAT = 1
 RANK_FILE = "distlip_rank{}.pt"
@@ -59,52 +56,14 @@ MUST_MATCH = ("optim.name", "optim.embed")
 
 # ---- saving ----------------------------------------------------------------------------------
 
-def save_checkpoint(trainer: Trainer, store: CheckpointStore) -> Path:
-    """Collective: every rank writes its file into the tag directory of `trainer.step`; the
-    store commits it (manifest, `latest`, rotation). Returns the tag directory."""
-    state = _rank_state(trainer)
-    path = store.begin(trainer.step)
-    torch.save(state, path / RANK_FILE.format(trainer.env.rank))
-    meta = {"format": FORMAT, "config": trainer.cfg.to_dict(), "tokenizer": trainer.data.tokenizer.to_dict()}
-    return store.commit(trainer.step, meta)
-
-
-def _rank_state(trainer: Trainer) -> dict:
-    engine, rank = trainer.engine, trainer.env.rank
-    owned = set(engine.owned)
-    optim = engine.optim.state_dict()
-    weights = {n: trainer.params[n].data for n in engine.owned}
-    adam = {n: s for n, s in optim.get("adam", {}).items() if s}  # empty before the first step
-    if engine.ds is not None:  # gathered on every rank (collectives), written by rank 0
-        embed, embed_adam = engine.embedding(), gather_adam(engine.ds, trainer.params[EMBED])
-        if rank == 0:
-            weights[EMBED] = embed
-            if embed_adam is not None:
-                adam[EMBED] = embed_adam
-    rng = {"torch": torch.get_rng_state()}
-    if trainer.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(trainer.device)
-    state = {
-        "format": FORMAT,
-        "weights": weights,
-        "momentum": optim["momentum"],
-        "adam": adam,
-        "constraint": {n: v for n, v in engine.constrainer.state_dict().items() if matrix_of(n) in owned},
-        "sigma": {n: v for n, v in trainer.estimator.state_dict()["vectors"].items() if matrix_of(n) in owned},
-        "data": trainer.data.train.state_dict(),
-        "rng": rng,
-    }
-    hooks = _compression_hooks(engine)
-    if hooks is not None:
-        state["compression"] = hooks[0]()
-    return _to_cpu(state)
-
-
-def _compression_hooks(engine):
-    """(save, load) for the engine's compression state (per-rank error-feedback buffers and
-    masters), or None for an engine without compression support."""
-    save, load = (getattr(engine, n, None) for n in ("compression_state_dict", "load_compression_state_dict"))
-    return None if save is None or load is None else (save, load)
+def save_checkpoint(store: CheckpointStore, step: int, rank: int, state: dict, meta: dict) -> Path:
+    """Collective: every rank writes its `state` (the trainer's `state_dict()`) into the tag
+    directory of `step`; the store commits it with `meta` (the run's config and tokenizer as
+    JSON), points `latest` at it and rotates. Returns the tag directory."""
+    state = _to_cpu({"format": FORMAT, **state})
+    path = store.begin(step)
+    torch.save(state, path / RANK_FILE.format(rank))
+    return store.commit(step, {"format": FORMAT, **meta})
 
 
 def _to_cpu(tree):
@@ -228,56 +187,43 @@ def check_compatible(ckpt: Checkpoint, cfg: Config, tokenizer) -> None:
                           "resume with the checkpoint's settings or start a new run")
 
 
-def load_checkpoint(trainer: Trainer, ckpt: Checkpoint) -> str:
-    """Restore `trainer` (on every rank, after its engine is built) from `ckpt`, whatever world
-    size wrote it. Returns one line saying what was restored, re-sharded and reset."""
-    check_compatible(ckpt, trainer.cfg, trainer.data.tokenizer)
+def load_checkpoint(ckpt: Checkpoint, cfg: Config, tokenizer, env: DistEnv, shapes: dict[str, tuple[int, ...]],
+                    keeps_masters: bool) -> tuple[dict, str]:
+    """The state this rank loads from `ckpt` (the layout of the trainer's `state_dict()`, every
+    field merged by name, whatever world size wrote it), and one line saying what was restored,
+    re-sharded and reset. `shapes`: every parameter's full shape; `keeps_masters`: this run
+    keeps masters x apart from the module weights w (a compressed downlink)."""
+    check_compatible(ckpt, cfg, tokenizer)
     files = read_rank_files(ckpt)
-    engine, env, params = trainer.engine, trainer.env, trainer.params
     # Module weights: the forward copies w only where this run keeps masters apart (a compressed
-    # downlink, restored by _load_compression); otherwise they are what the owners step, so x.
-    keeps_masters = bool(engine.exchange is not None and engine.exchange.masters)
+    # downlink, restored with the compression state); otherwise they are what the owners step, so x.
     weights = merged_field(files, "weights") if keeps_masters else certified_weights(files)
-    for name, p in params.items():
-        saved, shape = weights.get(name), tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 may hold p.data empty
+    for name, shape in shapes.items():
+        saved = weights.get(name)
         if saved is None or tuple(saved.shape) != shape:
             found = "missing" if saved is None else f"shaped {tuple(saved.shape)}"
             raise CheckpointError(f"{ckpt.path}: {name} is {found}, the model needs {shape}")
-    with torch.no_grad():
-        for name in matrix_names(trainer.model):
-            params[name].data.copy_(weights[name])
-        engine.set_embedding(weights[EMBED].to(trainer.device))
-    owned = set(engine.owned)
     adam = merged_field(files, "adam")
-    engine.optim.load_state_dict({"momentum": merged_field(files, "momentum"), "adam": adam})
-    if engine.ds is not None and EMBED in adam:
-        scatter_adam(engine.ds, params[EMBED], adam[EMBED])
-    engine.constrainer.load_state_dict(
-        {n: v for n, v in merged_field(files, "constraint").items() if matrix_of(n) in owned})
-    trainer.estimator.load_state_dict(
-        {"vectors": {n: v.to(trainer.device) for n, v in merged_field(files, "sigma").items() if matrix_of(n) in owned}})
     same = ckpt.world_size == env.world_size
     mine = files[env.rank] if same else files[0]
-    data_state = mine["data"] if same else _common_data_state(files, ckpt, env, trainer.cfg.data.restart_on_resize)
-    if data_state is not None:
-        trainer.data.train.load_state_dict(data_state)
-    torch.set_rng_state(mine["rng"]["torch"])
-    if trainer.device.type == "cuda" and "cuda" in mine["rng"]:
-        torch.cuda.set_rng_state(mine["rng"]["cuda"], trainer.device)
-    reset = _load_compression(trainer, files, same)
+    data_state = mine["data"] if same else _common_data_state(files, ckpt, env, cfg.data.restart_on_resize)
+    compression, reset = _compression_state(cfg, env, files, same)
+    state = {"weights": weights, "momentum": merged_field(files, "momentum"), "adam": adam,
+             "constraint": merged_field(files, "constraint"), "sigma": merged_field(files, "sigma"),
+             "data": data_state, "rng": mine["rng"], "compression": compression}
     if data_state is None:
         reset.append("the data stream's per-rank position (the stream restarts from its beginning)")
-    trainer.step = ckpt.step
     if same:
-        return f"resumed from {ckpt.path} at step {ckpt.step}" + (f"; reset: {', '.join(reset)}" if reset else "")
+        return state, f"resumed from {ckpt.path} at step {ckpt.step}" + (f"; reset: {', '.join(reset)}" if reset else "")
     embed = ""
     if EMBED in adam:
         before = _adam_holder(config_from_dict(ckpt.meta["config"]), ckpt.world_size)
-        embed = f", the embedding's Adam state from {before} into {_adam_holder(trainer.cfg, env.world_size)}"
-    return (f"resumed from {ckpt.path} at step {ckpt.step} on {env.world_size} rank(s), written by {ckpt.world_size}: "
-            f"re-sharded by name the momenta and power-iteration vectors of {len(trainer.matrices)} matrices{embed}; "
-            f"{'RNG' if data_state is None else 'data pipeline and RNG'} from rank 0's state; "
-            f"reset: {', '.join(reset) or 'nothing'}")
+        embed = f", the embedding's Adam state from {before} into {_adam_holder(cfg, env.world_size)}"
+    matrices = sum(1 for name in shapes if name != EMBED)
+    return state, (f"resumed from {ckpt.path} at step {ckpt.step} on {env.world_size} rank(s), written by "
+                   f"{ckpt.world_size}: re-sharded by name the momenta and power-iteration vectors of {matrices} "
+                   f"matrices{embed}; {'RNG' if data_state is None else 'data pipeline and RNG'} from rank 0's "
+                   f"state; reset: {', '.join(reset) or 'nothing'}")
 
 
 def _adam_holder(cfg: Config, world_size: int) -> str:
@@ -309,19 +255,17 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-def _load_compression(trainer: Trainer, files: list[dict], same_world: bool) -> list[str]:
-    """Restore the compression state; returns what had to be reset. The owners' masters x are
-    restored by name at any world size (the saved master, or the weight where none was kept);
-    the per-rank estimator state (error feedback, reference points) only at the same world
-    size; at another it restarts with a dense round."""
+def _compression_state(cfg: Config, env: DistEnv, files: list[dict], same_world: bool) -> tuple[dict | None, list[str]]:
+    """The compression state to load (None with compression off) and what had to be reset. The
+    owners' masters x are restored by name at any world size (the saved master, or the weight
+    where none was kept); the per-rank estimator state (error feedback, reference points) only at
+    the same world size; at another it restarts with a dense round."""
     saved = [f.get("compression", {}) for f in files]
-    hooks = _compression_hooks(trainer.engine)
-    if hooks is None or not trainer.cfg.compression.enabled:
-        return ["compression state (compression is off in this run)"] if any(saved) else []
+    if not cfg.compression.enabled:
+        return None, ["compression state (compression is off in this run)"] if any(saved) else []
     state = {n: {"master": w} for n, w in certified_weights(files).items()}
     if same_world:
-        for name, fields in saved[trainer.env.rank].items():
+        for name, fields in saved[env.rank].items():
             state.setdefault(name, {}).update({k: v for k, v in fields.items() if k != "master"})
-    hooks[1](state)
     per_rank = any(k != "master" for s in saved for fields in s.values() for k in fields)
-    return ["compression estimator/error-feedback state (per rank)"] if per_rank and not same_world else []
+    return state, ["compression estimator/error-feedback state (per rank)"] if per_rank and not same_world else []

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distlip.data.corpus import shakespeare_text
+from distlip.data.sources import shakespeare_text
 from distlip.data.tokenizers import CharTokenizer
 from distlip.errors import DataError
 

@@ -1,4 +1,4 @@
-"""Weight constraints applied to every matrix after every optimiser step (SPEC §2).
+"""Weight constraints applied to every matrix after every optimiser step (docs/method.md#constraints).
 
 Units: a d_out×d_in matrix W is measured in the RMS→RMS operator norm
 ``‖W‖ = σ₁(W)·√(d_in/d_out)``. The :class:`Constrainer` divides W by
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from distlip.errors import CheckpointError, ConfigError
+from distlip.lipschitz.newton_schulz import msign, odd_polynomial
 from distlip.model import block_key, matrix_of
-from distlip.newton_schulz import msign, odd_polynomial
 
 METHODS = (
     "none",
@@ -38,7 +38,7 @@ METHODS = (
     "exact_cap",
 )
 
-# Hard cap: 4 quintic steps whose composite is ≈ min(1, σ) on [0, 3.53] (SPEC §2).
+# Hard cap: 4 quintic steps whose composite is ≈ min(1, σ) on [0, 3.53] (docs/method.md#constraints).
 HARD_CAP_COEFFS: tuple[tuple[float, float, float], ...] = (
     (0.805032, 0.206361, -0.019763),
     (0.649867, 0.162935, -0.011150),
@@ -286,6 +286,26 @@ def soft_cap_alpha(sigma_max: float, mu: float, lam_eta: float = 0.0) -> float:
 # ---------------------------------------------------------------- stateful driver
 
 
+def check_coefficients(method: str, weight_decay: float, spectral_wd: float, power_iters: int) -> None:
+    """The method's coefficients: each method gets the ones it uses and no others (also checked in `config.checks.preflight`)."""
+    if weight_decay < 0 or spectral_wd < 0 or power_iters < 1:
+        raise ConfigError(
+            "weight_decay and spectral_wd must be >= 0 and power_iters >= 1; fix the "
+            "constraint settings"
+        )
+    if method == "weight_decay" and weight_decay == 0:
+        raise ConfigError("method 'weight_decay' needs weight_decay > 0; set weight_decay")
+    if method == "spectral_weight_decay" and spectral_wd == 0:
+        raise ConfigError("method 'spectral_weight_decay' needs spectral_wd > 0; set spectral_wd")
+    if method != "spectral_weight_decay" and spectral_wd > 0:
+        raise ConfigError(
+            f"spectral_wd is only used by method 'spectral_weight_decay', not {method!r}; "
+            "remove it or change the method"
+        )
+    if method == "none" and weight_decay > 0:
+        raise ConfigError("method 'none' applies no weight decay; use method 'weight_decay'")
+
+
 class Constrainer:
     """Applies one constraint method to named matrices, step after step.
 
@@ -325,7 +345,7 @@ class Constrainer:
             self._caps = {k: _check_cap(c, f"sigma_max[{k!r}]") for k, c in sigma_max.items()}
         else:
             self._caps = _check_cap(sigma_max, "sigma_max")
-        self._check_coefficients(weight_decay, spectral_wd, power_iters)
+        check_coefficients(self.method, weight_decay, spectral_wd, power_iters)
         self.weight_decay = float(weight_decay)
         self.spectral_wd = float(spectral_wd)
         self.power_iters = int(power_iters)
@@ -333,24 +353,6 @@ class Constrainer:
         self.calls = 0
         self._vectors: dict[str, Tensor] = {}
         self._warned_fallback = False
-
-    def _check_coefficients(self, weight_decay: float, spectral_wd: float, power_iters: int) -> None:
-        if weight_decay < 0 or spectral_wd < 0 or power_iters < 1:
-            raise ConfigError(
-                "weight_decay and spectral_wd must be >= 0 and power_iters >= 1; fix the "
-                "constraint settings"
-            )
-        if self.method == "weight_decay" and weight_decay == 0:
-            raise ConfigError("method 'weight_decay' needs weight_decay > 0; set weight_decay")
-        if self.method == "spectral_weight_decay" and spectral_wd == 0:
-            raise ConfigError("method 'spectral_weight_decay' needs spectral_wd > 0; set spectral_wd")
-        if self.method != "spectral_weight_decay" and spectral_wd > 0:
-            raise ConfigError(
-                f"spectral_wd is only used by method 'spectral_weight_decay', not {self.method!r}; "
-                "remove it or change the method"
-            )
-        if self.method == "none" and weight_decay > 0:
-            raise ConfigError("method 'none' applies no weight decay; use method 'weight_decay'")
 
     # ------------------------------------------------------------ public API
 

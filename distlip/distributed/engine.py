@@ -13,7 +13,7 @@ Who updates what:
 With one process there is no communication and no DeepSpeed: the same code, all tensors owned.
 
 With the `compression:` block on (world size > 1), the reduce and the broadcast of the
-tensors distlip steps go through `distlip.exchange.CompressedExchange` instead: compressed
+tensors distlip steps go through `distlip.distributed.exchange.CompressedExchange` instead: compressed
 gradients aggregated by an estimator on every rank, and optionally an EF21-P compressed
 downlink, after which the owner's master x (what is constrained, certified and saved:
 `master_weights()`) differs from the module weights w the forward reads. The
@@ -23,183 +23,25 @@ DeepSpeed-held embedding's gradients stay dense (DeepSpeed reduces them itself).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import NoReturn
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
-from distlip.certificate import embed_rms_max
 from distlip.config import Config, OptimConfig
-from distlip.constraints import Constrainer, embed_cap
-from distlip.lipschitz.caps import cap_of, row_blocks
 from distlip.data.packing import document_causal_mask
-from distlip.errors import ConfigError
-from distlip.exchange import CompressedExchange
-from distlip.model import LipschitzTransformer, matrix_names
+from distlip.distributed.deepspeed import deepspeed_config, gather_adam, scatter_adam, uses_deepspeed
+from distlip.distributed.env import DistEnv
+from distlip.distributed.exchange import CompressedExchange
+from distlip.distributed.sharding import plan_ownership
+from distlip.lipschitz.caps import cap_of, row_blocks
+from distlip.lipschitz.certificate import embed_rms_max
+from distlip.lipschitz.constraints import Constrainer, embed_cap
+from distlip.metrics import StepTimer
+from distlip.model import LipschitzTransformer, matrix_names, matrix_of
 from distlip.optim import Optimizers, StepInfo
-from distlip.sharding import plan_ownership
-from distlip.timing import StepTimer
 
 EMBED = "embed.weight"
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """This process's place in the job, from the launcher's environment (torchrun, accelerate)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_environ(cls) -> "DistEnv":
-        get = lambda k, d: int(os.environ.get(k, d))  # noqa: E731
-        return cls(get("RANK", 0), get("WORLD_SIZE", 1), get("LOCAL_RANK", 0))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def apply_launcher_zero_stage(cfg: Config, overrides: list[str]) -> Config:
-    """`accelerate launch` with a DeepSpeed config exports its ZeRO stage; it sets dist.zero_stage
-    unless the command line set it too, in which case the two must agree."""
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    if stage is None:
-        return cfg
-    explicit = any(o.split("=", 1)[0].strip() == "dist.zero_stage" for o in overrides)
-    if explicit and int(stage) != cfg.dist.zero_stage:
-        raise ConfigError(f"the accelerate config says ZeRO stage {stage} but dist.zero_stage={cfg.dist.zero_stage}; "
-                          "drop one of them")
-    cfg.dist.zero_stage = int(stage)
-    return cfg
-
-
-def uses_deepspeed(cfg: Config, env: DistEnv) -> bool:
-    return env.world_size > 1 and cfg.optim.name == "muon" and cfg.optim.embed == "adam"
-
-
-def check_distributed(cfg: Config, env: DistEnv) -> None:
-    """Everything that can be refused before any process-group work."""
-    t = cfg.train
-    if t.batch_size % (env.world_size * t.grad_accum):
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by world size {env.world_size} × "
-                          f"train.grad_accum={t.grad_accum}; pick a batch size that is")
-    if env.world_size == 1 and cfg.compression.enabled:
-        raise ConfigError(f"compression.compressor={cfg.compression.compressor} needs ≥ 2 processes (one process "
-                          "has no communication to compress): launch with torchrun --nproc_per_node 2 or more, or "
-                          "leave compression at its defaults")
-    if env.world_size > 1 and cfg.optim.name == "adamw":
-        raise ConfigError("the AdamW baseline runs on one process; use optim.name=muon for sharded training")
-    if env.world_size > 1 and cfg.dist.zero_stage > 0 and cfg.optim.embed != "adam":
-        raise ConfigError(f"dist.zero_stage={cfg.dist.zero_stage} shards Adam state, but optim.embed=colnorm leaves "
-                          "DeepSpeed no parameters (distlip's owner-computes step already shards every optimizer "
-                          "state); set optim.embed=adam, or dist.zero_stage=0")
-    if env.world_size > 1 or cfg.dist.deepspeed_config:
-        deepspeed_config(cfg, env.world_size)  # refuses a missing or contradicting user JSON early
-
-
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """DeepSpeed JSON for the embedding's Adam, generated from the typed config; a user JSON
-    (dist.deepspeed_config) may add settings but not contradict these."""
-    t, o = cfg.train, cfg.optim
-    ours = {
-        "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": t.batch_size // (world_size * t.grad_accum),
-        "gradient_accumulation_steps": t.grad_accum,
-        "optimizer": {"type": "Adam", "params": {
-            "lr": o.lr * o.lr_mult.get("embed", 1.0), "betas": list(o.betas), "eps": o.eps, "weight_decay": 0.0,
-            "torch_adam": True, "adam_w_mode": False}},
-        "zero_optimization": {"stage": cfg.dist.zero_stage},
-        "gradient_clipping": 0.0,  # Muon's update norm is fixed; clipping would break the soft-cap coupling
-        "bf16": {"enabled": False},  # bf16 is autocast with fp32 master weights (train.dtype)
-        "fp16": {"enabled": False},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    path = cfg.dist.deepspeed_config
-    if not path:
-        return ours
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"dist.deepspeed_config '{p}' not found")
-    try:
-        user = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"dist.deepspeed_config '{p}' is not valid JSON: {exc}") from None
-    _check_user_deepspeed(user, ours, p)
-    merged = dict(user)
-    for key, value in ours.items():
-        merged[key] = {**user.get(key, {}), **value} if isinstance(value, dict) and isinstance(user.get(key), dict) else value
-    return merged
-
-
-def _check_user_deepspeed(user: dict, ours: dict, path: Path) -> None:
-    def refuse(what: str, fix: str) -> None:
-        raise ConfigError(f"{path}: {what}; {fix}")
-
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if key in user and user[key] != "auto" and user[key] != ours[key]:
-            refuse(f"{key}={user[key]} contradicts the config ({ours[key]})", "remove it or set it to \"auto\"")
-    stage = user.get("zero_optimization", {}).get("stage")
-    if stage is not None and stage != ours["zero_optimization"]["stage"]:
-        refuse(f"zero_optimization.stage={stage} contradicts dist.zero_stage={ours['zero_optimization']['stage']}",
-               "set the stage in one place")
-    if float(user.get("gradient_clipping", 0) or 0) > 0:
-        refuse("gradient_clipping is on", "Muon's update norm is fixed and the soft cap relies on it: set it to 0")
-    for half in ("fp16", "bf16"):
-        if user.get(half, {}).get("enabled"):
-            refuse(f"{half}.enabled is true", "use train.dtype=bfloat16 (autocast, fp32 master weights)")
-    opt = user.get("optimizer", {}).get("type")
-    if opt is not None and opt.lower() not in ("adam", "adamw"):
-        refuse(f"optimizer.type={opt} is not supported", "distlip runs Muon itself and gives DeepSpeed Adam only")
-    fields = {"lr": "optim.lr × optim.lr_mult.embed", "betas": "optim.betas", "eps": "optim.eps",
-              "weight_decay": "constraint.weight_decay (the embedding's Adam takes none)"}
-    given, generated = user.get("optimizer", {}).get("params", {}), ours["optimizer"]["params"]
-    for key, where in fields.items():
-        if key in given and given[key] != "auto" and given[key] != generated[key]:
-            refuse(f"optimizer.params.{key}={given[key]} contradicts the config ({generated[key]})",
-                   f"set it through {where}, or remove it")
-
-
-def init_distributed(env: DistEnv, device: torch.device) -> None:
-    """Start the process group (gloo on CPU, NCCL on GPU) when the launcher started several ranks."""
-    if env.world_size == 1 or dist.is_initialized():
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    try:
-        import deepspeed
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    except ImportError:
-        dist.init_process_group(backend)
-
-
-def exit_process(status: int) -> NoReturn:
-    """End this process with `status`. A launched rank flushes its output, destroys the process
-    group and leaves without the interpreter's final teardown: there, now and then (about one
-    launch in six here), a distributed worker thread is destroyed while still joinable and the
-    C++ runtime aborts the rank (SIGABRT) after it finished, so the launcher reports failure."""
-    if not (dist.is_available() and dist.is_initialized()):
-        sys.exit(status)
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
-def run_and_exit(main: Callable[[], int]) -> NoReturn:
-    """`exit_process(main())`, also for a SystemExit raised inside (preemption's requeue status)."""
-    try:
-        status = main()
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    exit_process(status)
 
 
 class Engine:
@@ -453,6 +295,45 @@ class Engine:
     def load_compression_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
         if self.exchange is not None:
             self.exchange.load_state_dict(state)
+
+    @property
+    def keeps_masters(self) -> bool:
+        """Whether the owners' masters x are kept apart from the module weights w (a compressed downlink)."""
+        return bool(self.exchange is not None and self.exchange.masters)
+
+    def state_dict(self) -> dict:
+        """This rank's state by tensor name: `weights` and `momentum`/`adam` of the tensors it owns
+        (the DeepSpeed-held embedding gathered, on every rank, and kept by rank 0), the constrainer's
+        power-iteration vectors (`constraint`) and the compression state. Collective under DeepSpeed."""
+        owned = set(self.owned)
+        optim = self.optim.state_dict()
+        weights = {n: self.params[n].data for n in self.owned}
+        adam = {n: s for n, s in optim.get("adam", {}).items() if s}  # empty before the first step
+        if self.ds is not None:  # gathered on every rank (collectives), written by rank 0
+            embed, embed_adam = self.embedding(), gather_adam(self.ds, self.params[EMBED])
+            if self.env.rank == 0:
+                weights[EMBED] = embed
+                if embed_adam is not None:
+                    adam[EMBED] = embed_adam
+        return {"weights": weights, "momentum": optim["momentum"], "adam": adam,
+                "constraint": {n: v for n, v in self.constrainer.state_dict().items() if matrix_of(n) in owned},
+                "compression": self.compression_state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state` merged by name (every weight; the optimiser and constrainer state of
+        at least the tensors this rank owns; `compression` None when there is none to load)."""
+        weights, adam = state["weights"], state["adam"]
+        with torch.no_grad():
+            for name in matrix_names(self.model):
+                self.params[name].data.copy_(weights[name])
+            self.set_embedding(weights[EMBED].to(self.device))
+        owned = set(self.owned)
+        self.optim.load_state_dict({"momentum": state["momentum"], "adam": adam})
+        if self.ds is not None and EMBED in adam:
+            scatter_adam(self.ds, self.params[EMBED], adam[EMBED])
+        self.constrainer.load_state_dict({n: v for n, v in state["constraint"].items() if matrix_of(n) in owned})
+        if state["compression"] is not None:
+            self.load_compression_state_dict(state["compression"])
 
     # ---- sums over ranks --------------------------------------------------------------------
     def all_sum(self, values: list[float]) -> list[float]:

@@ -1,4 +1,4 @@
-"""Compressed communication for the tensors distlip steps itself (SPEC §4–§5).
+"""Compressed communication for the tensors distlip steps itself (docs/method.md#muon, docs/compression.md#formulas).
 
 `CompressedExchange` replaces the engine's dense reduce-to-owner and broadcast when the
 `compression:` block is on:
@@ -21,17 +21,16 @@ their gradients itself, and those bytes are not counted here.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
 from torch import Tensor
 
-from distlip.compress import ByteCounter, CompressionConfig, EF21Momentum, Marina, TorchComm
+from distlip.compress import ByteCounter, EF21Momentum, Marina, TorchComm, build, check
 from distlip.compress.accounting import DOWNLINK, broadcast_bytes
-from distlip.config import CompressionConfig as CompressionSection
+from distlip.config import CompressionConfig
 from distlip.errors import CheckpointError
-from distlip.sharding import OwnershipPlan
+from distlip.distributed.sharding import OwnershipPlan
 
 
 class TimedComm:
@@ -84,12 +83,13 @@ class CompressedExchange:
     second backward pass runs at.
     """
 
-    def __init__(self, section: CompressionSection, params: dict[str, torch.nn.Parameter], plan: OwnershipPlan,
+    def __init__(self, section: CompressionConfig, params: dict[str, torch.nn.Parameter], plan: OwnershipPlan,
                  rank: int) -> None:
         self.params, self.plan, self.rank = params, plan, rank
         self.counter = ByteCounter()
         self.comm = TimedComm(TorchComm())
-        self.uplink, self.downlink = CompressionConfig(**dataclasses.asdict(section)).build(self.comm, self.counter)
+        check(section)  # as when the section was loaded; the estimators' constructors run in the same order
+        self.uplink, self.downlink = build(section, self.comm, self.counter)
         self.masters = {n: params[n].data.clone() for n in plan.owned_by(rank)} if self.downlink else {}
         # EF21 with η < 1 aggregates momentum rather than gradients (see Engine._optim_config).
         self.carries_momentum = isinstance(self.uplink, EF21Momentum) and self.uplink.eta < 1.0

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-# Muon's five quintic steps (SPEC §4). They map Frobenius-normalised singular values in
+# Muon's five quintic steps (docs/method.md#muon). They map Frobenius-normalised singular values in
 # [0.003, 1] into [0.977, 1.145] (smaller ones less far): an approximate orthogonalisation.
 MUON_NS_COEFFS: tuple[tuple[float, float, float], ...] = (
     (4.0848, -6.8946, 2.9270),

@@ -1,0 +1,1 @@
+"""Persistence: the checkpoint store (commit, verify, rotate), the trainer's saved state, model export."""
