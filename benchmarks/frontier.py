@@ -275,6 +275,7 @@ def main() -> None:
     ap.add_argument("--results", default="", help="write (replace) this grid's section in this markdown file")
     ap.add_argument("--plot", default="", help="PNG (default: benchmarks/frontier_<grid>.png; OUT/frontier.png in a dry run)")
     ap.add_argument("--list", action="store_true", help="list the grid's points and exit")
+    ap.add_argument("--report-only", action="store_true", help="tabulate the finished points, run nothing")
     args = ap.parse_args()
     name = "smoke" if args.dry_run else args.grid
     grid = GRIDS[name]
@@ -286,8 +287,9 @@ def main() -> None:
     if args.list:
         print("\n".join(p["id"] for p in points))
         return
-    todo = [p for p in points if not (out / p["id"] / "result.json").is_file()]
-    print(f"{name}: {len(points)} points, {len(points) - len(todo)} finished, {len(todo)} to run", flush=True)
+    todo = [] if args.report_only else [p for p in points if not (out / p["id"] / "result.json").is_file()]
+    done = sum((out / p["id"] / "result.json").is_file() for p in points)
+    print(f"{name}: {len(points)} points, {done} finished, {len(todo)} to run", flush=True)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         list(pool.map(lambda p: run_point(p, grid, args, out), todo))
 
