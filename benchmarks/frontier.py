@@ -93,11 +93,13 @@ GRIDS = {
                       + baselines([0.02, 0.05, 0.1, 0.2], [1e-3, 3e-3, 1e-2])},
     # the paper's model (256×3, context 256, batch 64) for 300 steps
     "shakespeare-proxy": {"config": "configs/shakespeare.yaml", "set": ["train.steps=300"],
-                          "points": constrained([1.0, 2.0, 3.0], [0.5, 2.0])
+                          "points": targets([10], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.5)
+                          + constrained([1.0, 2.0, 3.0], [0.5, 2.0])
                           + baselines([0.02, 0.05, 0.1], [1e-3, 3e-3])},
     # the paper's recipe at full length (a GPU's job)
     "shakespeare-full": {"config": "configs/shakespeare.yaml", "set": [],
-                         "points": constrained([1.0, 1.5, 2.0, 3.0], [0.5, 1.0, 3.0, 9.0])
+                         "points": targets([2, 10, 100], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.5)
+                         + constrained([1.0, 1.5, 2.0, 3.0], [0.5, 1.0, 3.0, 9.0])
                          + baselines([0.02, 0.05, 0.1, 0.2], [3e-4, 1e-3, 3e-3])},
     # the smoke model for a few steps: the dry run
     "smoke": {"config": "configs/smoke.yaml", "set": ["train.steps=6", "train.log_every=3"],
@@ -253,7 +255,7 @@ def plot(rows: list[dict], path: Path, title: str, config: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("certified Lipschitz bound (exact SVD)")
     ax.set_ylabel("validation accuracy, % (filled: whole split; hollow: paper protocol)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
