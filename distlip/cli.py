@@ -55,6 +55,7 @@ def _certify(args: argparse.Namespace) -> int:
     print(f"head (‖W‖·logit scale):    {cert.head:.6f}")
     print(f"network bound (embeddings with token RMS ≤ {cert.r0:.4g} → logits): {cert.network_bound:.6g}")
     print(f"lipschitz_bound: {cert.bound:.6g}")
+    _print_recorded_validation(args.path)
     bad = cert.violations(caps)
     if bad:
         print(f"error: {len(bad)} matrices exceed their cap: {', '.join(bad[:5])}", file=sys.stderr)
@@ -105,6 +106,18 @@ def _robustness(args: argparse.Namespace) -> int:
     if args.png:
         print(f"plot: {plot([result], args.png)}")
     return 0
+
+
+def _print_recorded_validation(path: str) -> None:
+    """The validation figures training stored with an exported model: whole split first."""
+    from distlip.paper_protocol import recorded_validation
+
+    v = recorded_validation(path)
+    if v:
+        print(f"validation at export, whole split ({v['val_tokens']:,} targets): "
+              f"val_loss {v['val_loss']:.4f}  val_acc {v['val_acc']:.2%}")
+        if "paper_val_acc" in v:
+            print(f"  {v['paper_protocol']}: val_loss {v['paper_val_loss']:.4f}  val_acc {v['paper_val_acc']:.2%}")
 
 
 def _export(args: argparse.Namespace) -> int:

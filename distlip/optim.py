@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from distlip.config import OptimConfig
-from distlip.model import param_group
 from distlip.lipschitz.newton_schulz import NS_MAX_GAIN, orthogonalize
+from distlip.model import param_group
 
 
 def lr_at(cfg: OptimConfig, step: int, total: int) -> float:
@@ -34,6 +34,17 @@ def momentum_at(cfg: OptimConfig, step: int) -> float:
     if cfg.momentum_warmup <= 0 or step >= cfg.momentum_warmup:
         return cfg.momentum
     return cfg.momentum_start + (cfg.momentum - cfg.momentum_start) * step / cfg.momentum_warmup
+
+
+def depth_scale(name: str, n_layers: int, decay: float) -> float:
+    """Learning-rate factor of a parameter for the per-block decay: block i of `n_layers`
+    steps at `decay`^(n_layers−1−i) times its group's rate, so with decay 0.5 each residual
+    block toward the input moves half as fast as the one above it (the paper's authors halve
+    the step size per layer this way; the first blocks then barely move and stay far below
+    their caps, which keeps the certified bound small). The embedding and the head keep 1."""
+    if decay == 1.0 or not name.startswith("blocks."):
+        return 1.0
+    return decay ** (n_layers - 1 - int(name.split(".")[1]))
 
 
 @torch.no_grad()
@@ -91,8 +102,11 @@ class Optimizers:
     rank owns); the embedding is updated when "embed.weight" is among them.
     """
 
-    def __init__(self, named_params: dict[str, torch.nn.Parameter], cfg: OptimConfig):
+    def __init__(self, named_params: dict[str, torch.nn.Parameter], cfg: OptimConfig, n_layers: int = 0):
         self.cfg = cfg
+        # per-parameter multiplier: the group's lr_mult times the per-block depth decay
+        self.mult = {n: cfg.lr_mult.get(param_group(n), 1.0) * depth_scale(n, n_layers, cfg.depth_lr_decay)
+                     for n in named_params}
         self.params = named_params
         self.matrices = {n: p for n, p in named_params.items() if n != "embed.weight"}
         self.embed = named_params.get("embed.weight")
@@ -101,7 +115,7 @@ class Optimizers:
         self.adam: torch.optim.Optimizer | None = None
         if cfg.name == "adamw":
             self.adam = torch.optim.AdamW(
-                [{"params": [p], "name": n, "mult": cfg.lr_mult.get(param_group(n), 1.0)} for n, p in named_params.items()],
+                [{"params": [p], "name": n, "mult": self.mult[n]} for n, p in named_params.items()],
                 lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
         elif self.embed is not None and cfg.embed == "adam":
             self.adam = torch.optim.Adam([{"params": [self.embed], "name": "embed.weight",
@@ -132,7 +146,7 @@ class Optimizers:
             ps = [self.matrices[n] for n in names]
             applied = muon_update(ps, [grad(n, p).float() for n, p in zip(names, ps)],
                                   [self._buffer(n, p) for n, p in zip(names, ps)],
-                                  [lr * cfg.lr_mult.get(param_group(n), 1.0) for n in names], beta, cfg.nesterov)
+                                  [lr * self.mult[n] for n in names], beta, cfg.nesterov)
             norms.update(zip(names, applied))
             self.orthogonalized += len(names)
         if self.embed is not None and cfg.embed == "colnorm":

@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 
 from distlip.checkpoint.export import save_model
-from distlip.checkpoint.state import load_checkpoint, save_checkpoint
 from distlip.checkpoint.files import Checkpoint
+from distlip.checkpoint.state import load_checkpoint, save_checkpoint
 from distlip.checkpoint.store import CheckpointStore
 from distlip.config import Config, preflight
 from distlip.config.checks import check_output_dir
 from distlip.data.in_memory import InMemoryBatches, load_char_corpus, val_windows
 from distlip.distributed.engine import Engine
 from distlip.distributed.env import DistEnv, init_distributed, select_device
+from distlip.divergence import DivergenceGuard
 from distlip.errors import ConfigError, DistlipError
 from distlip.lipschitz.budget import apply_target
 from distlip.lipschitz.caps import CAPPED_METHODS, EMBED, cap_of, matrix_caps, row_blocks, unit_caps
@@ -35,6 +36,7 @@ from distlip.loss import chunk_tokens, head_cross_entropy, head_loss_and_correct
 from distlip.memory import check_memory, micro_batch_size
 from distlip.metrics import MetricsLogger, Progress, StepTimer
 from distlip.model import LipschitzTransformer, matrix_names, matrix_of
+from distlip.paper_protocol import BATCH_SIZE, batch_scores, describe, protocol_windows
 from distlip.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
 
 
@@ -46,6 +48,7 @@ class Data:
     train: object  # next_batch() -> (x, y) int64 (B, T); state_dict / load_state_dict
     val_x: torch.Tensor  # (n, T) int64
     val_y: torch.Tensor
+    val_ids: object = None  # the validation tokens in order (1-D int array), for the paper's protocol
 
 
 def build_data(cfg: Config, env: DistEnv) -> Data:
@@ -57,7 +60,7 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
         tok, train_ids, val_ids = load_char_corpus(d.source, d.path, d.val_fraction)
         vx, vy = val_windows(val_ids, T)
         train = InMemoryBatches(train_ids, T, micro, t.seed, env.rank, env.world_size, t.grad_accum)
-        return Data(tok, train, vx, vy)
+        return Data(tok, train, vx, vy, val_ids)
     from distlip.data.stream import StreamingBatches, load_stream_tokenizer
 
     if d.val_tokens <= 0:
@@ -66,7 +69,7 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
     tok = load_stream_tokenizer(d)
     train = StreamingBatches(d, tok, T, micro, env.rank, env.world_size, seed=t.seed)
     vx, vy = val_windows(train.held_out.tokens, T)
-    return Data(tok, train, vx, vy)
+    return Data(tok, train, vx, vy, train.held_out.tokens)
 
 
 @torch.no_grad()
@@ -141,6 +144,8 @@ class Trainer:
         self.store = CheckpointStore.for_process_group(self.out, cfg.train.keep_last)
         self.resumed = self._resume(cfg.train.resume)
         self.saved_step = self.step if self.resumed else None
+        self.guard = DivergenceGuard(self.data.tokenizer.vocab_size, cfg.train.diverge_patience,
+                                     cfg.train.diverge_grace, cfg.optim.lr, cfg.constraint.method)
 
     def _resume(self, resume: str) -> Checkpoint | None:
         """Restore from train.resume ("" fresh, "auto", a tag or a path); collective. The newest
@@ -275,6 +280,23 @@ class Trainer:
         self.step += 1
         return loss, cert
 
+    @torch.no_grad()
+    def paper_protocol(self) -> dict:
+        """Loss and accuracy by the paper's protocol (`distlip.paper_protocol`), batches split
+        over ranks; {} when the validation split is too short for it (collective)."""
+        windows = protocol_windows(self.data.val_ids, self.cfg.seq_len()) if self.data.val_ids is not None else None
+        if windows is None:
+            return {}
+        x, y = windows
+        self.model.eval()
+        with self.autocast:
+            sums = batch_scores(self.engine.forward, x, y, device=self.device,
+                                batch_ids=range(self.env.rank, len(x) // BATCH_SIZE, self.env.world_size))
+        self.model.train()
+        loss_sum, acc_sum, count = self.engine.all_sum(list(sums))
+        return {"paper_val_loss": loss_sum / count, "paper_val_acc": acc_sum / count,
+                "paper_protocol": describe(self.cfg.seq_len())}
+
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -309,6 +331,7 @@ class Trainer:
                               "lipschitz_bound": cert.bound, "max_cap_ratio": cert.max_cap_ratio,
                               "tokens_per_s": tok_s, **self._phase_times(), **self.engine.log_fields()}
                     logger.log(record)
+                    self.guard.check(self.step, loss)
                     progress.update(self.step, {"loss": f"{loss:.3f}", "tok/s": f"{tok_s:,.0f}",
                                                 "L≤": f"{cert.bound:.3g}"})
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
@@ -328,15 +351,17 @@ class Trainer:
             train_time = time.perf_counter() - start
             final = self.certificate(exact=True)
             vl, va = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast)
+            paper = self.paper_protocol()
             violations = final.violations(self.caps)
             summary = {"step": self.step, "loss": loss, "lipschitz_bound": final.bound, "val_loss": vl, "val_acc": va,
                        "max_cap_ratio": final.max_cap_ratio, "certified": not violations, "exact": True,
-                       "train_seconds": train_time, "val_tokens": int(self.data.val_y.numel())}
+                       "train_seconds": train_time, "val_tokens": int(self.data.val_y.numel()), **paper}
             logger.log({"event": "final", **summary})
             weights = self.engine.master_weights()
             if main:
                 save_model(self.out, weights, cfg, self.data.tokenizer,
-                           {"certificate": {"lipschitz_bound": final.bound, "log10_bound": final.log10_bound}})
+                           {"certificate": {"lipschitz_bound": final.bound, "log10_bound": final.log10_bound},
+                            "validation": {k: summary[k] for k in ("val_loss", "val_acc", "val_tokens", *paper)}})
         finally:
             preemption.close()
             progress.close()
@@ -349,4 +374,7 @@ def print_summary(summary: dict, out: Path) -> None:
     print(f"final: val_loss {summary['val_loss']:.4f}  val_acc {summary['val_acc']:.2%}  "
           f"lipschitz_bound {summary['lipschitz_bound']:.4g} ({ok}, exact SVD; max ‖W‖/cap "
           f"{summary['max_cap_ratio']:.4f})  train time {format_duration(summary['train_seconds'])}")
+    if "paper_val_acc" in summary:
+        print(f"       {summary['paper_protocol']}: val_loss {summary['paper_val_loss']:.4f}  "
+              f"val_acc {summary['paper_val_acc']:.2%}  (the whole split above is the headline)")
     print(f"saved: {out / 'model.safetensors'}, {out / 'config.json'}, {out / 'metrics.jsonl'}")

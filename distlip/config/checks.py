@@ -88,6 +88,8 @@ def validate(cfg: Config) -> None:
     unknown = set(o.lr_mult) - {"embed", "head", "qkv", "out", "mlp"}
     _require(not unknown, f"optim.lr_mult has unknown groups {sorted(unknown)}; groups are embed, head, qkv, out, mlp")
     _require(o.lr > 0, "optim.lr must be > 0")
+    _require(0 < o.depth_lr_decay <= 1, f"optim.depth_lr_decay={o.depth_lr_decay} must be in (0, 1] "
+             "(1.0 is off; 0.5 halves the step per block toward the input)")
     _require(0 <= o.momentum < 1 and 0 <= o.momentum_start < 1, "optim.momentum values must be in [0, 1)")
     _require(0 <= o.decay_start <= 1 and 0 <= o.final_lr_frac <= 1, "optim.decay_start and optim.final_lr_frac must be in [0, 1]")
     _require(len(o.betas) == 2, "optim.betas must be two numbers, e.g. [0.9, 0.95]")
@@ -101,6 +103,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.dist.timeout > 0, f"dist.timeout={cfg.dist.timeout} must be a positive number of seconds (default 300)")
     _require(cfg.dist.zero_stage in (0, 1, 2, 3),
              f"dist.zero_stage={cfg.dist.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+    _require(t.diverge_patience >= 0 and t.diverge_grace >= 0, "train.diverge_patience and train.diverge_grace must be ≥ 0")
     _require(t.log_every > 0 and t.eval_every >= 0 and t.certify_every >= 0, "train.log_every must be > 0; eval_every and certify_every ≥ 0")
     _require(0 <= cfg.data.seq_len <= cfg.model.context,
              f"data.seq_len={cfg.data.seq_len} is longer than model.context={cfg.model.context}: the rotary table "

@@ -63,6 +63,7 @@ class OptimConfig:
     warmup_steps: int = 0
     decay_start: float = 0.0  # fraction of steps at constant lr before the linear decay
     final_lr_frac: float = 0.0  # lr at the last step, as a fraction of lr
+    depth_lr_decay: float = 1.0  # block i's matrices step at lr·decay^(n_layers−1−i) (1.0: off)
 
 
 @dataclass
@@ -112,6 +113,8 @@ class TrainConfig:
     resume: str = ""  # "" fresh | auto | tag or path
     tensorboard: bool = True
     progress: bool = True
+    diverge_patience: int = 4  # stop after this many consecutive logged losses above ln(vocab) (0: never)
+    diverge_grace: int = 50  # ... counted only after this many steps
 
 
 @dataclass

@@ -69,7 +69,7 @@ class Engine:
         # What each owner steps and constrains: the master x under a compressed downlink, else the weight itself.
         masters = self.exchange.masters if self.exchange else {}
         self.held = {n: masters.get(n, self.params[n]) for n in self.owned}
-        self.optim = Optimizers(self.held, self._optim_config())
+        self.optim = Optimizers(self.held, self._optim_config(), n_layers=cfg.model.n_layers)
         c = cfg.constraint
         self.constrainer = Constrainer(c.method, {n: sigma_max[n] for n in matrix_names(model)},
                                        weight_decay=c.weight_decay, spectral_wd=c.spectral_wd,

