@@ -103,7 +103,8 @@ GRIDS = {
                          + baselines([0.02, 0.05, 0.1, 0.2], [3e-4, 1e-3, 3e-3])},
     # the smoke model for a few steps: the dry run
     "smoke": {"config": "configs/smoke.yaml", "set": ["train.steps=6", "train.log_every=3"],
-              "points": [point("soft_cap", 1.0, 0.2), point("hard_cap", 2.0, 0.5), point("none", None, 0.01, optim="adamw")]},
+              "points": [point("soft_cap", 1.0, 0.2), point("hard_cap", 2.0, 0.5),
+                         point("none", None, 0.01, optim="adamw")]},
 }
 
 
@@ -275,7 +276,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides for every point")
     ap.add_argument("--out", default="", help="run directories (default: runs/frontier/<grid>)")
     ap.add_argument("--results", default="", help="write (replace) this grid's section in this markdown file")
-    ap.add_argument("--plot", default="", help="PNG (default: benchmarks/frontier_<grid>.png; OUT/frontier.png in a dry run)")
+    ap.add_argument("--plot", default="",
+                    help="PNG (default: benchmarks/frontier_<grid>.png; OUT/frontier.png in a dry run)")
     ap.add_argument("--list", action="store_true", help="list the grid's points and exit")
     ap.add_argument("--report-only", action="store_true", help="tabulate the finished points, run nothing")
     args = ap.parse_args()
@@ -306,7 +308,8 @@ def main() -> None:
     print(best)
     print(runs)
     if args.results:
-        heading = f"## Lipschitz–accuracy frontier: {name}" + (f" ({out.name}, with {' '.join(args.set)})" if args.set else "")
+        where = f" ({out.name}, with {' '.join(args.set)})" if args.set else ""
+        heading = f"## Lipschitz–accuracy frontier: {name}{where}"
         command = "python benchmarks/frontier.py " + " ".join(sys.argv[1:])
         note = (f"{provenance()}. Command: `{command}`. Grid: `{grid['config']}` with `{' '.join(grid['set'])}`, "
                 f"text: {text_name}; each point a separate `distlip train` at {args.threads} thread(s), {args.jobs} "

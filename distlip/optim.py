@@ -150,8 +150,9 @@ class Optimizers:
             norms.update(zip(names, applied))
             self.orthogonalized += len(names)
         if self.embed is not None and cfg.embed == "colnorm":
-            colnorm_update(self.embed, grad("embed.weight", self.embed).float(), self._buffer("embed.weight", self.embed),
-                           lr * cfg.lr_mult.get("embed", 1.0), beta, cfg.embed_growth_cap)
+            colnorm_update(self.embed, grad("embed.weight", self.embed).float(),
+                           self._buffer("embed.weight", self.embed), lr * cfg.lr_mult.get("embed", 1.0), beta,
+                           cfg.embed_growth_cap)
         return StepInfo(lr, beta, norms)
 
     def state_dict(self) -> dict:

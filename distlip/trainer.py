@@ -155,7 +155,8 @@ class Trainer:
             if ckpt.step > self.cfg.train.steps:
                 raise ConfigError(f"checkpoint {ckpt.path} is at step {ckpt.step}, past "
                                   f"train.steps={self.cfg.train.steps}; raise train.steps to continue training it")
-            shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.params.items()}  # ZeRO-3 may hold p.data empty
+            # ZeRO-3 may hold p.data empty
+            shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in self.params.items()}
             state, note = load_checkpoint(ckpt, self.cfg, self.data.tokenizer, self.env, shapes,
                                           self.engine.keeps_masters)
             self.load_state_dict(state)
@@ -180,15 +181,16 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {**state, "sigma": {n: v for n, v in self.estimator.state_dict()["vectors"].items() if matrix_of(n) in owned},
-                "data": self.data.train.state_dict(), "rng": rng}
+        sigma = {n: v for n, v in self.estimator.state_dict()["vectors"].items() if matrix_of(n) in owned}
+        return {**state, "sigma": sigma, "data": self.data.train.state_dict(), "rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore every component from `state` (as `checkpoint.state.load_checkpoint` merges it);
         `data` None leaves the stream at its beginning."""
         self.engine.load_state_dict(state)
         owned = set(self.engine.owned)
-        self.estimator.load_state_dict({"vectors": {n: v.to(self.device) for n, v in state["sigma"].items() if matrix_of(n) in owned}})
+        vectors = {n: v.to(self.device) for n, v in state["sigma"].items() if matrix_of(n) in owned}
+        self.estimator.load_state_dict({"vectors": vectors})
         if state["data"] is not None:
             self.data.train.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -252,8 +254,8 @@ class Trainer:
     def certificate(self, exact: bool) -> Certificate:
         """Each owner computes its matrices' norms; the sums give every rank the whole table."""
         keys = norm_keys(self.matrices, self.cfg.model.n_heads)
-        norms = self.engine.owned_norms(partial(exact_norms, n_heads=self.cfg.model.n_heads) if exact else self.estimator,
-                                        keys)
+        norm_of = partial(exact_norms, n_heads=self.cfg.model.n_heads) if exact else self.estimator
+        norms = self.engine.owned_norms(norm_of, keys)
         return certify(norms, self.engine.embed_rms_max(), self.cfg.model, self.caps)
 
     def _phase_times(self) -> dict[str, float]:
@@ -312,7 +314,8 @@ class Trainer:
                     "zero_stage": cfg.dist.zero_stage if self.engine.ds is not None else 0,
                     "deepspeed": self.engine.ds is not None, "params": n_params,
                     "device": str(self.device), "dtype": t.dtype, "constraint": cfg.constraint.method})
-        progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {cfg.constraint.method} σmax={cfg.constraint.sigma_max}, "
+        progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {cfg.constraint.method} "
+                       f"σmax={cfg.constraint.sigma_max}, "
                        f"{t.steps} steps × {tokens_per_step} tokens on {self.device}")
         start = last_time = time.perf_counter()
         last_step, cert, loss = self.step, init_cert, float("nan")

@@ -27,7 +27,8 @@ def _require(ok: bool, message: str) -> None:
 def validate_data(d: DataConfig) -> None:
     """The data section alone (also used by `distlip tokenizer train`, which has no model)."""
     sources = ("shakespeare", "text", "jsonl", "parquet", "hub")
-    _require(d.source in sources, f"data.source='{d.source}' is unknown{did_you_mean(d.source, sources)}; use one of {', '.join(sources)}")
+    _require(d.source in sources,
+             f"data.source='{d.source}' is unknown{did_you_mean(d.source, sources)}; use one of {', '.join(sources)}")
     _require(d.source in ("shakespeare", "hub") or d.path,
              f"data.source={d.source} needs data.path (a file, glob or directory)")
     _require(d.source != "hub" or d.name, "data.source=hub needs data.name, e.g. HuggingFaceFW/fineweb")
@@ -72,7 +73,8 @@ def validate(cfg: Config) -> None:
     d_head = m.d_model // m.n_heads
     rot = int(d_head * m.rotary_fraction)
     _require(0.0 <= m.rotary_fraction <= 1.0 and rot % 2 == 0,
-             f"model.rotary_fraction={m.rotary_fraction} must give an even number of rotating dims per head (d_head={d_head})")
+             f"model.rotary_fraction={m.rotary_fraction} must give an even number of rotating dims per head "
+             f"(d_head={d_head})")
     _require(m.context > 0, "model.context must be positive")
     _require(m.pad_vocab_to >= 1, "model.pad_vocab_to must be ≥ 1")
     check_method(c.method)
@@ -83,7 +85,8 @@ def validate(cfg: Config) -> None:
         check_target(cfg)
     _require(c.power_iters >= 1, "constraint.power_iters must be ≥ 1")
     _check_soft_cap_step(cfg)
-    _require(o.name in ("muon", "adamw"), f"optim.name='{o.name}' is unknown{did_you_mean(o.name, ['muon', 'adamw'])}; use muon or adamw")
+    _require(o.name in ("muon", "adamw"),
+             f"optim.name='{o.name}' is unknown{did_you_mean(o.name, ['muon', 'adamw'])}; use muon or adamw")
     _require(o.embed in ("colnorm", "adam"), f"optim.embed='{o.embed}' is unknown; use colnorm or adam")
     unknown = set(o.lr_mult) - {"embed", "head", "qkv", "out", "mlp"}
     _require(not unknown, f"optim.lr_mult has unknown groups {sorted(unknown)}; groups are embed, head, qkv, out, mlp")
@@ -91,20 +94,26 @@ def validate(cfg: Config) -> None:
     _require(0 < o.depth_lr_decay <= 1, f"optim.depth_lr_decay={o.depth_lr_decay} must be in (0, 1] "
              "(1.0 is off; 0.5 halves the step per block toward the input)")
     _require(0 <= o.momentum < 1 and 0 <= o.momentum_start < 1, "optim.momentum values must be in [0, 1)")
-    _require(0 <= o.decay_start <= 1 and 0 <= o.final_lr_frac <= 1, "optim.decay_start and optim.final_lr_frac must be in [0, 1]")
+    _require(0 <= o.decay_start <= 1 and 0 <= o.final_lr_frac <= 1,
+             "optim.decay_start and optim.final_lr_frac must be in [0, 1]")
     _require(len(o.betas) == 2, "optim.betas must be two numbers, e.g. [0.9, 0.95]")
     validate_data(d)
-    _require(t.steps > 0 and t.batch_size > 0 and t.grad_accum > 0, "train.steps, batch_size and grad_accum must be positive")
+    _require(t.steps > 0 and t.batch_size > 0 and t.grad_accum > 0,
+             "train.steps, batch_size and grad_accum must be positive")
     _require(t.batch_size % t.grad_accum == 0,
              f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-    _require(t.logits_chunk_mib > 0, f"train.logits_chunk_mib={t.logits_chunk_mib} must be > 0 (MiB of logits computed at once)")
+    _require(t.logits_chunk_mib > 0,
+             f"train.logits_chunk_mib={t.logits_chunk_mib} must be > 0 (MiB of logits computed at once)")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' is unknown; use auto, cpu or cuda")
     _require(t.dtype in ("float32", "bfloat16"), f"train.dtype='{t.dtype}' is unknown; use float32 or bfloat16")
-    _require(cfg.dist.timeout > 0, f"dist.timeout={cfg.dist.timeout} must be a positive number of seconds (default 300)")
+    _require(cfg.dist.timeout > 0,
+             f"dist.timeout={cfg.dist.timeout} must be a positive number of seconds (default 300)")
     _require(cfg.dist.zero_stage in (0, 1, 2, 3),
              f"dist.zero_stage={cfg.dist.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
-    _require(t.diverge_patience >= 0 and t.diverge_grace >= 0, "train.diverge_patience and train.diverge_grace must be ≥ 0")
-    _require(t.log_every > 0 and t.eval_every >= 0 and t.certify_every >= 0, "train.log_every must be > 0; eval_every and certify_every ≥ 0")
+    _require(t.diverge_patience >= 0 and t.diverge_grace >= 0,
+             "train.diverge_patience and train.diverge_grace must be ≥ 0")
+    _require(t.log_every > 0 and t.eval_every >= 0 and t.certify_every >= 0,
+             "train.log_every must be > 0; eval_every and certify_every ≥ 0")
     _require(0 <= cfg.data.seq_len <= cfg.model.context,
              f"data.seq_len={cfg.data.seq_len} is longer than model.context={cfg.model.context}: the rotary table "
              f"and the certificate cover model.context positions; set data.seq_len ≤ {cfg.model.context} "

@@ -104,7 +104,8 @@ class TrainConfig:
     eval_every: int = 250
     eval_windows: int = 0  # validation windows per periodic eval (0: whole split)
     logits_chunk_mib: float = 256.0  # float32 logits materialised at once (tokens × vocabulary), MiB
-    max_memory_gib: float = 0.0  # refuse a micro-batch predicted above this (0: the GPU's memory, no check on CPU; <0: off)
+    # refuse a micro-batch predicted above this (0: the GPU's memory, no check on CPU; < 0: off)
+    max_memory_gib: float = 0.0
     certify_every: int = 1  # cheap certificate every N steps
     exact_certify_every: int = 0  # exact SVD certificate every N steps (0: end only)
     save_every: int = 0  # sharded checkpoint every N steps (0: end only)

@@ -17,10 +17,11 @@ from distlip.optim import Optimizers, depth_scale
 from distlip.paper_protocol import batch_scores, protocol_windows
 from distlip.trainer import Trainer
 
+from helpers import ROOT
+
 SMOKE = "configs/smoke.yaml"
 FAST = ["train.progress=false", "train.tensorboard=false", "model.d_model=16", "model.n_heads=2",
         "model.context=16", "train.batch_size=4", "train.eval_every=0"]
-from helpers import ROOT
 
 
 def make_trainer(tmp_path, *overrides) -> Trainer:
