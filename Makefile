@@ -9,7 +9,7 @@ CONFIG ?= configs/default.yaml
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export TORCH_COMPILE_DISABLE ?= 1
 
-.PHONY: install ci-deps train test test-fast bench clean
+.PHONY: install ci-deps train test test-fast test-convergence lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,8 +37,9 @@ ci-deps:
 train: install
 	$(BIN)/distlip train --config $(CONFIG) --resume auto
 
-test: install
-	$(BIN)/python -m pytest -q tests
+# Lint first (seconds), then every test but the convergence tier; the slowest 15 are listed.
+test: lint
+	$(BIN)/python -m pytest -q tests --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not slow"
@@ -50,7 +51,6 @@ clean:
 	rm -rf runs .pytest_cache
 
 # Loss-threshold trainings (tests/convergence/): minutes of 2-process training, kept out of `make test`.
-.PHONY: test-convergence lint
 test-convergence: install
 	$(BIN)/python -m pytest -q tests -m convergence
 
