@@ -18,16 +18,7 @@ from distlip.paper_protocol import batch_scores, protocol_windows
 from distlip.trainer import Trainer
 
 from helpers import ROOT
-
-SMOKE = "configs/smoke.yaml"
-FAST = ["train.progress=false", "train.tensorboard=false", "model.d_model=16", "model.n_heads=2",
-        "model.context=16", "train.batch_size=4", "train.eval_every=0"]
-
-
-def make_trainer(tmp_path, *overrides) -> Trainer:
-    torch.set_num_threads(1)
-    return Trainer(load_config(SMOKE, [*FAST, *overrides]), tmp_path)
-
+from helpers.trainers import FAST, SMOKE, make_trainer
 
 # ---- the paper's protocol ------------------------------------------------------------------------
 

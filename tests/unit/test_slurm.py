@@ -202,6 +202,19 @@ def test_sbatch_dry_run_prints_every_nodes_command(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def usr2_when_ready(batch: subprocess.Popen, ready: Path, timeout: float) -> str:
+    """Send USR2 to the batch shell once `ready` exists; its whole output once it has ended."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            assert batch.poll() is None and time.monotonic() < deadline, batch.stdout.read()
+            time.sleep(0.05)
+        batch.send_signal(signal.SIGUSR2)
+        return batch.communicate(timeout=timeout)[0]
+    finally:
+        batch.kill()
+
+
 @pytest.mark.parametrize(
     "launcher_body, requeued, status",
     [
@@ -227,15 +240,7 @@ def test_usr2_during_start_up_requeues(tmp_path):
     write_stubs(tmp_path / "bin", {"srun": f'touch "{ready}"; exec sleep 60\n', "scontrol": SCONTROL})
     batch = subprocess.Popen(["bash", str(SBATCH)], env=sbatch_env(tmp_path, nodes=1), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert batch.poll() is None and time.monotonic() < deadline, batch.stdout.read()
-            time.sleep(0.05)
-        batch.send_signal(signal.SIGUSR2)
-        out, _ = batch.communicate(timeout=30)
-    finally:
-        batch.kill()
+    out = usr2_when_ready(batch, ready, timeout=30)
     assert batch.returncode == 0, out
     assert "preemption warning arrived before training could checkpoint" in out
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
@@ -306,15 +311,7 @@ def test_usr2_to_batch_shell_reaches_worker_through_real_torchrun(tmp_path):
                      MASTER_PORT=str(port))  # fmt: skip
     batch = subprocess.Popen(["bash", str(SBATCH)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert batch.poll() is None and time.monotonic() < deadline, batch.stdout.read()
-            time.sleep(0.05)
-        batch.send_signal(signal.SIGUSR2)
-        out, _ = batch.communicate(timeout=60)
-    finally:
-        batch.kill()
+    out = usr2_when_ready(batch, ready, timeout=60)
     assert batch.returncode == 0, out
     assert "USR2: time limit near" in out
     assert "requeueing job 4242" in out

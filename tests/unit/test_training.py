@@ -10,16 +10,8 @@ from distlip.config import load_config
 from distlip.lipschitz.caps import CAPPED_METHODS
 from distlip.lipschitz.certificate import CAP_RTOL, certify, embed_rms_max, exact_norms
 from distlip.optim import lr_at, momentum_at
-from distlip.trainer import Trainer
 
-SMOKE = "configs/smoke.yaml"
-FAST = ["train.progress=false", "train.tensorboard=false", "model.d_model=16", "model.n_heads=2",
-        "model.context=16", "train.batch_size=4", "train.eval_every=0"]
-
-
-def make_trainer(tmp_path, *overrides) -> Trainer:
-    torch.set_num_threads(1)
-    return Trainer(load_config(SMOKE, [*FAST, *overrides]), tmp_path)
+from helpers.trainers import SMOKE, make_trainer
 
 
 def max_token_rms(t: torch.Tensor) -> torch.Tensor:
