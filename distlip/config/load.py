@@ -18,7 +18,6 @@ from distlip.config.checks import validate
 from distlip.config.schema import Config
 from distlip.errors import ConfigError, did_you_mean
 
-
 # YAML 1.1, which PyYAML implements, reads `3e-4` and `1.0e9` as strings (its floats need a dot
 # and a signed exponent) and `010` as octal 8. Config files and overrides are read with the
 # number forms people write instead: decimal integers (leading zeros are decimal), 0x/0o/0b
@@ -142,7 +141,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' not found; presets live in configs/ (e.g. configs/shakespeare.yaml)")
+            what = "is a directory" if p.is_dir() else "not found"
+            raise ConfigError(f"config file '{p}' {what}; presets live in configs/ (e.g. configs/shakespeare.yaml)")
         try:
             data = read_yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
