@@ -109,7 +109,8 @@ def find_checkpoint(path: str | Path) -> Checkpoint:
         d = d / tag
     problem = CheckpointStore(d.parent).problem(d)
     if problem is not None:
-        raise CheckpointError(f"checkpoint {d} is unusable: {problem}")
+        raise CheckpointError(f"checkpoint {d} is unusable: {problem}; give another checkpoint, or the run "
+                              "directory for its newest good one")
     return Checkpoint(d, json.loads((d / MANIFEST).read_text()))
 
 
