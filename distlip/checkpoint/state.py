@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from distlip.checkpoint.export import load_model, save_model
+from distlip.checkpoint.export import load_model, load_weights, save_model
 from distlip.checkpoint.files import MANIFEST, Checkpoint
 from distlip.checkpoint.store import CheckpointStore
 from distlip.config import Config, config_from_dict
@@ -103,12 +103,14 @@ def find_checkpoint(path: str | Path) -> Checkpoint:
     if not (d / MANIFEST).is_file():
         tag = CheckpointStore(d).find_good() if d.is_dir() else None
         if tag is None:
-            raise CheckpointError(f"'{d}' is not a checkpoint: give a step_NNNNNN directory (with {MANIFEST}) "
+            what = "is not a checkpoint" if d.exists() else "does not exist"
+            raise CheckpointError(f"'{d}' {what}: give a step_NNNNNN directory (with {MANIFEST}) "
                                   "or a run directory that holds one")
         d = d / tag
     problem = CheckpointStore(d.parent).problem(d)
     if problem is not None:
-        raise CheckpointError(f"checkpoint {d} is unusable: {problem}")
+        raise CheckpointError(f"checkpoint {d} is unusable: {problem}; give another checkpoint, or the run "
+                              "directory for its newest good one")
     return Checkpoint(d, json.loads((d / MANIFEST).read_text()))
 
 
@@ -165,14 +167,11 @@ def open_model(path: str | Path) -> tuple[LipschitzTransformer, Config, object, 
     """An exported model directory, a checkpoint, or a run directory's newest checkpoint →
     (model on CPU, config, tokenizer, caps), as `export.load_model`."""
     d = Path(path)
-    if (d / "model.safetensors").is_file():
+    if (d / "model.safetensors").exists():
         return load_model(d)
     weights, cfg, tok, ckpt = read_checkpoint(d)
     model = LipschitzTransformer(cfg.model)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt.path} does not match its config: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+    load_weights(model, weights, str(ckpt.path), "the checkpoint is inconsistent; use another checkpoint of the run")
     return model, cfg, tok, unit_caps(cfg, matrix_names(model))
 
 
@@ -232,8 +231,8 @@ def load_checkpoint(ckpt: Checkpoint, cfg: Config, tokenizer, env: DistEnv, shap
     if data_state is None:
         reset.append("the data stream's per-rank position (the stream restarts from its beginning)")
     if same:
-        note = f"; reset: {', '.join(reset)}" if reset else ""
-        return state, f"resumed from {ckpt.path} at step {ckpt.step}{note}"
+        done = f"resumed from {ckpt.path} at step {ckpt.step}"
+        return state, done + (f"; reset: {', '.join(reset)}" if reset else "")
     embed = ""
     if EMBED in adam:
         before = _adam_holder(config_from_dict(ckpt.meta["config"]), ckpt.world_size)

@@ -157,10 +157,13 @@ def preflight(cfg: Config, env: Placement) -> None:
 
 def check_output_dir(out: Path) -> None:
     """The run directory can be created and written: a read-only or unwritable `train.out` is
-    refused at start-up, not at the first checkpoint hours later."""
-    probe = out / f".distlip-write-test-{os.getpid()}"
+    refused at start-up, not at the first checkpoint hours later. Nothing is left behind (a run
+    refused later must not leave an empty directory): the nearest existing directory is probed."""
+    there = next(p for p in (out, *out.parents) if p.exists())
+    probe = there / f".distlip-write-test-{os.getpid()}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if not there.is_dir():
+            raise NotADirectoryError(f"{there} is a file")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:

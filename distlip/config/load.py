@@ -141,11 +141,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' not found; presets live in configs/ (e.g. configs/shakespeare.yaml)")
+            what = "is a directory" if p.is_dir() else "not found"
+            raise ConfigError(f"config file '{p}' {what}; presets live in configs/ (e.g. configs/shakespeare.yaml)")
         try:
             data = read_yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file '{p}' is not valid YAML: {str(exc).splitlines()[0]}{where}; fix that line "
+                              "(configs/smoke.yaml shows the layout)") from None
     apply_overrides(data, overrides or [])
     _check_fields(Config, data)
     defaults = Config().to_dict()

@@ -21,7 +21,8 @@ def read_text_file(path: str | Path) -> str:
     """A local UTF-8 text file; empty or binary files are refused with the reason."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data file '{p}' not found; set data.path to an existing text file")
+        what = "is a directory" if p.is_dir() else "not found"
+        raise DataError(f"data file '{p}' {what}; set data.path to an existing text file")
     raw = p.read_bytes()
     try:
         text = raw.decode("utf-8")

@@ -19,7 +19,7 @@ from distlip.config import DataConfig, load_config
 from distlip.config.checks import validate_data
 from distlip.data.sources import describe, iter_documents
 from distlip.data.tokenizers import train_bpe
-from distlip.errors import DistlipError
+from distlip.errors import ConfigError, DistlipError
 
 # flag → DataConfig field; unset flags keep the value from --config (or the default)
 _SOURCE_FLAGS = ("source", "path", "name", "subset", "split", "text_column")
@@ -66,6 +66,11 @@ def _training_text(cfg: DataConfig, max_chars: int) -> list[str]:
 
 def train(args) -> int:
     cfg = _data_config(args)
+    out = Path(args.out)
+    # Refused before the (long) training: the nearest existing path must be a directory.
+    there = next(p for p in (out, *out.parents) if p.exists())
+    if not there.is_dir():
+        raise ConfigError(f"--out {out}: '{there}' is a file, not a directory; give a directory for tokenizer.json")
     start = time.perf_counter()
     texts = _training_text(cfg, args.max_chars)
     tok = train_bpe(texts, args.vocab_size, min_frequency=args.min_frequency)
@@ -73,7 +78,6 @@ def train(args) -> int:
     encoded = tok.encode_batch(texts)
     chars, tokens = sum(map(len, texts)), sum(map(len, encoded))
     bad = next((i for i, (t, ids) in enumerate(zip(texts, encoded)) if tok.decode(ids) != t), None)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / "tokenizer.json")
     print(f"trained a byte-level BPE on {chars:,} characters ({len(texts)} documents) of {describe(cfg)} "
