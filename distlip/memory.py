@@ -12,7 +12,7 @@ resident memory above the process's baseline). Terms, per rank (docs/memory.md d
   plan), the embedding's Adam moments (÷ world at ZeRO ≥ 1, with DeepSpeed's float32 master
   partition) or its column-normalised momentum.
 - activations per micro-batch: what autograd saves, measured per token and layer (exact in
-  float32, `tests/test_memory.py` counts it), plus the float copy of the document mask.
+  float32, `tests/unit/test_memory.py` counts it), plus the float copy of the document mask.
 - logits: the chunked head (`distlip.loss`): two float32 `chunk × V` buffers, the head's own
   gradient, the hidden states' gradient.
 - optimiser workspace: Newton–Schulz on the largest same-shape group of owned matrices.
