@@ -18,8 +18,10 @@ from collections.abc import Callable
 
 import torch
 
-from distlip.lipschitz.constraints import METHODS, Constrainer, rms_scale
+from distlip.lipschitz.constrainer import Constrainer
+from distlip.lipschitz.constraints import METHODS
 from distlip.lipschitz.newton_schulz import NS_MAX_GAIN, orthogonalize
+from distlip.lipschitz.spectral import rms_scale
 
 D_MODEL, D_MLP, N_LAYERS, HEAD_ROWS = 768, 3072, 12, 50304
 HIDDEN_LR, HEAD_LR, SAFETY = 0.05, 0.005, 1.05  # learning rates of docs/method.md#reference-results

@@ -31,7 +31,8 @@ from distlip.errors import ConfigError, DistlipError
 from distlip.lipschitz.budget import apply_target
 from distlip.lipschitz.caps import CAPPED_METHODS, EMBED, cap_of, matrix_caps, row_blocks, unit_caps
 from distlip.lipschitz.certificate import Certificate, SigmaEstimator, certify, exact_norms, norm_keys
-from distlip.lipschitz.constraints import Constrainer, embed_cap
+from distlip.lipschitz.constrainer import Constrainer
+from distlip.lipschitz.constraints import embed_cap
 from distlip.loss import chunk_tokens, head_cross_entropy, head_loss_and_correct
 from distlip.memory import check_memory, micro_batch_size
 from distlip.metrics import MetricsLogger, Progress, StepTimer

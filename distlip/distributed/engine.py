@@ -36,7 +36,8 @@ from distlip.distributed.exchange import CompressedExchange
 from distlip.distributed.sharding import plan_ownership
 from distlip.lipschitz.caps import cap_of, row_blocks
 from distlip.lipschitz.certificate import embed_rms_max
-from distlip.lipschitz.constraints import Constrainer, embed_cap
+from distlip.lipschitz.constrainer import Constrainer
+from distlip.lipschitz.constraints import embed_cap
 from distlip.metrics import StepTimer
 from distlip.model import LipschitzTransformer, matrix_names, matrix_of
 from distlip.optim import Optimizers, StepInfo

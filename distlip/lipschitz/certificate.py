@@ -25,7 +25,7 @@ import torch
 
 from distlip.config import Config, ModelConfig
 from distlip.lipschitz.caps import unit_caps
-from distlip.lipschitz.constraints import power_iteration
+from distlip.lipschitz.spectral import power_iteration
 from distlip.model import ATTN_OUT_SCALE, GELU_MAX_SLOPE, block_key, head_blocks, padded_vocab
 
 CAP_RTOL = 1e-3  # a matrix "exceeds its cap" when σ > cap·(1 + CAP_RTOL)

@@ -10,7 +10,8 @@ import torch
 from distlip.config import ModelConfig
 from distlip.lipschitz.attack import jacobian_attack, max_rms, pair_attack
 from distlip.lipschitz.certificate import certify, exact_norms
-from distlip.lipschitz.constraints import Constrainer, rms_norm
+from distlip.lipschitz.constrainer import Constrainer
+from distlip.lipschitz.spectral import rms_norm
 from distlip.model import ATTN_OUT_SCALE, Attention, LipschitzTransformer, block_key, matrix_names
 
 torch.set_num_threads(1)

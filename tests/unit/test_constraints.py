@@ -8,21 +8,19 @@ import pytest
 import torch
 
 from distlip.errors import ConfigError
+from distlip.lipschitz.constrainer import Constrainer
 from distlip.lipschitz.constraints import (
     HARD_CAP_COEFFS,
     HARD_CAP_PEAK,
     HARD_CAP_RANGE,
     METHODS,
     SOFT_CAP_MAX_MU,
-    Constrainer,
     embed_cap,
     exact_cap,
-    power_iteration,
-    rms_norm,
-    rms_scale,
     soft_cap_alpha,
 )
 from distlip.lipschitz.newton_schulz import MUON_NS_COEFFS, NS_MAX_GAIN, msign, orthogonalize
+from distlip.lipschitz.spectral import power_iteration, rms_norm, rms_scale
 
 CAP_METHODS = ("hard_cap", "soft_cap", "spectral_normalize", "stiefel", "exact_cap")
 
@@ -362,7 +360,7 @@ def test_config_errors():
 
 @pytest.mark.parametrize("kind", ["random", "orthogonal", "rank_deficient", "tall", "batched"])
 def test_sigma_upper_bound_is_above_and_close_to_sigma_max(kind):
-    from distlip.lipschitz.constraints import sigma_upper_bound
+    from distlip.lipschitz.spectral import sigma_upper_bound
     g = torch.Generator().manual_seed(3)
     W = {"random": lambda: torch.randn(64, 48, generator=g),
          "orthogonal": lambda: torch.linalg.qr(torch.randn(96, 96, generator=g))[0],  # all σ equal: the worst case
