@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distlip.config import Config, ModelConfig
+from distlip.config.schema import Config, ModelConfig
 from distlip.distributed.sharding import plan_ownership
 from distlip.errors import ConfigError
 from distlip.loss import FLOAT32_BYTES, LOGIT_BUFFERS, chunk_tokens

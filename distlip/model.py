@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distlip.config import ModelConfig
+from distlip.config.schema import ModelConfig
 
 # max_x d/dx GELU(x) = Φ(√2) + √2·φ(√2) for the exact (erf) GELU: dividing by it makes the
 # activation 1-Lipschitz. Computed, not typed in, so it is exact to float precision.

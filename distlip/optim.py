@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distlip.config import OptimConfig
+from distlip.config.schema import OptimConfig
 from distlip.lipschitz.newton_schulz import NS_MAX_GAIN, orthogonalize
 from distlip.model import param_group
 

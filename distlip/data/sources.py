@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from distlip.config import DataConfig
+from distlip.config.schema import DataConfig
 from distlip.errors import DataError, DistlipError
 
 log = logging.getLogger("distlip.data")

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from distlip.config import DataConfig
+from distlip.config.schema import DataConfig
 from distlip.data.packing import Packer, ShuffleBuffer
 from distlip.data.sources import describe, iter_documents, open_source, text_batches
 from distlip.data.tokenizers import load_tokenizer

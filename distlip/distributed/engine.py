@@ -28,7 +28,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from distlip.config import Config, OptimConfig
+from distlip.config.schema import Config, OptimConfig
 from distlip.data.packing import document_causal_mask
 from distlip.distributed.deepspeed import deepspeed_config, gather_adam, scatter_adam, uses_deepspeed
 from distlip.distributed.env import DistEnv

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from distlip.config import Config
 from distlip.config.checks import check_device
+from distlip.config.schema import Config
 from distlip.distributed import liveness
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from distlip.compress import ByteCounter, EF21Momentum, Marina, TorchComm, build, check
 from distlip.compress.accounting import DOWNLINK, broadcast_bytes
-from distlip.config import CompressionConfig
+from distlip.config.schema import CompressionConfig
 from distlip.distributed.sharding import OwnershipPlan
 from distlip.errors import CheckpointError
 

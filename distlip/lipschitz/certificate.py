@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distlip.config import Config, ModelConfig
+from distlip.config.schema import Config, ModelConfig
 from distlip.lipschitz.caps import unit_caps
 from distlip.lipschitz.spectral import power_iteration
 from distlip.model import ATTN_OUT_SCALE, GELU_MAX_SLOPE, block_key, head_blocks, padded_vocab
