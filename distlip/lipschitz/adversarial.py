@@ -16,19 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distlip.lipschitz.attack import clip_to_ball, token_rms
+
 LOSSES = ("margin", "ce")
-
-
-def _token_rms(x: Tensor) -> Tensor:
-    """(..., d) → (..., 1) per-token RMS."""
-    return x.pow(2).mean(dim=-1, keepdim=True).sqrt()
 
 
 def project(delta: Tensor, eps: float, positions: Tensor | None = None) -> Tensor:
     """Nearest point of the ball {per-token RMS ≤ `eps` on `positions`, 0 elsewhere}: the ball
     is a product of per-token balls, so each token vector is scaled down on its own.
     `delta` (B, T, d); `positions` (T,) or (B, T) bool, None for every position."""
-    delta = delta / (_token_rms(delta) / eps).clamp_min(1.0)
+    delta = clip_to_ball(delta, eps)
     return delta if positions is None else delta * positions[..., None].to(delta.dtype)
 
 
@@ -66,7 +63,7 @@ def attack(f: Callable[[Tensor], Tensor], h: Tensor, labels: Tensor, eps: float,
         if r > 0:
             noise = torch.randn(h.shape, generator=gen, dtype=torch.float64).to(h)
             scale = eps * torch.rand(h.shape[:-1] + (1,), generator=gen, dtype=torch.float64).to(h)
-            delta = project(noise / _token_rms(noise).clamp_min(tiny) * scale, eps, positions)
+            delta = project(noise / token_rms(noise).clamp_min(tiny) * scale, eps, positions)
         for s in range(steps):
             if not alive.any():
                 return alive
@@ -82,7 +79,7 @@ def attack(f: Callable[[Tensor], Tensor], h: Tensor, labels: Tensor, eps: float,
             (grad,) = torch.autograd.grad(objective, delta)
             step = eps * (0.5 - 0.45 * s / max(steps - 1, 1))
             with torch.no_grad():
-                delta = project(delta + step * grad / _token_rms(grad).clamp_min(tiny), eps, positions)
+                delta = project(delta + step * grad / token_rms(grad).clamp_min(tiny), eps, positions)
         with torch.no_grad():
             alive = alive & (margins(f(h + delta), labels) > 0)
     return alive

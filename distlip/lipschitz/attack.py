@@ -26,21 +26,21 @@ def max_rms(x: Tensor) -> Tensor:
     return x.pow(2).mean(dim=-1).sqrt().amax(dim=-1)
 
 
-def _token_rms(x: Tensor) -> Tensor:
+def token_rms(x: Tensor) -> Tensor:
     """(..., T, d) → (..., T, 1): per-token RMS."""
     return x.pow(2).mean(dim=-1, keepdim=True).sqrt()
 
 
-def _clip(delta: Tensor, radius: float) -> Tensor:
+def clip_to_ball(delta: Tensor, radius: float) -> Tensor:
     """Projection onto the max-RMS ball of `radius`: the ball is a product of per-token balls,
     so each token vector is scaled down to RMS ≤ radius on its own."""
-    return delta / (_token_rms(delta) / radius).clamp_min(1.0)
+    return delta / (token_rms(delta) / radius).clamp_min(1.0)
 
 
 def _random_tokens(x: Tensor, scale: Tensor | float, gen: torch.Generator) -> Tensor:
     """Random (B, T, d) directions with per-token RMS exactly `scale`."""
     z = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype)
-    return z / _token_rms(z).clamp_min(torch.finfo(x.dtype).tiny) * scale
+    return z / token_rms(z).clamp_min(torch.finfo(x.dtype).tiny) * scale
 
 
 def pair_attack(f: Fn, x: Tensor, radius: float, *, steps: int = 50, restarts: int = 4, seed: int = 0) -> float:
@@ -70,7 +70,7 @@ def pair_attack(f: Fn, x: Tensor, radius: float, *, steps: int = 50, restarts: i
         if r % 2 == 0:
             db = _random_tokens(x, scale.flip(-2), gen)
         else:  # near pair: separation a few percent of the radius
-            db = _clip(da + _random_tokens(x, 0.05 * radius, gen), radius)
+            db = clip_to_ball(da + _random_tokens(x, 0.05 * radius, gen), radius)
         for s in range(steps):
             da.requires_grad_(True)
             db.requires_grad_(True)
@@ -81,8 +81,8 @@ def pair_attack(f: Fn, x: Tensor, radius: float, *, steps: int = 50, restarts: i
             with torch.no_grad():
                 # near pairs keep a smaller step on the separation so they stay near pairs
                 sep = 1.0 if r % 2 == 0 else 0.1
-                da = _clip(da + eta * ga / _token_rms(ga).clamp_min(tiny), radius)
-                db = _clip(db + sep * eta * gb / _token_rms(gb).clamp_min(tiny), radius)
+                da = clip_to_ball(da + eta * ga / token_rms(ga).clamp_min(tiny), radius)
+                db = clip_to_ball(db + sep * eta * gb / token_rms(gb).clamp_min(tiny), radius)
         with torch.no_grad():
             best = max(best, ratio(da, db).max().item())
     return best
@@ -125,7 +125,7 @@ def jacobian_attack(f: Fn, x: Tensor, *, iters: int = 30, seed: int = 0) -> floa
     for _ in range(iters):
         with torch.no_grad():
             y = (f(x + h * u) - f(x - h * u)) / (2 * h)  # ≈ J u, (B, T, V)
-        t = _token_rms(y).squeeze(-1).argmax(dim=-1)
+        t = token_rms(y).squeeze(-1).argmax(dim=-1)
         g = y[rows, t]
         g = g / torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp_min(tiny)
         w = jt_g(t, g)  # (B, T, d)
@@ -133,5 +133,5 @@ def jacobian_attack(f: Fn, x: Tensor, *, iters: int = 30, seed: int = 0) -> floa
         value = (d / V) ** 0.5 * norms.sum(dim=-1)
         best = max(best, value.max().item())
         keep = norms[..., None] > 0  # tokens that do not reach t keep their direction
-        u = torch.where(keep, w / _token_rms(w).clamp_min(tiny), u)
+        u = torch.where(keep, w / token_rms(w).clamp_min(tiny), u)
     return best
