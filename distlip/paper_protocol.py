@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 BATCHES = 20
 BATCH_SIZE = 64
@@ -44,20 +43,22 @@ def protocol_windows(val_ids: np.ndarray, seq_len: int, batches: int = BATCHES,
 
 
 @torch.no_grad()
-def batch_scores(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+def batch_scores(score: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 x: torch.Tensor, y: torch.Tensor,
                  batch_size: int = BATCH_SIZE, device: torch.device | str = "cpu",
                  batch_ids: range | None = None) -> tuple[float, float, int]:
     """Sums over the protocol's batches (all, or those in `batch_ids`) of each batch's mean
     loss (nats per token) and mean top-1 accuracy, and the number of batches scored.
-    `forward` maps int64 `(B, T)` inputs to `(B, T, vocab)` logits."""
+    `score` maps int64 `(B, T)` inputs and targets to their summed loss and number of top-1 hits
+    (the trainer's is the chunked head of `distlip.loss`, so no batch's logits are held whole)."""
     n_batches = len(x) // batch_size
     loss_sum, acc_sum, count = 0.0, 0.0, 0
     for b in batch_ids if batch_ids is not None else range(n_batches):
         xb = x[b * batch_size:(b + 1) * batch_size].to(device)
         yb = y[b * batch_size:(b + 1) * batch_size].to(device)
-        logits = forward(xb).float()
-        loss_sum += F.cross_entropy(logits.flatten(0, 1), yb.flatten()).item()
-        acc_sum += (logits.argmax(-1) == yb).sum().item() / yb.numel()
+        loss, hits = score(xb, yb)
+        loss_sum += float(loss) / yb.numel()
+        acc_sum += int(hits) / yb.numel()
         count += 1
     return loss_sum, acc_sum, count
 

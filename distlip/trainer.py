@@ -283,6 +283,13 @@ class Trainer:
         self.step += 1
         return loss, cert
 
+    def _score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss and top-1 hits of one batch, the head's logits a chunk at a time."""
+        m = self.cfg.model
+        chunk = chunk_tokens(self.cfg.train.logits_chunk_mib, m.vocab_size)
+        return head_loss_and_correct(self.engine.hidden(x), self.model.head.weight, y, m.logit_scale,
+                                     m.vocab_size, chunk)
+
     @torch.no_grad()
     def paper_protocol(self) -> dict:
         """Loss and accuracy by the paper's protocol (`distlip.paper_protocol`), batches split
@@ -293,7 +300,7 @@ class Trainer:
         x, y = windows
         self.model.eval()
         with self.autocast:
-            sums = batch_scores(self.engine.forward, x, y, device=self.device,
+            sums = batch_scores(self._score, x, y, device=self.device,
                                 batch_ids=range(self.env.rank, len(x) // BATCH_SIZE, self.env.world_size))
         self.model.train()
         loss_sum, acc_sum, count = self.engine.all_sum(list(sums))

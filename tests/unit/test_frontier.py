@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distlip.config import load_config
 from distlip.divergence import DivergenceGuard, TrainingDiverged
@@ -39,9 +40,13 @@ def test_protocol_scores_are_the_mean_over_batches_of_per_batch_means():
     g = torch.Generator().manual_seed(0)
     val = torch.randint(0, 7, (40,), generator=g).numpy()
     table = torch.randn(7, 7, generator=g)  # a bigram "model": logits depend on the current token only
-    forward = lambda x: table[x]  # noqa: E731
+
+    def score(xb, yb):  # summed loss and hits of the bigram's logits
+        logits = table[xb]
+        return F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="sum"), (logits.argmax(-1) == yb).sum()
+
     x, y = protocol_windows(val, seq_len=6, batches=3, batch_size=5)
-    loss_sum, acc_sum, count = batch_scores(forward, x, y, batch_size=5)
+    loss_sum, acc_sum, count = batch_scores(score, x, y, batch_size=5)
     # by hand: window j reads val[j + t] and is scored on val[j + t + 1]
     accs, losses = [], []
     for b in range(3):
@@ -57,7 +62,7 @@ def test_protocol_scores_are_the_mean_over_batches_of_per_batch_means():
     assert acc_sum / count == pytest.approx(sum(accs) / 3, abs=1e-12)
     assert loss_sum / count == pytest.approx(sum(losses) / 3, rel=1e-5)
     # a subset of batches (one rank's share) sums to its part of the whole
-    part = batch_scores(forward, x, y, batch_size=5, batch_ids=range(1, 3, 2))
+    part = batch_scores(score, x, y, batch_size=5, batch_ids=range(1, 3, 2))
     assert part[2] == 1 and part[1] == pytest.approx(accs[1])
 
 
