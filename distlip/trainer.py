@@ -22,7 +22,7 @@ from distlip.checkpoint.files import Checkpoint
 from distlip.checkpoint.state import load_checkpoint, save_checkpoint
 from distlip.checkpoint.store import CheckpointStore
 from distlip.config import Config, preflight
-from distlip.config.checks import check_output_dir
+from distlip.config.checks import check_lowrank_shapes, check_output_dir
 from distlip.data.in_memory import InMemoryBatches, load_char_corpus, val_windows
 from distlip.distributed.engine import Engine
 from distlip.distributed.env import DistEnv, init_distributed, select_device
@@ -125,6 +125,7 @@ class Trainer:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"{self.data.tokenizer.vocab_size}; set model.vocab_size=0 to take it from the tokenizer")
         self.cfg = cfg = apply_target(cfg)  # caps for a target bound, now that the vocabulary is known
+        check_lowrank_shapes(cfg)  # the embedding and head too, now that their rows are known
         check_memory(cfg, env.world_size, self.device)
         check_output_dir(self.out)  # last of the refusals: it creates the run directory
         if self.device.type == "cuda":

@@ -8,7 +8,8 @@ The trainer builds everything from one `compression:` block (`distlip.config.Com
     if downlink: downlink.sync_many({name: (param.data, master_or_None, owner)}, step=step)
 
 Modules: `compressors` (tensor to message), `transport` (collectives), `estimators`
-(aggregation), `downlink` (the EF21-P downlink), `accounting` (bytes per rank).
+(aggregation), `downlink` (the EF21-P downlink), `accounting` (bytes per rank), `lowrank`
+(PowerSGD: rank-r factors all-reduced, every rank gets every aggregate; no downlink).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from distlip.compress.accounting import ByteCounter
 from distlip.compress.compressors import Compressor, Identity, Message, RandK, TopK
 from distlip.compress.downlink import Downlink
 from distlip.compress.estimators import EF14, Dense, Diana, EF21Momentum, Estimator, Marina, Plain, check_pair
+from distlip.compress.lowrank import LowRank, check_rank
 from distlip.compress.transport import Comm, SingleProcessComm, TorchComm
 from distlip.config.schema import CompressionConfig
 from distlip.errors import ConfigError, did_you_mean
 
 __all__ = [
     "ByteCounter", "Comm", "Compressor", "Dense", "Diana", "Downlink", "EF14",
-    "EF21Momentum", "Estimator", "Identity", "Marina", "Message", "Plain", "RandK", "SingleProcessComm",
+    "EF21Momentum", "Estimator", "Identity", "LowRank", "Marina", "Message", "Plain", "RandK", "SingleProcessComm",
     "TopK", "TorchComm", "build", "check", "estimator_name", "make_compressor", "validate",
 ]
 
@@ -83,14 +85,43 @@ def validate(compressor: str, estimator: str, ratio: float, allow_plain: bool = 
 
 def check(section: CompressionConfig) -> None:
     """Raise ConfigError (one line naming the fix) unless the `compression:` block is sound."""
-    validate(section.compressor, estimator_name(section), section.ratio, section.allow_plain)
+    if section.compressor == LowRank.name:
+        _check_lowrank(section)
+    else:
+        if section.rank is not None:
+            raise ConfigError(f"compression.rank={section.rank} applies to compressor lowrank, not "
+                              f"{section.compressor!r}: drop it, or set compression.compressor=lowrank")
+        _check_elementwise(section)
     if isinstance(section.warmup_steps, bool) or not isinstance(section.warmup_steps, int) or section.warmup_steps < 0:
         raise ConfigError(f"compression.warmup_steps must be an integer ≥ 0, got {section.warmup_steps!r}")
     build(section)  # the constructors check the remaining options (marina_p, ef21_eta, downlink)
 
 
+def _check_lowrank(section: CompressionConfig) -> None:
+    """lowrank carries its own error feedback and sends no weights back: refuse what it cannot honour."""
+    check_rank(section.rank, section.ratio)
+    if section.estimator is not None:
+        raise ConfigError(f"compressor lowrank carries its own error feedback (PowerSGD), so estimator "
+                          f"{section.estimator!r} does not apply: leave compression.estimator unset")
+    if section.downlink != "identity":
+        raise ConfigError("compressor lowrank gives every rank the aggregate, and every rank steps every matrix, "
+                          "so no weights are sent back: leave compression.downlink=identity")
+    if section.ef21_eta != 1.0:
+        raise ConfigError(f"compression.ef21_eta={section.ef21_eta} is EF21's momentum, which compressor lowrank "
+                          "does not use (Muon keeps its own): drop it")
+
+
+def _check_elementwise(section: CompressionConfig) -> None:
+    if section.compressor not in COMPRESSORS:
+        _known("compressor", section.compressor, (*COMPRESSORS, LowRank.name))
+    validate(section.compressor, estimator_name(section), section.ratio, section.allow_plain)
+
+
 def estimator_name(section: CompressionConfig) -> str:
-    """The estimator the block names, or its compressor's default: dense, diana (randk) or ef21."""
+    """The estimator the block names, or its compressor's default: dense, diana (randk), lowrank
+    (the low-rank compressor's own error feedback) or ef21."""
+    if section.compressor == LowRank.name:
+        return LowRank.name
     if section.estimator is not None:
         return section.estimator
     if section.compressor == "identity":
@@ -99,9 +130,12 @@ def estimator_name(section: CompressionConfig) -> str:
 
 
 def build(section: CompressionConfig, comm: Comm | None = None,
-          counter: ByteCounter | None = None) -> tuple[Estimator, Downlink | None]:
+          counter: ByteCounter | None = None) -> tuple[Estimator | LowRank, Downlink | None]:
     """The uplink estimator and, unless the downlink is identity, the Downlink, sharing `counter`."""
     counter = counter if counter is not None else ByteCounter()
+    if section.compressor == LowRank.name:
+        return LowRank(section.rank, section.ratio, comm, warmup_steps=section.warmup_steps, seed=section.seed,
+                       counter=counter), None
     compressor = make_compressor(section.compressor, section.ratio, seed=section.seed, shared_seed=section.shared_seed)
     cls = ESTIMATORS[estimator_name(section)]
     options = ({"p": section.marina_p, "same_batch": section.marina_same_batch} if cls is Marina

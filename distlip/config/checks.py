@@ -4,6 +4,7 @@ run before any data, process-group or DeepSpeed work so a mistake costs one line
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Protocol
@@ -136,10 +137,37 @@ def validate_compression(cfg: Config) -> None:
     _require(c.ef21_eta_sent is None or estimator_name(c) == "ef21",
              f"compression.ef21_eta_sent applies to the ef21 estimator, not {estimator_name(c)}; "
              "drop it or set compression.estimator=ef21")
+    check_lowrank_shapes(cfg)
     _require(not (c.enabled and estimator_name(c) == "ef21" and c.ef21_eta < 1 and cfg.optim.nesterov),
              f"compression.ef21_eta={c.ef21_eta} makes EF21 carry the momentum (β = 1 − η) and Muon then steps "
              "without its own, which the Nesterov form cannot express; set optim.nesterov=false or "
              "compression.ef21_eta=1.0")
+
+
+def check_lowrank_shapes(cfg: Config) -> None:
+    """Under compressor lowrank, refuse a rank above some distlip-held matrix's smaller side, naming
+    the first such matrix and its shape. The embedding and head need the vocabulary; until it is
+    known (model.vocab_size 0) they are left to the trainer, which checks again once it is."""
+    c = cfg.compression
+    if c.compressor != "lowrank":
+        return
+    import torch  # local: the config loads without torch
+
+    from distlip.compress.lowrank import factor_rank
+    from distlip.model import LipschitzTransformer
+
+    model = cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=1)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        params = dict(LipschitzTransformer(model).named_parameters())
+    if not cfg.model.vocab_size:
+        del params["embed.weight"], params["head.weight"]
+    elif cfg.optim.embed == "adam":
+        del params["embed.weight"]  # DeepSpeed's, reduced densely by DeepSpeed
+    try:
+        for name, p in params.items():
+            factor_rank(name, tuple(p.shape), c.rank, c.ratio)
+    except ConfigError as exc:
+        raise ConfigError(f"compression: {exc}") from None
 
 
 def preflight(cfg: Config, env: Placement) -> None:

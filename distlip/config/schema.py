@@ -135,7 +135,9 @@ class CompressionConfig:
     `distlip.compress.CompressionConfig` (same field names). The default, identity with no
     estimator named, keeps the engine's dense reduce-to-owner path.
 
-    compressor: identity | randk | randk_unscaled | topk, keeping `ratio` ∈ (0, 1] of each tensor.
+    compressor: identity | randk | randk_unscaled | topk, keeping `ratio` ∈ (0, 1] of each tensor;
+      or lowrank (PowerSGD with error feedback, all-reduced factors; docs/compression.md#low-rank).
+    rank: lowrank's rank r for every matrix; None: round(ratio · the matrix's smaller side), ≥ 1.
     estimator: dense | plain | diana | marina | ef21 | ef14; None picks dense (identity),
       diana (randk) or ef21 (topk, randk_unscaled).
     warmup_steps: dense steps before compression starts (they initialise the estimators).
@@ -157,6 +159,7 @@ class CompressionConfig:
 
     compressor: str = "identity"
     ratio: float = 1.0
+    rank: int | None = None
     estimator: str | None = None
     warmup_steps: int = 10
     shared_seed: bool = True

@@ -69,7 +69,10 @@ class Engine:
         self._pending_previous: dict[str, torch.Tensor] | None = None
         # What each owner steps and constrains: the master x under a compressed downlink, else the weight itself.
         masters = self.exchange.masters if self.exchange else {}
-        self.held = {n: masters.get(n, self.params[n]) for n in self.owned}
+        # A replicated exchange (lowrank) gives every rank every aggregate: every rank then steps and
+        # constrains every tensor alike, and no owner sends weights back.
+        self.stepped = list(self.plan.owner) if self.exchange and self.exchange.replicated else self.owned
+        self.held = {n: masters.get(n, self.params[n]) for n in self.stepped}
         self.optim = Optimizers(self.held, self._optim_config(), n_layers=cfg.model.n_layers)
         c = cfg.constraint
         self.constrainer = Constrainer(c.method, {n: sigma_max[n] for n in matrix_names(model)},
@@ -169,7 +172,7 @@ class Engine:
         with self.timer.phase("comm"):
             if self.exchange is not None and self.exchange.downlink is not None:
                 self.exchange.share(step)
-            else:
+            elif self.exchange is None or not self.exchange.replicated:
                 self._share_from_owners()
         return info
 
@@ -204,13 +207,13 @@ class Engine:
     @torch.no_grad()
     def _constrain_owned(self, info: StepInfo) -> None:
         margin = self.cfg.constraint.margin
-        mats = [n for n in self.owned if n != EMBED]
+        mats = [n for n in self.stepped if n != EMBED]
         norms = {n: (None if info.update_norms.get(n) is None else info.update_norms[n] * margin) for n in mats}
         if mats:
             new = self.constrainer.apply_many({n: self.held[n].data for n in mats}, lr=info.lr, update_norms=norms)
             for n, w in new.items():
                 self.held[n].data.copy_(w)
-        if EMBED in self.owned and self.cfg.constraint.embed_cap:
+        if EMBED in self.stepped and self.cfg.constraint.embed_cap:
             e = self.held[EMBED]
             e.data.copy_(embed_cap(e.data, self.embed_max_rms))
 
@@ -320,7 +323,8 @@ class Engine:
                 weights[EMBED] = embed
                 if embed_adam is not None:
                     adam[EMBED] = embed_adam
-        return {"weights": weights, "momentum": optim["momentum"], "adam": adam,
+        return {"weights": weights, "momentum": {n: t for n, t in optim["momentum"].items() if n in owned},
+                "adam": adam,
                 "constraint": {n: v for n, v in self.constrainer.state_dict().items() if matrix_of(n) in owned},
                 "compression": self.compression_state_dict()}
 
@@ -332,11 +336,11 @@ class Engine:
             for name in matrix_names(self.model):
                 self.params[name].data.copy_(weights[name])
             self.set_embedding(weights[EMBED].to(self.device))
-        owned = set(self.owned)
+        stepped = set(self.stepped)
         self.optim.load_state_dict({"momentum": state["momentum"], "adam": adam})
         if self.ds is not None and EMBED in adam:
             scatter_adam(self.ds, self.params[EMBED], adam[EMBED])
-        self.constrainer.load_state_dict({n: v for n, v in state["constraint"].items() if matrix_of(n) in owned})
+        self.constrainer.load_state_dict({n: v for n, v in state["constraint"].items() if matrix_of(n) in stepped})
         if state["compression"] is not None:
             self.load_compression_state_dict(state["compression"])
 

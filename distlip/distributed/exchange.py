@@ -15,6 +15,9 @@
   w ← w + C(x⁺ − w), so gradients are taken at w. Without it the owners broadcast x⁺ densely
   and w = x.
 
+- lowrank (`compress.lowrank`): rank-r factors of every matrix in two all-reduces; every rank
+  gets every aggregate, steps every tensor alike, and nothing is sent back.
+
 Tensors DeepSpeed holds (the embedding under optim.embed=adam) stay dense: DeepSpeed reduces
 their gradients itself, and those bytes are not counted here.
 """
@@ -26,7 +29,7 @@ import time
 import torch
 from torch import Tensor
 
-from distlip.compress import ByteCounter, EF21Momentum, Marina, TorchComm, build, check
+from distlip.compress import ByteCounter, EF21Momentum, LowRank, Marina, TorchComm, build, check
 from distlip.compress.accounting import DOWNLINK, broadcast_bytes
 from distlip.config.schema import CompressionConfig
 from distlip.distributed.sharding import OwnershipPlan
@@ -90,6 +93,8 @@ class CompressedExchange:
         self.comm = TimedComm(TorchComm())
         check(section)  # as when the section was loaded; the estimators' constructors run in the same order
         self.uplink, self.downlink = build(section, self.comm, self.counter)
+        # Every rank gets every aggregate (lowrank's all-reduce): every rank steps every tensor.
+        self.replicated = isinstance(self.uplink, LowRank)
         self.masters = {n: params[n].data.clone() for n in plan.owned_by(rank)} if self.downlink else {}
         # EF21 with η < 1 aggregates momentum rather than gradients (see Engine._optim_config).
         self.carries_momentum = isinstance(self.uplink, EF21Momentum) and self.uplink.eta < 1.0
@@ -115,10 +120,11 @@ class CompressedExchange:
 
     @torch.no_grad()
     def gradients(self, grad_of, step: int, previous: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """The aggregate gradient of every tensor this rank owns. `grad_of(name)` is this rank's
-        local fp32 gradient; `previous` its gradients at the `previous` weights on the same
-        batch, when `needs_previous`. Every rank compresses every tensor; one reduce-scatter and
-        one all-to-all (`transport.mean_many`) bring each owner the messages of its tensors."""
+        """The aggregate gradient of every tensor this rank owns (every tensor when `replicated`).
+        `grad_of(name)` is this rank's local fp32 gradient; `previous` its gradients at the
+        `previous` weights on the same batch, when `needs_previous`. Every rank compresses every
+        tensor; one reduce-scatter and one all-to-all (`transport.mean_many`) bring each owner the
+        messages of its tensors (lowrank: two all-reduces bring everyone every aggregate)."""
         start = time.perf_counter()
         grads = {name: grad_of(name) for name in self.plan.owner}
         mine = self.uplink.aggregate_many(grads, step=step, owners=self.plan.owner, previous=previous)

@@ -234,6 +234,8 @@ TRAIN_FAULTS = {
                                      ["nope not found", "'auto', or a checkpoint directory"]),
     "truncated checkpoint to resume": (lambda w: truncate(rank_file(w)) or train_argv(w, "--resume", str(step_dir(w))),
                                        ["is unusable", "truncated file"]),
+    "low rank above a matrix's side": (lambda w: train_argv(w, "compression.compressor=lowrank", "compression.rank=64"),
+                                        ["compression.rank=64", "blocks.0.attn.q.weight of shape (32, 32)", "≤ 32"]),
     "checkpoint of another size": (lambda w: train_argv(w, "model.d_model=64", "--resume", "auto", out="run"),
                                    ["model.d_model=32 there, 64 here", "resume with the checkpoint's settings"]),
 }
