@@ -26,6 +26,7 @@ from distlip.config.checks import check_lowrank_shapes, check_output_dir
 from distlip.data.in_memory import InMemoryBatches, load_char_corpus, val_windows
 from distlip.distributed.engine import Engine
 from distlip.distributed.env import DistEnv, init_distributed, select_device
+from distlip.distributed.wire import WireCounter
 from distlip.divergence import DivergenceGuard
 from distlip.errors import ConfigError, DistlipError
 from distlip.lipschitz.budget import apply_target
@@ -130,6 +131,7 @@ class Trainer:
         check_output_dir(self.out)  # last of the refusals: it creates the run directory
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.wire = WireCounter().install() if env.world_size > 1 else WireCounter()
         init_distributed(env, self.device, cfg.dist.timeout)
         torch.manual_seed(cfg.train.seed)
         self.model = LipschitzTransformer(cfg.model).to(self.device)
@@ -171,7 +173,8 @@ class Trainer:
         """Checkpoint the whole state at this step boundary (collective; at most once per step)."""
         if self.saved_step != self.step:
             meta = {"config": self.cfg.to_dict(), "tokenizer": self.data.tokenizer.to_dict()}
-            save_checkpoint(self.store, self.step, self.env.rank, self.state_dict(), meta)
+            with self.wire.category("checkpoint"):
+                save_checkpoint(self.store, self.step, self.env.rank, self.state_dict(), meta)
             self.saved_step = self.step
 
     def state_dict(self) -> dict:
@@ -257,15 +260,17 @@ class Trainer:
         """Each owner computes its matrices' norms; the sums give every rank the whole table."""
         keys = norm_keys(self.matrices, self.cfg.model.n_heads)
         norm_of = partial(exact_norms, n_heads=self.cfg.model.n_heads) if exact else self.estimator
-        norms = self.engine.owned_norms(norm_of, keys)
-        return certify(norms, self.engine.embed_rms_max(), self.cfg.model, self.caps)
+        with self.wire.category("certificate"):
+            norms = self.engine.owned_norms(norm_of, keys)
+            return certify(norms, self.engine.embed_rms_max(), self.cfg.model, self.caps)
 
     def _phase_times(self) -> dict[str, float]:
         """ms per step per phase (device-synchronised), averaged over steps and over ranks: under
         owner-computes each rank's optimiser and constraint work differs (collective)."""
         times = self.timer.averages()
         keys = sorted(k for k in times if k.startswith("ms_"))
-        mean = [v / self.env.world_size for v in self.engine.all_sum([times[k] for k in keys])]
+        with self.wire.category("metrics"):
+            mean = [v / self.env.world_size for v in self.engine.all_sum([times[k] for k in keys])]
         return {**times, **dict(zip(keys, mean))}
 
     def train_step(self) -> tuple[float, Certificate | None]:
@@ -342,12 +347,14 @@ class Trainer:
                     record = {"step": self.step, "loss": loss, "lr": self.lr,
                               "lipschitz_bound": cert.bound, "max_cap_ratio": cert.max_cap_ratio,
                               "tokens_per_s": tok_s, **self._phase_times(), **self.engine.log_fields()}
+                    record.update(self.wire.log_fields())
                     logger.log(record)
                     self.guard.check(self.step, loss)
                     progress.update(self.step, {"loss": f"{loss:.3f}", "tok/s": f"{tok_s:,.0f}",
                                                 "L≤": f"{cert.bound:.3g}"})
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
-                    vl, va = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast, t.eval_windows)
+                    with self.wire.category("eval"):
+                        vl, va = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast, t.eval_windows)
                     logger.log({"step": self.step, "loss": loss, "lipschitz_bound": cert.bound,
                                 "val_loss": vl, "val_acc": va})
                     progress.write(f"step {self.step}: val_loss {vl:.4f}  val_acc {va:.2%}  L≤{cert.bound:.3g}")
@@ -362,12 +369,13 @@ class Trainer:
                     exit_for_requeue()
             train_time = time.perf_counter() - start
             final = self.certificate(exact=True)
-            vl, va = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast)
-            paper = self.paper_protocol()
+            with self.wire.category("eval"):
+                vl, va = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast)
+                paper = self.paper_protocol()
             violations = final.violations(self.caps)
             summary = {"step": self.step, "loss": loss, "lipschitz_bound": final.bound, "val_loss": vl, "val_acc": va,
-                       "max_cap_ratio": final.max_cap_ratio, "certified": not violations, "exact": True,
-                       "train_seconds": train_time, "val_tokens": int(self.data.val_y.numel()), **paper}
+                       "max_cap_ratio": final.max_cap_ratio, "certified": not violations, "exact": True, **paper,
+                       "train_seconds": train_time, "val_tokens": self.data.val_y.numel(), **self.wire.log_fields()}
             logger.log({"event": "final", **summary})
             weights = self.engine.master_weights()
             if main:
