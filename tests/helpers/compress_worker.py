@@ -37,6 +37,7 @@ RATIO_ONE = {
     "topk+ef21+downlink": family("topk", "ef21") + ["compression.downlink=topk", "compression.downlink_ratio=1.0"],
     "zero1/topk+ef21": ZERO1 + family("topk", "ef21"),
     "zero3/randk+diana": ZERO3 + family("randk", "diana"),
+    "lowrank": ["compression.compressor=lowrank", "compression.ratio=1.0"],  # full rank: every tensor whole
 }
 REFERENCES = {"off": [], "zero1/off": ZERO1, "zero3/off": ZERO3}
 # Compressed both ways: the masters must stay under their caps at every step.
@@ -48,9 +49,13 @@ CERTIFIED = {
 }
 
 
-# Resumed mid-run: the certified pairs, MARINA on one batch (its previous weights are state), and EF21
+# Low rank: every rank steps every matrix from the same aggregate; nothing is sent back.
+LOWRANK = {"lowrank r2": ["compression.compressor=lowrank", "compression.rank=2"]}
+
+
+# Resumed mid-run: low rank, the certified pairs, MARINA on one batch (its previous weights are state), and EF21
 # with two momenta (each v follows the η of its share).
-RESUMED = {**CERTIFIED, "randk5%+marina": family("randk", "marina", 0.05),
+RESUMED = {**CERTIFIED, **LOWRANK, "randk5%+marina": family("randk", "marina", 0.05),
            "topk5%+ef21-two-momenta": family("topk", "ef21", 0.05) + ["compression.ef21_eta=0.1",
                                                                         "compression.ef21_eta_sent=0.01"]}
 # MARINA's second pass holds DeepSpeed's embedding fixed: after the first compressed step (1) the
@@ -124,6 +129,7 @@ if __name__ == "__main__":
         "ratio_one": {name: run_tiny(extra, f"{run_dir}/{name}")
                       for name, extra in {**REFERENCES, **RATIO_ONE}.items()},
         "certified": {name: run_tiny(extra, f"{run_dir}/{name}") for name, extra in CERTIFIED.items()},
+        "lowrank": {name: run_tiny(extra, f"{run_dir}/{name}") for name, extra in LOWRANK.items()},
         "resume": {name: resume_case(extra, f"{run_dir}/resume-{name}") for name, extra in RESUMED.items()},
         "zero1_marina": {name: run_tiny(extra, f"{run_dir}/zero1-{name}") for name, extra in ZERO1_MARINA.items()},
     }

@@ -1,8 +1,8 @@
 """Compressed communication in real 2-process training (gloo), on a tiny model: ratio 1.0 is dense
-training bit for bit, the certificate holds on the masters at every step when both directions are
-compressed, the compression state resumes exactly, and MARINA's second pass leaves DeepSpeed's
-embedding alone. These fail on bugs, not on noise; the Shakespeare convergence comparisons are in
-tests/convergence/.
+training bit for bit (low rank at full rank too), the certificate holds on the masters at every
+step when both directions are compressed, low rank keeps the ranks identical and capped, the
+compression state resumes exactly, and MARINA's second pass leaves DeepSpeed's embedding alone.
+These fail on bugs, not on noise; the Shakespeare convergence comparisons are in tests/convergence/.
 
 One torchrun launch runs everything (tests/helpers/compress_worker.py); the tests compare its records.
 """
@@ -55,6 +55,21 @@ def test_masters_certified_at_every_step_under_both_way_compression(ranks, name)
     assert a["master_norms"] == b["master_norms"]  # every rank sees the same masters
     for w_a, w_b in zip(a["weights"], b["weights"]):  # and the same forward weights, bit for bit
         assert all(torch.equal(w_a[n], w_b[n]) for n in w_a)
+
+
+@pytest.mark.parametrize("name", sorted(worker.LOWRANK))
+def test_lowrank_steps_every_rank_alike_within_its_caps(ranks, name):
+    """No owner and no downlink: both ranks step every matrix from the same all-reduced aggregate,
+    so their weights agree bit for bit after every step, and stay within their caps."""
+    a, b = ranks[0]["lowrank"][name], ranks[1]["lowrank"][name]
+    for w_a, w_b in zip(a["weights"], b["weights"]):
+        assert all(torch.equal(w_a[n], w_b[n]) for n in w_a)
+    assert a["master_minus_forward"] == [0.0] * worker.TINY_STEPS  # no masters apart: w is x
+    for norms in a["master_norms"]:
+        assert max(norms.values()) <= CAP * (1 + 1e-4), norms
+    later = a["bytes"][-1]
+    assert later["downlink_bytes"] == 0 and 0 < later["uplink_bytes"] < later["uplink_dense_sent"] / 3
+    assert a["losses"] != ranks[0]["ratio_one"]["off"]["losses"]  # rank 2 of 16-wide matrices is not dense
 
 
 @pytest.mark.parametrize("name", sorted(worker.RESUMED))
