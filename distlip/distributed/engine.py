@@ -18,6 +18,8 @@ gradients aggregated by an estimator on every rank, and optionally an EF21-P com
 downlink, after which the owner's master x (what is constrained, certified and saved:
 `master_weights()`) differs from the module weights w the forward reads. The
 DeepSpeed-held embedding's gradients stay dense (DeepSpeed reduces them itself).
+Under `compressor: lowrank` every rank gets every aggregate (all-reduced factors), so every rank
+steps and constrains every tensor (`stepped`) and nothing is broadcast back.
 """
 
 from __future__ import annotations
