@@ -16,7 +16,8 @@ factor saved against dense.
 
 `--slow-link` (root) instead times dense against one configuration as a 2-node job (one rank per
 node) over two network namespaces joined by a `--rate` veth: wall time to reach dense's final
-validation loss, both runs in one invocation; periodic evaluations on the whole split.
+validation loss (training time from the phase timer, evaluation excluded), both runs in one
+invocation; periodic evaluations on the whole split.
 
     python benchmarks/compression_scale.py [--ranks 2 4 8 16] [--methods ...] [--steps 200] [--results FILE.md]
     python benchmarks/compression_scale.py --slow-link --best 'lowrank r4' [--rate 100mbit] [--results ...]
@@ -31,8 +32,6 @@ from pathlib import Path
 
 from common import ROOT, final, provenance, table, train, write_section
 from slow_link import slow_link, train_two_nodes
-
-from distlip.config import load_config
 
 CONFIG = "configs/shakespeare.yaml"
 MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", "train.batch_size=32",
@@ -131,23 +130,29 @@ def grid(args: argparse.Namespace, base: list[str]) -> None:
     if args.results:
         command = " ".join(["python benchmarks/compression_scale.py", *args.argv])
         write_section(Path(args.results), "## Compression at 2-16 ranks: loss vs total bytes",
-                      f"## Compression at 2-16 ranks: loss vs total bytes\n\n{provenance()}, 2-core CPU shared with "
+                      f"## Compression at 2-16 ranks: loss vs total bytes\n\n{provenance()}, shared with "
                       f"other jobs. Command: `{command}`.\n\n{text}\n\n![loss vs bytes]({Path(args.plot).name})\n")
 
 
-def time_to(records: list[dict], steps_per_record: dict, target: float) -> float | None:
-    """Training seconds until the first evaluation at or below `target` (None if never)."""
-    elapsed, seconds = 0.0, {}
+def step_ms(record: dict) -> float:
+    """Wall ms per training step from the phase timer (evaluation excluded; the exchange's own
+    collective/codec split is inside `ms_comm`)."""
+    return sum(v for k, v in record.items() if k.startswith("ms_") and k not in ("ms_codec", "ms_collective"))
+
+
+def time_to(records: list[dict], target: float) -> tuple[float | None, float]:
+    """Training seconds (evaluation excluded) until the first evaluation at or below `target`,
+    None if none is; and the whole run's training seconds."""
+    elapsed, seconds, previous = 0.0, {}, 0
     for r in records:
         if "tokens_per_s" in r:
-            elapsed += steps_per_record[r["step"]] / r["tokens_per_s"]
-            seconds[r["step"]] = elapsed
-    hits = [seconds[r["step"]] for r in records if "val_loss" in r and "event" not in r and r["val_loss"] <= target
-            and r["step"] in seconds]
-    end = final(records)
-    if end["val_loss"] <= target:
-        hits.append(end["train_seconds"])
-    return min(hits) if hits else None
+            elapsed += (r["step"] - previous) * step_ms(r) / 1000
+            seconds[r["step"]], previous = elapsed, r["step"]
+    hits = [seconds[r["step"]] for r in records if "val_loss" in r and r.get("event") != "final"
+            and r["val_loss"] <= target and r["step"] in seconds]
+    if final(records)["val_loss"] <= target:
+        hits.append(elapsed)
+    return (min(hits) if hits else None), elapsed
 
 
 def slow(args: argparse.Namespace, base: list[str]) -> None:
@@ -161,26 +166,26 @@ def slow(args: argparse.Namespace, base: list[str]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 records = train_two_nodes(Path(tmp) / "run", CONFIG,
                                           base + METHODS[name] + [f"train.steps={steps}"])
-            cfg = load_config(ROOT / CONFIG, base)
-            tokens = cfg.train.batch_size * cfg.seq_len()
-            logged = [r["step"] for r in records if "tokens_per_s" in r]
-            per = {s: (s - p) * tokens for s, p in zip(logged, [0, *logged])}
             end = final(records)
             target = end["val_loss"] if target is None else target
-            reached = time_to(records, per, target)
-            rows.append({"method": name, "steps": steps, "val loss": end["val_loss"], "train s": end["train_seconds"],
+            reached, total = time_to(records, target)
+            logged = [r for r in records if "tokens_per_s" in r]
+            rows.append({"method": name, "steps": steps, "val loss": end["val_loss"], "train s": total,
+                         "ms/step": 1000 * total / steps,
+                         "comm ms/step": sum(r["ms_comm"] for r in logged) / len(logged),
                          "s to dense's loss": reached, "MB per rank": end["wire_bytes_total"] / 1e6})
             print(rows[-1], flush=True)
     dense_s = rows[0]["s to dense's loss"]
     for r in rows:
         r["speed-up"] = dense_s / r["s to dense's loss"] if r["s to dense's loss"] else None
     text = table(rows, [("method", "{}"), ("steps", "{}"), ("val loss", "{:.4f}"), ("train s", "{:.1f}"),
-                        ("s to dense's loss", "{:.1f}"), ("speed-up", "{:.2f}×"), ("MB per rank", "{:.2f}")])
+                        ("ms/step", "{:.0f}"), ("comm ms/step", "{:.0f}"), ("s to dense's loss", "{:.1f}"),
+                        ("speed-up", "{:.2f}×"), ("MB per rank", "{:.2f}")])
     print(text)
     if args.results:
         command = " ".join(["python benchmarks/compression_scale.py", *args.argv])
         heading = f"## Time to dense's loss over a {args.rate} link (2 nodes)"
-        write_section(Path(args.results), heading, f"{heading}\n\n{provenance()}, 2-core CPU shared with other "
+        write_section(Path(args.results), heading, f"{heading}\n\n{provenance()}, shared with other "
                       f"jobs; one rank per network namespace. Command: `{command}`.\n\n{text}\n")
 
 
