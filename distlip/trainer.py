@@ -21,7 +21,7 @@ from distlip.checkpoint.export import save_model
 from distlip.checkpoint.files import Checkpoint
 from distlip.checkpoint.state import load_checkpoint, save_checkpoint
 from distlip.checkpoint.store import CheckpointStore
-from distlip.config import Config, preflight
+from distlip.config import Config
 from distlip.config.checks import check_output_dir
 from distlip.data.in_memory import InMemoryBatches, load_char_corpus, val_windows
 from distlip.distributed.engine import Engine
@@ -39,6 +39,7 @@ from distlip.metrics import MetricsLogger, Progress, StepTimer
 from distlip.model import LipschitzTransformer, matrix_names, matrix_of
 from distlip.paper_protocol import BATCH_SIZE, batch_scores, describe, protocol_windows
 from distlip.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
+from distlip.preflight import preflight
 
 
 @dataclass

@@ -1,22 +1,19 @@
-"""Checks on a built configuration: `validate` (cross-field rules that need nothing but the
-config) and `preflight` (the rules that need the launch environment: world size, devices),
-run before any data, process-group or DeepSpeed work so a mistake costs one line, not a job."""
+"""Checks on a built configuration that need nothing but the config: `validate` (run by
+`load_config`), the run directory and the device. The config package is the ground floor and
+imports nothing above it; the refusals that need the packages above (the soft cap's floors, a
+target bound's certificate, building the compressors, a DeepSpeed JSON) are in
+`distlip.preflight`, which the trainer runs before any data, process-group or DeepSpeed work."""
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 from pathlib import Path
-from typing import Protocol
 
+from distlip.config.choices import GROUPS, METHODS
 from distlip.config.schema import Config, DataConfig
 from distlip.errors import ConfigError, did_you_mean
-
-
-class Placement(Protocol):
-    """Where this process runs in the job (a `distributed.env.DistEnv`)."""
-
-    world_size: int
-    local_rank: int
 
 
 def _require(ok: bool, message: str) -> None:
@@ -40,32 +37,45 @@ def validate_data(d: DataConfig) -> None:
     _require(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be ≥ 1 (batches prepared ahead)")
 
 
-def _check_soft_cap_step(cfg: Config) -> None:
-    """With Muon, the soft cap's coupling needs the largest update norm μ = lr·mult·1.14502·margin
-    to stay ≤ 0.3·cap for every group (beyond that the composite overshoots the cap): refuse
-    before training."""
-    from distlip.lipschitz.budget import soft_cap_floors
-    from distlip.lipschitz.caps import group_caps
-    from distlip.lipschitz.constraints import SOFT_CAP_MAX_MU
+def check_method(name: str) -> str:
+    """Return `name` if it is one of METHODS, else raise ConfigError naming the closest."""
+    if name in METHODS:
+        return name
+    closest = difflib.get_close_matches(str(name), METHODS, n=1, cutoff=0.0)
+    raise ConfigError(f"unknown constraint method {name!r}; did you mean {closest[0]!r}? "
+                      f"(choose from {', '.join(METHODS)})")
 
-    c, o = cfg.constraint, cfg.optim
-    if c.target_bound > 0:
-        return  # the target's allocation keeps every cap above its floor (or refuses the target)
-    caps = group_caps(c)
-    for group, floor in soft_cap_floors(cfg).items():
-        _require(caps[group] >= floor,
-                 f"soft cap: the {group} matrices' Muon step (lr·mult·1.145·margin = {floor * SOFT_CAP_MAX_MU:.3g}) "
-                 f"exceeds {SOFT_CAP_MAX_MU}·cap = {SOFT_CAP_MAX_MU * caps[group]:.3g}, so the cap would overshoot; "
-                 f"lower optim.lr to ≤ {o.lr * caps[group] / floor:.3g}, raise the cap (constraint.caps.{group} or "
-                 "constraint.sigma_max), or use constraint.method=hard_cap")
+
+def check_caps(caps: dict, key: str = "constraint.caps") -> None:
+    """Every key a known cap group and every cap a finite number > 0, or one ConfigError line."""
+    for group, cap in caps.items():
+        if group not in GROUPS:
+            match = difflib.get_close_matches(str(group), GROUPS, n=1, cutoff=0.0)
+            raise ConfigError(f"{key} has unknown group {group!r} (did you mean {match[0]!r}?); "
+                              f"groups are {', '.join(GROUPS)}")
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+            raise ConfigError(f"{key}.{group}={cap!r} must be a finite number > 0 (an RMS→RMS cap)")
+
+
+def check_coefficients(method: str, weight_decay: float, spectral_wd: float, power_iters: int) -> None:
+    """The method's coefficients: each method gets the ones it uses and no others."""
+    if weight_decay < 0 or spectral_wd < 0 or power_iters < 1:
+        raise ConfigError("weight_decay and spectral_wd must be >= 0 and power_iters >= 1; fix the "
+                          "constraint settings")
+    if method == "weight_decay" and weight_decay == 0:
+        raise ConfigError("method 'weight_decay' needs weight_decay > 0; set weight_decay")
+    if method == "spectral_weight_decay" and spectral_wd == 0:
+        raise ConfigError("method 'spectral_weight_decay' needs spectral_wd > 0; set spectral_wd")
+    if method != "spectral_weight_decay" and spectral_wd > 0:
+        raise ConfigError(f"spectral_wd is only used by method 'spectral_weight_decay', not {method!r}; "
+                          "remove it or change the method")
+    if method == "none" and weight_decay > 0:
+        raise ConfigError("method 'none' applies no weight decay; use method 'weight_decay'")
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that do not need data, devices or process groups."""
-    from distlip.lipschitz.budget import check_target
-    from distlip.lipschitz.caps import check_caps
-    from distlip.lipschitz.constraints import check_method  # local: constraints imports torch
-
+    """Cross-field checks that do not need data, devices, process groups or any package above
+    the config (those are in `distlip.preflight`)."""
     m, c, o, d, t = cfg.model, cfg.constraint, cfg.optim, cfg.data, cfg.train
     _require(m.d_model > 0 and m.n_layers > 0 and m.n_heads > 0, "model.d_model, n_layers and n_heads must be positive")
     _require(m.d_model % m.n_heads == 0,
@@ -81,10 +91,8 @@ def validate(cfg: Config) -> None:
     _require(c.sigma_max > 0, f"constraint.sigma_max={c.sigma_max} must be > 0 (it is the cap on each matrix)")
     check_caps(c.caps)
     _require(c.target_bound >= 0, f"constraint.target_bound={c.target_bound} must be ≥ 0 (0: no target)")
-    if c.target_bound > 0:
-        check_target(cfg)
     _require(c.power_iters >= 1, "constraint.power_iters must be ≥ 1")
-    _check_soft_cap_step(cfg)
+    check_coefficients(c.method, c.weight_decay, c.spectral_wd, c.power_iters)
     _require(o.name in ("muon", "adamw"),
              f"optim.name='{o.name}' is unknown{did_you_mean(o.name, ['muon', 'adamw'])}; use muon or adamw")
     _require(o.embed in ("colnorm", "adam"), f"optim.embed='{o.embed}' is unknown; use colnorm or adam")
@@ -118,41 +126,8 @@ def validate(cfg: Config) -> None:
              f"data.seq_len={cfg.data.seq_len} is longer than model.context={cfg.model.context}: the rotary table "
              f"and the certificate cover model.context positions; set data.seq_len ≤ {cfg.model.context} "
              "(0 uses model.context) or raise model.context")
-    validate_compression(cfg)
-
-
-def validate_compression(cfg: Config) -> None:
-    """The compression block, by the compress package's own checks, and what it can be combined with."""
-    from distlip.compress import check, estimator_name  # local: the compress package imports torch
-
-    c = cfg.compression
-    try:
-        check(c)
-    except ConfigError as exc:
-        raise ConfigError(f"compression: {exc}") from None
-    _require(not c.enabled or cfg.optim.name == "muon",
-             "compression applies to distlip's sharded Muon path (matrices and the colnorm embedding); "
-             "use optim.name=muon, or leave compression.compressor=identity")
-    _require(c.ef21_eta_sent is None or estimator_name(c) == "ef21",
-             f"compression.ef21_eta_sent applies to the ef21 estimator, not {estimator_name(c)}; "
-             "drop it or set compression.estimator=ef21")
-    _require(not (c.enabled and estimator_name(c) == "ef21" and c.ef21_eta < 1 and cfg.optim.nesterov),
-             f"compression.ef21_eta={c.ef21_eta} makes EF21 carry the momentum (β = 1 − η) and Muon then steps "
-             "without its own, which the Nesterov form cannot express; set optim.nesterov=false or "
-             "compression.ef21_eta=1.0")
-
-
-def preflight(cfg: Config, env: Placement) -> None:
-    """Every refusal that needs the launch environment, run first by the trainer: before data is
-    read, the process group starts or DeepSpeed is initialised."""
-    from distlip.lipschitz.constraints import check_coefficients  # local: constraints imports torch
-
-    check_distributed(cfg, env)
-    check_device(cfg, env.local_rank)
-    t, c = cfg.train, cfg.constraint
     _require(t.save_every >= 0, f"train.save_every={t.save_every} must be ≥ 0 (0: checkpoint at the end only)")
     _require(t.keep_last >= 1, f"train.keep_last={t.keep_last}: keep at least 1 checkpoint")
-    check_coefficients(c.method, c.weight_decay, c.spectral_wd, c.power_iters)
 
 
 def check_output_dir(out: Path) -> None:
@@ -169,28 +144,6 @@ def check_output_dir(out: Path) -> None:
     except OSError as err:
         raise ConfigError(f"output directory {out} is not writable ({err.strerror or err}): choose another --out "
                           "(train.out), or make it writable") from None
-
-
-def check_distributed(cfg: Config, env: Placement) -> None:
-    """Everything that can be refused before any process-group work."""
-    t = cfg.train
-    if t.batch_size % (env.world_size * t.grad_accum):
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by world size {env.world_size} × "
-                          f"train.grad_accum={t.grad_accum}; pick a batch size that is")
-    if env.world_size == 1 and cfg.compression.enabled:
-        raise ConfigError(f"compression.compressor={cfg.compression.compressor} needs ≥ 2 processes (one process "
-                          "has no communication to compress): launch with torchrun --nproc_per_node 2 or more, or "
-                          "leave compression at its defaults")
-    if env.world_size > 1 and cfg.optim.name == "adamw":
-        raise ConfigError("the AdamW baseline runs on one process; use optim.name=muon for sharded training")
-    if env.world_size > 1 and cfg.dist.zero_stage > 0 and cfg.optim.embed != "adam":
-        raise ConfigError(f"dist.zero_stage={cfg.dist.zero_stage} shards Adam state, but optim.embed=colnorm leaves "
-                          "DeepSpeed no parameters (distlip's owner-computes step already shards every optimizer "
-                          "state); set optim.embed=adam, or dist.zero_stage=0")
-    if env.world_size > 1 or cfg.dist.deepspeed_config:
-        from distlip.distributed.deepspeed import deepspeed_config  # local: it reads only the schema
-
-        deepspeed_config(cfg, env.world_size)  # refuses a missing or contradicting user JSON early
 
 
 def check_device(cfg: Config, local_rank: int = 0) -> None:

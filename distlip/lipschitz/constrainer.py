@@ -12,12 +12,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from distlip.config.checks import check_coefficients, check_method
 from distlip.errors import CheckpointError, ConfigError
 from distlip.lipschitz.constraints import (
     SOFT_CAP_MAX_MU,
     check_cap,
-    check_coefficients,
-    check_method,
     exact_cap,
     hard_cap,
     rounding_margin,

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from distlip.config.choices import METHODS
 from distlip.errors import ConfigError
 from distlip.lipschitz.constrainer import Constrainer
 from distlip.lipschitz.constraints import (
     HARD_CAP_COEFFS,
     HARD_CAP_PEAK,
     HARD_CAP_RANGE,
-    METHODS,
     SOFT_CAP_MAX_MU,
     embed_cap,
     exact_cap,
