@@ -4,7 +4,6 @@ after every optimiser step, with persistent seeded power-iteration vectors (docs
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import math
 import warnings
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ from distlip.lipschitz.constraints import (
     stiefel,
     weight_decay,
 )
-from distlip.lipschitz.spectral import power_iteration, rms_scale, sigma_upper_bound
+from distlip.lipschitz.spectral import power_iteration, rms_scale, sigma_upper_bound, start_vector
 from distlip.model import block_key, matrix_of
 
 # Power-iteration steps for a vector's first use (later steps warm-start).
@@ -271,9 +270,7 @@ class Constrainer:
     def _vector(self, name: str, n: int) -> Tensor:
         """The stored vector for `name`, or a fresh one seeded from (seed, name)."""
         if name not in self._vectors:
-            digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-            return torch.randn(n, generator=gen)
+            return start_vector(self.seed, name, n)
         v = self._vectors[name]
         if v.numel() != n:
             raise CheckpointError(

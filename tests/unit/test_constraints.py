@@ -1,6 +1,10 @@
 """Weight constraints and Newton–Schulz against the SVD oracle (docs/method.md#constraints, #muon)."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -9,6 +13,7 @@ import torch
 
 from distlip.config.choices import METHODS
 from distlip.errors import ConfigError
+from distlip.lipschitz.certificate import SigmaEstimator
 from distlip.lipschitz.constrainer import Constrainer
 from distlip.lipschitz.constraints import (
     HARD_CAP_COEFFS,
@@ -20,7 +25,7 @@ from distlip.lipschitz.constraints import (
     soft_cap_alpha,
 )
 from distlip.lipschitz.newton_schulz import MUON_NS_COEFFS, NS_MAX_GAIN, msign, orthogonalize
-from distlip.lipschitz.spectral import power_iteration, rms_norm, rms_scale
+from distlip.lipschitz.spectral import power_iteration, rms_norm, rms_scale, start_vector
 
 CAP_METHODS = ("hard_cap", "soft_cap", "spectral_normalize", "stiefel", "exact_cap")
 
@@ -371,3 +376,18 @@ def test_sigma_upper_bound_is_above_and_close_to_sigma_max(kind):
     bound = sigma_upper_bound(W).double()
     assert (bound >= exact).all()
     assert (bound <= exact * 1.013).all()
+
+
+def test_power_iteration_start_vectors_are_one_derivation_the_same_in_every_process():
+    """The Constrainer and the SigmaEstimator start from `start_vector(seed, key)`: the same in
+    another process (another hash salt), whatever the global RNG did, and different per key."""
+    key = "blocks.0.attn.q.weight[1]"
+    code = f"from distlip.lipschitz.spectral import start_vector; print(start_vector(3, {key!r}, 5).tolist())"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    v = torch.tensor(json.loads(there.stdout))
+    torch.manual_seed(123)
+    assert torch.equal(start_vector(3, key, 5), v)
+    assert not torch.equal(start_vector(4, key, 5), v) and not torch.equal(start_vector(3, key[:-3], 5), v)
+    assert torch.equal(Constrainer("hard_cap", 1.0, seed=3)._vector(key, 5), v)
+    assert torch.equal(SigmaEstimator(seed=3)._init(key, 5, "cpu"), v)

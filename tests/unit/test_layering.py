@@ -10,7 +10,7 @@ PACKAGE = ROOT / "distlip"
 
 # Bottom to top: a module may import its own layer and the layers below it, never above.
 LAYERS = (
-    ("errors",),
+    ("errors", "seeds"),
     ("config",),
     ("data", "model", "lipschitz", "loss", "metrics", "divergence", "preemption", "paper_protocol", "sample"),
     ("optim", "compress"),
