@@ -3,7 +3,6 @@ after every optimiser step, with persistent seeded power-iteration vectors (docs
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import warnings
 from collections.abc import Mapping
@@ -42,9 +41,8 @@ class Constrainer:
     and warm-started each step (FIRST_USE_ITERS iterations on first use, then
     `power_iters`). `calls` counts matrices handed to apply/apply_many.
 
-    sigma_max is an RMS→RMS cap: a float for every matrix, or a mapping from parameter
-    names or glob patterns (e.g. `{"head.weight": 1.0, "*": 2.0}`) to caps; exact names
-    win over patterns, patterns are tried in order.
+    sigma_max is an RMS→RMS cap: a float for every matrix, or a mapping from parameter names
+    to caps (what `lipschitz.caps.matrix_caps` gives: caps are worked out there, not here).
 
     row_blocks maps a parameter name to a number of row blocks H (attention heads): such a
     (d_out, d_in) matrix is constrained as H matrices (d_out/H, d_in), each in its own RMS→RMS
@@ -89,12 +87,9 @@ class Constrainer:
         if isinstance(self._caps, float):
             return self._caps
         name = matrix_of(name)  # a row block has its matrix's cap
-        if name in self._caps:
-            return self._caps[name]
-        for pattern, cap in self._caps.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return cap
-        raise ConfigError(f"no sigma_max for parameter {name!r}; add it or a '*' default to sigma_max")
+        if name not in self._caps:
+            raise ConfigError(f"no sigma_max for parameter {name!r}; add it to sigma_max")
+        return self._caps[name]
 
     def apply(self, name: str, W: Tensor, *, lr: float, update_norm: float | None) -> Tensor:
         """Constrained copy of W (d_out, d_in) in W's dtype and device.

@@ -333,7 +333,7 @@ def test_state_dict_round_trip_resumes_identically():
 
 
 def test_calls_inputs_and_per_name_caps():
-    c = Constrainer("exact_cap", {"head.weight": 0.5, "*": 2.0})
+    c = Constrainer("exact_cap", {"head.weight": 0.5, "h.0.w": 2.0})
     g = torch.Generator().manual_seed(12)
     named = {"head.weight": torch.randn(40, 16, generator=g), "h.0.w": torch.randn(16, 16, generator=g)}
     before = {n: W.clone() for n, W in named.items()}
@@ -341,8 +341,10 @@ def test_calls_inputs_and_per_name_caps():
     assert c.calls == 2 and all(torch.equal(named[n], before[n]) for n in named)
     assert abs(rms_norm(out["head.weight"]).item() - 0.5) < 1e-3
     assert abs(rms_norm(out["h.0.w"]).item() - 2.0) < 1e-3
-    with pytest.raises(ConfigError, match="'\\*' default"):
+    with pytest.raises(ConfigError, match="no sigma_max for parameter 'h.0.w'"):
         Constrainer("exact_cap", {"head.weight": 0.5}).sigma_max_for("h.0.w")
+    with pytest.raises(ConfigError, match="no sigma_max for parameter 'h.0.w'"):  # no patterns: "*" is a name
+        Constrainer("exact_cap", {"head.weight": 0.5, "*": 2.0}).apply_many(named, lr=0.1)
 
 
 def test_config_errors():
@@ -354,7 +356,7 @@ def test_config_errors():
         with pytest.raises(ConfigError, match="sigma_max"):
             Constrainer("hard_cap", bad)
     with pytest.raises(ConfigError, match="sigma_max"):
-        Constrainer("hard_cap", {"*": 0.0})
+        Constrainer("hard_cap", {"w": 0.0})
     with pytest.raises(ConfigError, match="weight_decay > 0"):
         Constrainer("weight_decay", 1.0)
     with pytest.raises(ConfigError, match="matrices"):
