@@ -49,19 +49,19 @@ def depth_scale(name: str, n_layers: int, decay: float) -> float:
 
 @torch.no_grad()
 def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lrs: list[float],
-                beta: float, nesterov: bool) -> list[float]:
+                beta: float, nesterov: bool, ortho=orthogonalize) -> list[float]:
     """One Muon step, in place, on same-shape (d_out, d_in) matrices batched through one
     Newton–Schulz call: momentum, orthogonalisation, update scaled by √(d_out/d_in).
 
-    `bufs` are fp32 momentum buffers. Returns, per matrix, the RMS→RMS norm bound of the
-    update actually applied, lr·NS_MAX_GAIN, which the soft cap's coupling needs.
+    `bufs` are fp32 momentum buffers; `ortho` is `orthogonalize` or its compiled form. Returns,
+    per matrix, the RMS→RMS norm bound of the update actually applied, lr·NS_MAX_GAIN, which the
+    soft cap's coupling needs.
     """
     for buf, g in zip(bufs, grads):
         buf.lerp_(g, 1 - beta)
     dirs = [g.lerp(buf, beta) if nesterov else buf for g, buf in zip(grads, bufs)]
-    ortho = orthogonalize(torch.stack(dirs))
     d_out, d_in = params[0].shape
-    for p, o, lr in zip(params, ortho, lrs):
+    for p, o, lr in zip(params, ortho(torch.stack(dirs)), lrs):
         p.add_(o.to(p.dtype), alpha=-lr * math.sqrt(d_out / d_in))
     return [lr * NS_MAX_GAIN for lr in lrs]
 
@@ -112,6 +112,7 @@ class Optimizers:
         self.embed = named_params.get("embed.weight")
         self.state: dict[str, torch.Tensor] = {}
         self.orthogonalized = 0  # matrices put through Newton–Schulz (the sharding tests count it)
+        self.orthogonalize = orthogonalize
         self.adam: torch.optim.Optimizer | None = None
         if cfg.name == "adamw":
             self.adam = torch.optim.AdamW(
@@ -121,6 +122,10 @@ class Optimizers:
             self.adam = torch.optim.Adam([{"params": [self.embed], "name": "embed.weight",
                                            "mult": cfg.lr_mult.get("embed", 1.0)}],
                                          lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+    def compile(self) -> None:
+        """Newton–Schulz through `torch.compile` (train.compile): the same polynomial, its steps fused."""
+        self.orthogonalize = torch.compile(orthogonalize)
 
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         if name not in self.state:
@@ -146,7 +151,7 @@ class Optimizers:
             ps = [self.matrices[n] for n in names]
             applied = muon_update(ps, [grad(n, p).float() for n, p in zip(names, ps)],
                                   [self._buffer(n, p) for n, p in zip(names, ps)],
-                                  [lr * self.mult[n] for n in names], beta, cfg.nesterov)
+                                  [lr * self.mult[n] for n in names], beta, cfg.nesterov, self.orthogonalize)
             norms.update(zip(names, applied))
             self.orthogonalized += len(names)
         if self.embed is not None and cfg.embed == "colnorm":

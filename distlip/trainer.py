@@ -133,6 +133,7 @@ class Trainer:
         init_distributed(env, self.device, cfg.dist.timeout)
         torch.manual_seed(cfg.train.seed)
         self.model = LipschitzTransformer(cfg.model).to(self.device)
+        self.model.set_fast_path(cfg.train.attention, cfg.train.compile)
         self.params = dict(self.model.named_parameters())
         self.matrices = matrix_names(self.model)
         self.caps = unit_caps(cfg, self.matrices)
@@ -141,6 +142,8 @@ class Trainer:
                          if cfg.train.dtype == "bfloat16" else nullcontext())
         self.timer = StepTimer(self.device)
         self.engine = Engine(cfg, self.model, env, self.timer, self._sigma_max_map(), self._document_eot())
+        if cfg.train.compile:
+            self.engine.optim.compile()
         self.estimator = SigmaEstimator(seed=cfg.train.seed, n_heads=cfg.model.n_heads)
         self.step, self.lr = 0, 0.0
         self.store = CheckpointStore.for_process_group(self.out, cfg.train.keep_last)

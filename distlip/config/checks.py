@@ -9,9 +9,10 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import warnings
 from pathlib import Path
 
-from distlip.config.choices import GROUPS, METHODS
+from distlip.config.choices import ATTENTION, GROUPS, METHODS
 from distlip.config.schema import Config, DataConfig
 from distlip.errors import ConfigError, did_you_mean
 
@@ -114,6 +115,8 @@ def validate(cfg: Config) -> None:
              f"train.logits_chunk_mib={t.logits_chunk_mib} must be > 0 (MiB of logits computed at once)")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' is unknown; use auto, cpu or cuda")
     _require(t.dtype in ("float32", "bfloat16"), f"train.dtype='{t.dtype}' is unknown; use float32 or bfloat16")
+    _require(t.attention in ATTENTION, f"train.attention='{t.attention}' is unknown"
+             f"{did_you_mean(t.attention, ATTENTION)}; use sdpa (the default) or flex")
     _require(cfg.dist.timeout > 0,
              f"dist.timeout={cfg.dist.timeout} must be a positive number of seconds (default 300)")
     _require(cfg.dist.zero_stage in (0, 1, 2, 3),
@@ -164,3 +167,50 @@ def check_device(cfg: Config, local_rank: int = 0) -> None:
         raise ConfigError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
                           "NCCL needs one GPU per process; launch at most that many processes per node, "
                           "or set train.device=cpu")
+    check_kernels(cfg, want)
+
+
+def check_kernels(cfg: Config, device_type: str) -> None:
+    """The fast path's kernels exist here (docs/memory.md#fast-path): FlexAttention traces itself
+    with torch.compile (even uncompiled), FlexAttention and torch.compile run through Triton on
+    GPUs, FlexAttention trains on CPUs only where torch has its backward there, and
+    torch.compile needs a C++ compiler on CPUs."""
+    import importlib.util
+    import shutil
+
+    import torch._dynamo.config  # local: the config loads without torch
+
+    t = cfg.train
+    compile_disabled = torch._dynamo.config.disable  # TORCH_COMPILE_DISABLE=1
+    if t.attention == "flex" and compile_disabled:
+        raise ConfigError("train.attention=flex runs FlexAttention through torch.compile's tracer, which "
+                          "TORCH_COMPILE_DISABLE=1 turns off (the Makefile sets it): unset it, or use "
+                          "train.attention=sdpa")
+    wanted = [s for s, on in (("train.attention=flex", t.attention == "flex"), ("train.compile=true", t.compile)) if on]
+    if device_type == "cuda" and wanted and importlib.util.find_spec("triton") is None:
+        raise ConfigError(f"{' and '.join(wanted)} need{'s' if len(wanted) == 1 else ''} Triton on GPUs, which "
+                          f"torch {torch.__version__} here lacks: "
+                          "install the triton release built for it (torch's CUDA wheels depend on one), or set "
+                          "train.attention=sdpa train.compile=false")
+    if device_type == "cpu" and t.attention == "flex" and not _flex_backward_on_cpu():
+        raise ConfigError(f"train.attention=flex trains on GPUs only: FlexAttention in torch {torch.__version__} has "
+                          "no backward on CPU; use train.attention=sdpa (the same function) on CPU")
+    if device_type == "cpu" and t.compile and not shutil.which(os.environ.get("CXX") or "g++"):
+        raise ConfigError("train.compile=true needs a C++ compiler on CPU (torch.compile's inductor): install g++ "
+                          "(or set CXX), or set train.compile=false")
+    if t.compile and compile_disabled:
+        warnings.warn("train.compile=true but TORCH_COMPILE_DISABLE=1 (the Makefile sets it): the model runs "
+                      "eager; unset it to compile", stacklevel=2)
+
+
+def _flex_backward_on_cpu() -> bool:
+    """Whether this torch's FlexAttention accepts CPU inputs that need gradients (2.13 does not)."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.zeros(1, 1, 16, 8, requires_grad=True)
+    try:
+        flex_attention(q, q, q)
+    except NotImplementedError:
+        return False
+    return True

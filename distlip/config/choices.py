@@ -16,3 +16,6 @@ METHODS = (
 
 # constraint.caps: the cap groups of `lipschitz.caps` (which matrices share a cap).
 GROUPS = ("embed", "qk", "v", "o", "mlp_in", "mlp_out", "head")
+
+# train.attention: the kernels `model.set_fast_path` can run masked attention through.
+ATTENTION = ("sdpa", "flex")

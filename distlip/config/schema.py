@@ -99,6 +99,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (autocast; master weights stay fp32)
+    # Fast path (docs/memory.md#fast-path), off until a GPU measurement says it is right and faster:
+    attention: str = "sdpa"  # sdpa | flex (FlexAttention block mask for data.document_mask)
+    compile: bool = False  # torch.compile each block and Muon's Newton–Schulz
     threads: int = 0  # CPU threads (0: torch's default)
     log_every: int = 10
     eval_every: int = 250
