@@ -44,9 +44,9 @@ def random_model(T: int) -> LipschitzTransformer:
     return model
 
 
-def packed_rows(B: int, T: int) -> torch.Tensor:
+def packed_rows(B: int, T: int, seed: int = 1) -> torch.Tensor:
     """(B, T) token ids with EOTs at random places; row 0 begins inside a document (no EOT first)."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, EOT, (B, T), generator=g)
     x[torch.rand(B, T, generator=g) < 0.03] = EOT
     x[0, 0], x[1, 0] = 5, EOT
@@ -125,10 +125,13 @@ def test_flex_attention_evaluates_a_trained_model_like_the_dense_mask(tmp_path, 
 
 
 COMPILED_RUN = """
-import json, sys, torch
+import copy, json, sys, torch
 from torch._dynamo.utils import counters
 from distlip.config import load_config
-from distlip.trainer import Trainer, evaluate
+from distlip.data.packing import document_causal_mask
+from distlip.trainer import Trainer
+sys.path[:0] = ["tests", "tests/unit"]
+from test_fast_path import EOT, packed_rows, random_model
 torch.set_num_threads(1)
 fast = ["train.progress=false", "train.tensorboard=false", "model.d_model=16", "model.n_heads=2",
         "model.context=16", "train.batch_size=4", "train.eval_every=0"]
@@ -137,23 +140,40 @@ for compiled in ("false", "true"):
     cfg = load_config("configs/smoke.yaml", fast + [f"train.compile={compiled}"])
     trainer = Trainer(cfg, f"{sys.argv[1]}/{compiled}")
     out[compiled] = [trainer.train_step()[0] for _ in range(3)]
-out["graphs"] = counters["stats"]["unique_graphs"]
+out["train_graphs"] = counters["stats"]["unique_graphs"]
+# FlexAttention inside the compiled blocks (forward: no CPU backward), two batches of other documents
+model, logits = random_model(256), []
+eager = copy.deepcopy(model)
+model.set_fast_path("flex", compile=True)
+with torch.no_grad():
+    for seed in (1, 2):
+        x = packed_rows(2, 256, seed)
+        mask = document_causal_mask(x, EOT)
+        ref = eager(x, mask)
+        logits.append(((model(x, mask) - ref).abs().max() / ref.abs().max()).item())
+        out[f"flex_graphs_{seed}"] = counters["stats"]["unique_graphs"]
+out["flex_rel_diff"] = logits
 print(json.dumps(out))
 """
 
 
-def test_compiled_training_agrees_with_eager(tmp_path):
-    """torch.compile of the blocks and of Newton–Schulz (inductor, in a process without the suite's
-    TORCH_COMPILE_DISABLE): three steps of the tiny smoke model, eager then compiled. About 1–2 min
-    of compilation on a 2-core CPU the first time, seconds from torch's compile cache after."""
+@pytest.mark.slow
+def test_compiled_training_and_compiled_flex_agree_with_eager(tmp_path):
+    """torch.compile (inductor) in a process without the suite's TORCH_COMPILE_DISABLE: three steps
+    of the tiny smoke model eager then compiled (the blocks and Newton–Schulz), and FlexAttention
+    inside compiled blocks against eager SDPA on two batches with different documents (one
+    compilation serves both). About 3 min of compilation on a 2-core CPU the first time, seconds
+    from torch's compile cache after."""
     env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}
     done = subprocess.run([sys.executable, "-c", COMPILED_RUN, str(tmp_path)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
+                          env=env, cwd=ROOT, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["graphs"] >= 2  # the blocks and Newton–Schulz were compiled, not run eager
+    assert out["train_graphs"] >= 2  # the blocks and Newton–Schulz were compiled, not run eager
     assert out["true"] == pytest.approx(out["false"], rel=1e-5), out
     assert out["false"][0] != out["false"][-1]
+    assert out["flex_graphs_1"] > out["train_graphs"] and out["flex_graphs_2"] == out["flex_graphs_1"], out
+    assert max(out["flex_rel_diff"]) <= TOL, out
 
 
 def test_a_switch_whose_kernels_are_missing_is_refused_in_one_line(monkeypatch, flex_tracing):
