@@ -118,10 +118,23 @@ def hard_cap(W: Tensor, sigma_max: float | Tensor, sigma_est: float | Tensor) ->
 
 
 def exact_cap(W: Tensor, sigma_max: float | Tensor) -> Tensor:
-    """U·min(Σ, σmax)·Vᵀ by SVD: the reference (oracle) cap."""
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    S = torch.minimum(S, _per_matrix(sigma_max, W)[..., 0])
-    return (U * S.unsqueeze(-2)) @ Vh
+    """U·min(Σ, σmax)·Vᵀ by SVD in float64: the reference (oracle) cap.
+
+    A capped matrix has many singular values equal to σmax, and float32 SVD (LAPACK gesdd) can
+    fail to converge on such repeated values; float64 rarely does, and when it does the same map
+    is taken from the eigendecomposition of WᵀW (W·V·diag(min(1, σmax/σ))·Vᵀ), which always converges.
+    """
+    cap = _per_matrix(sigma_max, W)[..., 0].double()
+    X = W.double()
+    try:
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        out = (U * torch.minimum(S, cap).unsqueeze(-2)) @ Vh
+    except torch.linalg.LinAlgError:
+        lam, V = torch.linalg.eigh(X.mT @ X)
+        sigma = lam.clamp(min=0).sqrt()
+        scale = torch.where(sigma > cap, cap / sigma.clamp(min=torch.finfo(X.dtype).tiny), torch.ones_like(sigma))
+        out = X @ (V * scale.unsqueeze(-2)) @ V.mT
+    return out.to(W.dtype)
 
 
 def rounding_margin(dtype: torch.dtype) -> float:

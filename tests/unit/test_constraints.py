@@ -393,3 +393,21 @@ def test_power_iteration_start_vectors_are_one_derivation_the_same_in_every_proc
     assert not torch.equal(start_vector(4, key, 5), v) and not torch.equal(start_vector(3, key[:-3], 5), v)
     assert torch.equal(Constrainer("hard_cap", 1.0, seed=3)._vector(key, 5), v)
     assert torch.equal(SigmaEstimator(seed=3)._init(key, 5, "cpu"), v)
+
+
+def test_exact_cap_survives_svd_failure(monkeypatch):
+    """A capped matrix has many equal singular values, on which LAPACK's SVD can fail to converge
+    (seen in training under the exact cap); the eigendecomposition fallback gives the same map."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(4, 32, 96, generator=g)
+    W[1] = exact_cap(W[1], 0.5)  # repeated σ at the cap
+    expected = exact_cap(W, 0.7)
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", fail)
+    got = exact_cap(W, 0.7)
+    assert got.dtype == W.dtype
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.linalg.matrix_norm(got.double(), ord=2).max() <= 0.7 * (1 + 1e-6)
