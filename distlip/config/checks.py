@@ -6,7 +6,6 @@ target bound's certificate, building the compressors, a DeepSpeed JSON) are in
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import warnings
@@ -42,17 +41,15 @@ def check_method(name: str) -> str:
     """Return `name` if it is one of METHODS, else raise ConfigError naming the closest."""
     if name in METHODS:
         return name
-    closest = difflib.get_close_matches(str(name), METHODS, n=1, cutoff=0.0)
-    raise ConfigError(f"unknown constraint method {name!r}; did you mean {closest[0]!r}? "
-                      f"(choose from {', '.join(METHODS)})")
+    raise ConfigError(f"unknown constraint method {name!r}{did_you_mean(str(name), METHODS)}; "
+                      f"choose from {', '.join(METHODS)}")
 
 
 def check_caps(caps: dict, key: str = "constraint.caps") -> None:
     """Every key a known cap group and every cap a finite number > 0, or one ConfigError line."""
     for group, cap in caps.items():
         if group not in GROUPS:
-            match = difflib.get_close_matches(str(group), GROUPS, n=1, cutoff=0.0)
-            raise ConfigError(f"{key} has unknown group {group!r} (did you mean {match[0]!r}?); "
+            raise ConfigError(f"{key} has unknown group {group!r}{did_you_mean(str(group), GROUPS)}; "
                               f"groups are {', '.join(GROUPS)}")
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
             raise ConfigError(f"{key}.{group}={cap!r} must be a finite number > 0 (an RMS→RMS cap)")
