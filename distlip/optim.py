@@ -14,7 +14,7 @@ import torch
 
 from distlip.config.schema import OptimConfig
 from distlip.lipschitz.newton_schulz import NS_MAX_GAIN, orthogonalize
-from distlip.model import param_group
+from distlip.model import block_key, matrix_of, param_group
 
 
 def lr_at(cfg: OptimConfig, step: int, total: int) -> float:
@@ -102,8 +102,12 @@ class Optimizers:
     rank owns); the embedding is updated when "embed.weight" is among them.
     """
 
-    def __init__(self, named_params: dict[str, torch.nn.Parameter], cfg: OptimConfig, n_layers: int = 0):
+    def __init__(self, named_params: dict[str, torch.nn.Parameter], cfg: OptimConfig, n_layers: int = 0,
+                 row_blocks: dict[str, int] | None = None):
+        """row_blocks: name → H for matrices Muon orthogonalises as H row blocks (heads), each
+        (d_out/H, d_in) block its own matrix, so each block's RMS→RMS step is ≤ lr·NS_MAX_GAIN."""
         self.cfg = cfg
+        self.row_blocks = {n: h for n, h in (row_blocks or {}).items() if h > 1 and n in named_params}
         # per-parameter multiplier: the group's lr_mult times the per-block depth decay
         self.mult = {n: cfg.lr_mult.get(param_group(n), 1.0) * depth_scale(n, n_layers, cfg.depth_lr_decay)
                      for n in named_params}
@@ -147,18 +151,33 @@ class Optimizers:
             self.adam.step()
         if cfg.name == "adamw":
             return StepInfo(lr, beta, {n: None for n in self.matrices})
-        for names in group_by_shape(list(self.matrices), lambda n: self.matrices[n].shape):
-            ps = [self.matrices[n] for n in names]
-            applied = muon_update(ps, [grad(n, p).float() for n, p in zip(names, ps)],
-                                  [self._buffer(n, p) for n, p in zip(names, ps)],
-                                  [lr * self.mult[n] for n in names], beta, cfg.nesterov, self.orthogonalize)
-            norms.update(zip(names, applied))
-            self.orthogonalized += len(names)
+        units = self._units(grad)
+        for keys in group_by_shape(list(units), lambda k: units[k][0].shape):
+            ps, gs, bufs, mults = zip(*(units[k] for k in keys))
+            applied = muon_update(list(ps), list(gs), list(bufs), [lr * m for m in mults], beta, cfg.nesterov,
+                                  self.orthogonalize)
+            for k, mu in zip(keys, applied):
+                norms[matrix_of(k)] = max(mu, norms.get(matrix_of(k)) or 0.0)
+            self.orthogonalized += len(keys)
         if self.embed is not None and cfg.embed == "colnorm":
             colnorm_update(self.embed, grad("embed.weight", self.embed).float(),
                            self._buffer("embed.weight", self.embed), lr * cfg.lr_mult.get("embed", 1.0), beta,
                            cfg.embed_growth_cap)
         return StepInfo(lr, beta, norms)
+
+    def _units(self, grad) -> dict[str, tuple]:
+        """What Newton–Schulz orthogonalises, by key: (weight, fp32 gradient, momentum, lr mult),
+        a whole matrix or, for matrices in row_blocks, each row block as views into the matrix,
+        its gradient and its momentum (so the updates land in place)."""
+        units = {}
+        for n, p in self.matrices.items():
+            g, buf, H = grad(n, p).float(), self._buffer(n, p), self.row_blocks.get(n, 1)
+            if H == 1:
+                units[n] = (p, g, buf, self.mult[n])
+                continue
+            for h, (pb, gb, bb) in enumerate(zip(p.chunk(H), g.chunk(H), buf.chunk(H))):
+                units[block_key(n, h)] = (pb, gb, bb, self.mult[n])
+        return units
 
     def state_dict(self) -> dict:
         """Momenta keyed by parameter name, so a resume at another world size can re-shard them."""

@@ -50,8 +50,9 @@ class Constrainer:
     Caps ≤ c on every block imply ‖W‖ ≤ c for the whole matrix (‖W‖² ≤ mean over blocks of
     their norms²). A block of an update whose norm is ≤ μ has norm ≤ √H·μ: the soft cap's
     coupling uses that bound per block, or, when it is beyond the coupling's range, the
-    block's measured σ₁ bound (as without an update bound). Vectors and state are per block,
-    keyed `name[h]`.
+    block's measured σ₁ bound (as without an update bound). With `blockwise_updates` the
+    optimiser stepped each block as its own matrix (per-head Muon) and the update bound it
+    reports holds for every block as it is. Vectors and state are per block, keyed `name[h]`.
     """
 
     def __init__(
@@ -64,9 +65,11 @@ class Constrainer:
         power_iters: int = 3,
         seed: int = 0,
         row_blocks: Mapping[str, int] | None = None,
+        blockwise_updates: bool = False,
     ) -> None:
         self.method = check_method(method)
         self.row_blocks = {n: int(h) for n, h in (row_blocks or {}).items() if h > 1}
+        self.blockwise_updates = bool(blockwise_updates)
         if isinstance(sigma_max, Mapping):
             self._caps = {k: check_cap(c, f"sigma_max[{k!r}]") for k, c in sigma_max.items()}
         else:
@@ -135,7 +138,7 @@ class Constrainer:
         self, named: Mapping[str, Tensor], update_norms: Mapping[str, float | None]
     ) -> tuple[dict[str, Tensor], dict[str, float | None]]:
         """Matrices with row blocks → one (d_out/H, d_in) unit per block, keyed `name[h]`, with
-        the block's update bound √H·μ. Other matrices pass through."""
+        the block's update bound (√H·μ, or μ under blockwise_updates). Other matrices pass through."""
         units: dict[str, Tensor] = {}
         mus: dict[str, float | None] = {}
         for name, W in named.items():
@@ -147,7 +150,7 @@ class Constrainer:
                 raise ConfigError(f"{name!r} has {W.size(0)} rows, not divisible into {H} head blocks; "
                                   "check model.n_heads")
             mu = update_norms.get(name)
-            mu = None if mu is None else mu * math.sqrt(H)
+            mu = None if mu is None or self.blockwise_updates else mu * math.sqrt(H)
             for h, block in enumerate(W.chunk(H, dim=0)):
                 units[block_key(name, h)], mus[block_key(name, h)] = block, mu
         return units, mus
