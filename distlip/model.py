@@ -3,6 +3,10 @@
 Every hidden layer is a bias-free `nn.Linear` whose weight (d_out, d_in) the constraint keeps
 under its RMS→RMS cap; the token embedding's rows are capped to RMS ≤ 1. Shapes: token ids
 (B, T) int64 → logits (B, T, vocab_size) in float32.
+
+Attention masks: None (causal), a dense boolean (B, 1, T, T) mask (True: may attend), or a
+FlexAttention `BlockMask`. `set_fast_path` picks kernels without changing the function
+(docs/memory.md#fast-path): FlexAttention for masked attention, compiled blocks.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from distlip.config.schema import ModelConfig
 
@@ -66,8 +71,11 @@ class Attention(nn.Module):
         heads = lambda t: t.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # noqa: E731
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           scale=self.scale)
+        if isinstance(attn_mask, BlockMask):
+            y = flex_attention(q, k, v, block_mask=attn_mask, scale=self.scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                               scale=self.scale)
         return self.o(y.transpose(1, 2).reshape(B, T, d) * ATTN_OUT_SCALE)
 
 
@@ -93,7 +101,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         a = self.alpha
         # Under bf16 autocast the branches return bf16; the residual stream stays in its own
         # dtype (lerp refuses mixed dtypes, and a float32 stream keeps the small α-steps exact).
@@ -107,6 +115,7 @@ class LipschitzTransformer(nn.Module):
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) before building the model")
         self.cfg = cfg
+        self.attention = "sdpa"
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.head = nn.Linear(cfg.d_model, padded_vocab(cfg), bias=False)
@@ -126,8 +135,20 @@ class LipschitzTransformer(nn.Module):
                 nn.init.orthogonal_(p)
                 p.mul_(math.sqrt(p.shape[0] / p.shape[1]))
 
-    def hidden(self, h: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def set_fast_path(self, attention: str = "sdpa", compile: bool = False) -> None:
+        """Kernels, not the function. `attention="flex"`: a dense mask is turned into a FlexAttention
+        block mask once per forward, so masked attention skips the blocks with nothing to attend
+        and never holds T×T scores (causal attention stays on SDPA's causal kernel). `compile`:
+        each block through `torch.compile` (parameter names and state dicts unchanged)."""
+        self.attention = attention
+        if compile:
+            for block in self.blocks:
+                block.compile()
+
+    def hidden(self, h: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         """Embeddings (B, T, d) → final residual stream (B, T, d)."""
+        if self.attention == "flex" and isinstance(attn_mask, torch.Tensor):
+            attn_mask = block_mask(attn_mask)
         for block in self.blocks:
             h = block(h, attn_mask)
         return h
@@ -143,6 +164,14 @@ class LipschitzTransformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits_from_embeddings(self.embed(idx), attn_mask)
+
+
+def block_mask(mask: torch.Tensor) -> BlockMask:
+    """A dense boolean mask (B, 1, T, T), True where a query may attend, as FlexAttention's block
+    mask: blocks with no True entry are skipped, partly masked blocks read `mask`."""
+    B, _, T, _ = mask.shape
+    dense = mask[:, 0]
+    return create_block_mask(lambda b, h, q, kv: dense[b, q, kv], B, None, T, T, device=mask.device)
 
 
 def is_output_projection(name: str) -> bool:

@@ -14,7 +14,7 @@ import torch
 
 from distlip.config.schema import OptimConfig
 from distlip.lipschitz.newton_schulz import NS_MAX_GAIN, orthogonalize
-from distlip.model import param_group
+from distlip.model import block_key, matrix_of, param_group
 
 
 def lr_at(cfg: OptimConfig, step: int, total: int) -> float:
@@ -49,19 +49,19 @@ def depth_scale(name: str, n_layers: int, decay: float) -> float:
 
 @torch.no_grad()
 def muon_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], lrs: list[float],
-                beta: float, nesterov: bool) -> list[float]:
+                beta: float, nesterov: bool, ortho=orthogonalize) -> list[float]:
     """One Muon step, in place, on same-shape (d_out, d_in) matrices batched through one
     Newton–Schulz call: momentum, orthogonalisation, update scaled by √(d_out/d_in).
 
-    `bufs` are fp32 momentum buffers. Returns, per matrix, the RMS→RMS norm bound of the
-    update actually applied, lr·NS_MAX_GAIN, which the soft cap's coupling needs.
+    `bufs` are fp32 momentum buffers; `ortho` is `orthogonalize` or its compiled form. Returns,
+    per matrix, the RMS→RMS norm bound of the update actually applied, lr·NS_MAX_GAIN, which the
+    soft cap's coupling needs.
     """
     for buf, g in zip(bufs, grads):
         buf.lerp_(g, 1 - beta)
     dirs = [g.lerp(buf, beta) if nesterov else buf for g, buf in zip(grads, bufs)]
-    ortho = orthogonalize(torch.stack(dirs))
     d_out, d_in = params[0].shape
-    for p, o, lr in zip(params, ortho, lrs):
+    for p, o, lr in zip(params, ortho(torch.stack(dirs)), lrs):
         p.add_(o.to(p.dtype), alpha=-lr * math.sqrt(d_out / d_in))
     return [lr * NS_MAX_GAIN for lr in lrs]
 
@@ -102,8 +102,12 @@ class Optimizers:
     rank owns); the embedding is updated when "embed.weight" is among them.
     """
 
-    def __init__(self, named_params: dict[str, torch.nn.Parameter], cfg: OptimConfig, n_layers: int = 0):
+    def __init__(self, named_params: dict[str, torch.nn.Parameter], cfg: OptimConfig, n_layers: int = 0,
+                 row_blocks: dict[str, int] | None = None):
+        """row_blocks: name → H for matrices Muon orthogonalises as H row blocks (heads), each
+        (d_out/H, d_in) block its own matrix, so each block's RMS→RMS step is ≤ lr·NS_MAX_GAIN."""
         self.cfg = cfg
+        self.row_blocks = {n: h for n, h in (row_blocks or {}).items() if h > 1 and n in named_params}
         # per-parameter multiplier: the group's lr_mult times the per-block depth decay
         self.mult = {n: cfg.lr_mult.get(param_group(n), 1.0) * depth_scale(n, n_layers, cfg.depth_lr_decay)
                      for n in named_params}
@@ -112,6 +116,7 @@ class Optimizers:
         self.embed = named_params.get("embed.weight")
         self.state: dict[str, torch.Tensor] = {}
         self.orthogonalized = 0  # matrices put through Newton–Schulz (the sharding tests count it)
+        self.orthogonalize = orthogonalize
         self.adam: torch.optim.Optimizer | None = None
         if cfg.name == "adamw":
             self.adam = torch.optim.AdamW(
@@ -121,6 +126,10 @@ class Optimizers:
             self.adam = torch.optim.Adam([{"params": [self.embed], "name": "embed.weight",
                                            "mult": cfg.lr_mult.get("embed", 1.0)}],
                                          lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+    def compile(self) -> None:
+        """Newton–Schulz through `torch.compile` (train.compile): the same polynomial, its steps fused."""
+        self.orthogonalize = torch.compile(orthogonalize)
 
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         if name not in self.state:
@@ -142,18 +151,33 @@ class Optimizers:
             self.adam.step()
         if cfg.name == "adamw":
             return StepInfo(lr, beta, {n: None for n in self.matrices})
-        for names in group_by_shape(list(self.matrices), lambda n: self.matrices[n].shape):
-            ps = [self.matrices[n] for n in names]
-            applied = muon_update(ps, [grad(n, p).float() for n, p in zip(names, ps)],
-                                  [self._buffer(n, p) for n, p in zip(names, ps)],
-                                  [lr * self.mult[n] for n in names], beta, cfg.nesterov)
-            norms.update(zip(names, applied))
-            self.orthogonalized += len(names)
+        units = self._units(grad)
+        for keys in group_by_shape(list(units), lambda k: units[k][0].shape):
+            ps, gs, bufs, mults = zip(*(units[k] for k in keys))
+            applied = muon_update(list(ps), list(gs), list(bufs), [lr * m for m in mults], beta, cfg.nesterov,
+                                  self.orthogonalize)
+            for k, mu in zip(keys, applied):
+                norms[matrix_of(k)] = max(mu, norms.get(matrix_of(k)) or 0.0)
+            self.orthogonalized += len(keys)
         if self.embed is not None and cfg.embed == "colnorm":
             colnorm_update(self.embed, grad("embed.weight", self.embed).float(),
                            self._buffer("embed.weight", self.embed), lr * cfg.lr_mult.get("embed", 1.0), beta,
                            cfg.embed_growth_cap)
         return StepInfo(lr, beta, norms)
+
+    def _units(self, grad) -> dict[str, tuple]:
+        """What Newton–Schulz orthogonalises, by key: (weight, fp32 gradient, momentum, lr mult),
+        a whole matrix or, for matrices in row_blocks, each row block as views into the matrix,
+        its gradient and its momentum (so the updates land in place)."""
+        units = {}
+        for n, p in self.matrices.items():
+            g, buf, H = grad(n, p).float(), self._buffer(n, p), self.row_blocks.get(n, 1)
+            if H == 1:
+                units[n] = (p, g, buf, self.mult[n])
+                continue
+            for h, (pb, gb, bb) in enumerate(zip(p.chunk(H), g.chunk(H), buf.chunk(H))):
+                units[block_key(n, h)] = (pb, gb, bb, self.mult[n])
+        return units
 
     def state_dict(self) -> dict:
         """Momenta keyed by parameter name, so a resume at another world size can re-shard them."""

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from distlip.errors import ConfigError
+from distlip.errors import ConfigError, run_command
 
 LAUNCHERS = ("torchrun", "accelerate")
 # Ports 15000-29999: below Linux's ephemeral range (32768+), where an outgoing connection could
@@ -211,15 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--procs-per-node", type=int, help="workers per node (default: the node's GPUs, or 1 without GPUs)"
     )
-    args = parser.parse_args(own)
-    try:
-        if not train_args:
-            raise ConfigError("no training command: put it after --, e.g. -- -m distlip train --config c.yaml")
-        node = SlurmNode.from_env(os.environ, args.procs_per_node)
-        command = node.command(train_args, args.launcher)
-    except ConfigError as err:
-        print(f"distlip.slurm: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(_launch, parser.parse_args(own), train_args)
+
+
+def _launch(args: argparse.Namespace, train_args: list[str]) -> int:
+    """Print the node's launch command (`--dry-run`) or become it."""
+    if not train_args:
+        raise ConfigError("no training command: put it after --, e.g. -- -m distlip train --config c.yaml")
+    node = SlurmNode.from_env(os.environ, args.procs_per_node)
+    command = node.command(train_args, args.launcher)
     if args.dry_run:
         print(shlex.join(command))
         return 0

@@ -21,8 +21,8 @@ from distlip.checkpoint.export import save_model
 from distlip.checkpoint.files import Checkpoint
 from distlip.checkpoint.state import load_checkpoint, save_checkpoint
 from distlip.checkpoint.store import CheckpointStore
-from distlip.config import Config, preflight
-from distlip.config.checks import check_lowrank_shapes, check_output_dir
+from distlip.config import Config
+from distlip.config.checks import check_output_dir
 from distlip.data.in_memory import InMemoryBatches, load_char_corpus, val_windows
 from distlip.distributed.engine import Engine
 from distlip.distributed.env import DistEnv, init_distributed, select_device
@@ -40,6 +40,7 @@ from distlip.metrics import MetricsLogger, Progress, StepTimer
 from distlip.model import LipschitzTransformer, matrix_names, matrix_of
 from distlip.paper_protocol import BATCH_SIZE, batch_scores, describe, protocol_windows
 from distlip.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
+from distlip.preflight import check_lowrank_shapes, preflight
 
 
 @dataclass
@@ -135,6 +136,7 @@ class Trainer:
         init_distributed(env, self.device, cfg.dist.timeout)
         torch.manual_seed(cfg.train.seed)
         self.model = LipschitzTransformer(cfg.model).to(self.device)
+        self.model.set_fast_path(cfg.train.attention, cfg.train.compile)
         self.params = dict(self.model.named_parameters())
         self.matrices = matrix_names(self.model)
         self.caps = unit_caps(cfg, self.matrices)
@@ -143,6 +145,8 @@ class Trainer:
                          if cfg.train.dtype == "bfloat16" else nullcontext())
         self.timer = StepTimer(self.device)
         self.engine = Engine(cfg, self.model, env, self.timer, self._sigma_max_map(), self._document_eot())
+        if cfg.train.compile:
+            self.engine.optim.compile()
         self.estimator = SigmaEstimator(seed=cfg.train.seed, n_heads=cfg.model.n_heads)
         self.step, self.lr = 0, 0.0
         self.store = CheckpointStore.for_process_group(self.out, cfg.train.keep_last)

@@ -17,25 +17,16 @@ shares the seed picks the same coordinates.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from distlip.errors import ConfigError
+from distlip.seeds import stream_seed
 
 INDEX_DTYPE = torch.int32
 INDEX_BYTES = 4
-
-
-def stream_seed(*parts: int | str) -> int:
-    """A 63-bit seed for the random stream named by `parts`, e.g. (seed, step, tensor id).
-
-    Unlike `hash()`, which Python salts per process, this is identical on every rank.
-    """
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass

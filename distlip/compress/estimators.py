@@ -45,9 +45,10 @@ import torch
 from torch import Tensor
 
 from distlip.compress.accounting import ByteCounter
-from distlip.compress.compressors import Compressor, Identity, Message, stream_seed
+from distlip.compress.compressors import Compressor, Identity, Message
 from distlip.compress.transport import Comm, SingleProcessComm, mean_many
 from distlip.errors import ConfigError
+from distlip.seeds import stream_seed
 
 State = dict[str, Tensor]
 

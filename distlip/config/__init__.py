@@ -1,7 +1,8 @@
-"""The run configuration: typed sections (`schema`), loading from YAML with dotted overrides
-(`load`), and the checks run before any work starts (`checks`)."""
+"""The run configuration: typed sections (`schema`), the names its choice keys accept
+(`choices`), loading from YAML with dotted overrides (`load`), and the checks that need nothing
+but the config (`checks`). The ground floor: it imports nothing from distlip but `errors`."""
 
-from distlip.config.checks import preflight, validate, validate_data
+from distlip.config.checks import validate, validate_data
 from distlip.config.load import apply_overrides, config_from_dict, load_config
 from distlip.config.schema import (
     CompressionConfig,
@@ -15,5 +16,5 @@ from distlip.config.schema import (
 )
 
 __all__ = ["CompressionConfig", "Config", "ConstraintConfig", "DataConfig", "DistConfig", "ModelConfig",
-           "OptimConfig", "TrainConfig", "apply_overrides", "config_from_dict", "load_config", "preflight",
-           "validate", "validate_data"]
+           "OptimConfig", "TrainConfig", "apply_overrides", "config_from_dict", "load_config", "validate",
+           "validate_data"]

@@ -1,23 +1,19 @@
-"""Checks on a built configuration: `validate` (cross-field rules that need nothing but the
-config) and `preflight` (the rules that need the launch environment: world size, devices),
-run before any data, process-group or DeepSpeed work so a mistake costs one line, not a job."""
+"""Checks on a built configuration that need nothing but the config: `validate` (run by
+`load_config`), the run directory and the device. The config package is the ground floor and
+imports nothing above it; the refusals that need the packages above (the soft cap's floors, a
+target bound's certificate, building the compressors, a DeepSpeed JSON) are in
+`distlip.preflight`, which the trainer runs before any data, process-group or DeepSpeed work."""
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import os
+import warnings
 from pathlib import Path
-from typing import Protocol
 
+from distlip.config.choices import ATTENTION, GROUPS, METHODS
 from distlip.config.schema import Config, DataConfig
 from distlip.errors import ConfigError, did_you_mean
-
-
-class Placement(Protocol):
-    """Where this process runs in the job (a `distributed.env.DistEnv`)."""
-
-    world_size: int
-    local_rank: int
 
 
 def _require(ok: bool, message: str) -> None:
@@ -41,32 +37,43 @@ def validate_data(d: DataConfig) -> None:
     _require(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be ≥ 1 (batches prepared ahead)")
 
 
-def _check_soft_cap_step(cfg: Config) -> None:
-    """With Muon, the soft cap's coupling needs the largest update norm μ = lr·mult·1.14502·margin
-    to stay ≤ 0.3·cap for every group (beyond that the composite overshoots the cap): refuse
-    before training."""
-    from distlip.lipschitz.budget import soft_cap_floors
-    from distlip.lipschitz.caps import group_caps
-    from distlip.lipschitz.constraints import SOFT_CAP_MAX_MU
+def check_method(name: str) -> str:
+    """Return `name` if it is one of METHODS, else raise ConfigError naming the closest."""
+    if name in METHODS:
+        return name
+    raise ConfigError(f"unknown constraint method {name!r}{did_you_mean(str(name), METHODS)}; "
+                      f"choose from {', '.join(METHODS)}")
 
-    c, o = cfg.constraint, cfg.optim
-    if c.target_bound > 0:
-        return  # the target's allocation keeps every cap above its floor (or refuses the target)
-    caps = group_caps(c)
-    for group, floor in soft_cap_floors(cfg).items():
-        _require(caps[group] >= floor,
-                 f"soft cap: the {group} matrices' Muon step (lr·mult·1.145·margin = {floor * SOFT_CAP_MAX_MU:.3g}) "
-                 f"exceeds {SOFT_CAP_MAX_MU}·cap = {SOFT_CAP_MAX_MU * caps[group]:.3g}, so the cap would overshoot; "
-                 f"lower optim.lr to ≤ {o.lr * caps[group] / floor:.3g}, raise the cap (constraint.caps.{group} or "
-                 "constraint.sigma_max), or use constraint.method=hard_cap")
+
+def check_caps(caps: dict, key: str = "constraint.caps") -> None:
+    """Every key a known cap group and every cap a finite number > 0, or one ConfigError line."""
+    for group, cap in caps.items():
+        if group not in GROUPS:
+            raise ConfigError(f"{key} has unknown group {group!r}{did_you_mean(str(group), GROUPS)}; "
+                              f"groups are {', '.join(GROUPS)}")
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+            raise ConfigError(f"{key}.{group}={cap!r} must be a finite number > 0 (an RMS→RMS cap)")
+
+
+def check_coefficients(method: str, weight_decay: float, spectral_wd: float, power_iters: int) -> None:
+    """The method's coefficients: each method gets the ones it uses and no others."""
+    if weight_decay < 0 or spectral_wd < 0 or power_iters < 1:
+        raise ConfigError("weight_decay and spectral_wd must be >= 0 and power_iters >= 1; fix the "
+                          "constraint settings")
+    if method == "weight_decay" and weight_decay == 0:
+        raise ConfigError("method 'weight_decay' needs weight_decay > 0; set weight_decay")
+    if method == "spectral_weight_decay" and spectral_wd == 0:
+        raise ConfigError("method 'spectral_weight_decay' needs spectral_wd > 0; set spectral_wd")
+    if method != "spectral_weight_decay" and spectral_wd > 0:
+        raise ConfigError(f"spectral_wd is only used by method 'spectral_weight_decay', not {method!r}; "
+                          "remove it or change the method")
+    if method == "none" and weight_decay > 0:
+        raise ConfigError("method 'none' applies no weight decay; use method 'weight_decay'")
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that do not need data, devices or process groups."""
-    from distlip.lipschitz.budget import check_target
-    from distlip.lipschitz.caps import check_caps
-    from distlip.lipschitz.constraints import check_method  # local: constraints imports torch
-
+    """Cross-field checks that do not need data, devices, process groups or any package above
+    the config (those are in `distlip.preflight`)."""
     m, c, o, d, t = cfg.model, cfg.constraint, cfg.optim, cfg.data, cfg.train
     _require(m.d_model > 0 and m.n_layers > 0 and m.n_heads > 0, "model.d_model, n_layers and n_heads must be positive")
     _require(m.d_model % m.n_heads == 0,
@@ -82,10 +89,8 @@ def validate(cfg: Config) -> None:
     _require(c.sigma_max > 0, f"constraint.sigma_max={c.sigma_max} must be > 0 (it is the cap on each matrix)")
     check_caps(c.caps)
     _require(c.target_bound >= 0, f"constraint.target_bound={c.target_bound} must be ≥ 0 (0: no target)")
-    if c.target_bound > 0:
-        check_target(cfg)
     _require(c.power_iters >= 1, "constraint.power_iters must be ≥ 1")
-    _check_soft_cap_step(cfg)
+    check_coefficients(c.method, c.weight_decay, c.spectral_wd, c.power_iters)
     _require(o.name in ("muon", "adamw"),
              f"optim.name='{o.name}' is unknown{did_you_mean(o.name, ['muon', 'adamw'])}; use muon or adamw")
     _require(o.embed in ("colnorm", "adam"), f"optim.embed='{o.embed}' is unknown; use colnorm or adam")
@@ -107,6 +112,8 @@ def validate(cfg: Config) -> None:
              f"train.logits_chunk_mib={t.logits_chunk_mib} must be > 0 (MiB of logits computed at once)")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device='{t.device}' is unknown; use auto, cpu or cuda")
     _require(t.dtype in ("float32", "bfloat16"), f"train.dtype='{t.dtype}' is unknown; use float32 or bfloat16")
+    _require(t.attention in ATTENTION, f"train.attention='{t.attention}' is unknown"
+             f"{did_you_mean(t.attention, ATTENTION)}; use sdpa (the default) or flex")
     _require(cfg.dist.timeout > 0,
              f"dist.timeout={cfg.dist.timeout} must be a positive number of seconds (default 300)")
     _require(cfg.dist.zero_stage in (0, 1, 2, 3),
@@ -119,68 +126,8 @@ def validate(cfg: Config) -> None:
              f"data.seq_len={cfg.data.seq_len} is longer than model.context={cfg.model.context}: the rotary table "
              f"and the certificate cover model.context positions; set data.seq_len ≤ {cfg.model.context} "
              "(0 uses model.context) or raise model.context")
-    validate_compression(cfg)
-
-
-def validate_compression(cfg: Config) -> None:
-    """The compression block, by the compress package's own checks, and what it can be combined with."""
-    from distlip.compress import check, estimator_name  # local: the compress package imports torch
-
-    c = cfg.compression
-    try:
-        check(c)
-    except ConfigError as exc:
-        raise ConfigError(f"compression: {exc}") from None
-    _require(not c.enabled or cfg.optim.name == "muon",
-             "compression applies to distlip's sharded Muon path (matrices and the colnorm embedding); "
-             "use optim.name=muon, or leave compression.compressor=identity")
-    _require(c.ef21_eta_sent is None or estimator_name(c) == "ef21",
-             f"compression.ef21_eta_sent applies to the ef21 estimator, not {estimator_name(c)}; "
-             "drop it or set compression.estimator=ef21")
-    check_lowrank_shapes(cfg)
-    _require(not (c.enabled and estimator_name(c) == "ef21" and c.ef21_eta < 1 and cfg.optim.nesterov),
-             f"compression.ef21_eta={c.ef21_eta} makes EF21 carry the momentum (β = 1 − η) and Muon then steps "
-             "without its own, which the Nesterov form cannot express; set optim.nesterov=false or "
-             "compression.ef21_eta=1.0")
-
-
-def check_lowrank_shapes(cfg: Config) -> None:
-    """Under compressor lowrank, refuse a rank above some distlip-held matrix's smaller side, naming
-    the first such matrix and its shape. The embedding and head need the vocabulary; until it is
-    known (model.vocab_size 0) they are left to the trainer, which checks again once it is."""
-    c = cfg.compression
-    if c.compressor != "lowrank":
-        return
-    import torch  # local: the config loads without torch
-
-    from distlip.compress.lowrank import factor_rank
-    from distlip.model import LipschitzTransformer
-
-    model = cfg.model if cfg.model.vocab_size else dataclasses.replace(cfg.model, vocab_size=1)
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        params = dict(LipschitzTransformer(model).named_parameters())
-    if not cfg.model.vocab_size:
-        del params["embed.weight"], params["head.weight"]
-    elif cfg.optim.embed == "adam":
-        del params["embed.weight"]  # DeepSpeed's, reduced densely by DeepSpeed
-    try:
-        for name, p in params.items():
-            factor_rank(name, tuple(p.shape), c.rank, c.ratio)
-    except ConfigError as exc:
-        raise ConfigError(f"compression: {exc}") from None
-
-
-def preflight(cfg: Config, env: Placement) -> None:
-    """Every refusal that needs the launch environment, run first by the trainer: before data is
-    read, the process group starts or DeepSpeed is initialised."""
-    from distlip.lipschitz.constraints import check_coefficients  # local: constraints imports torch
-
-    check_distributed(cfg, env)
-    check_device(cfg, env.local_rank)
-    t, c = cfg.train, cfg.constraint
     _require(t.save_every >= 0, f"train.save_every={t.save_every} must be ≥ 0 (0: checkpoint at the end only)")
     _require(t.keep_last >= 1, f"train.keep_last={t.keep_last}: keep at least 1 checkpoint")
-    check_coefficients(c.method, c.weight_decay, c.spectral_wd, c.power_iters)
 
 
 def check_output_dir(out: Path) -> None:
@@ -197,28 +144,6 @@ def check_output_dir(out: Path) -> None:
     except OSError as err:
         raise ConfigError(f"output directory {out} is not writable ({err.strerror or err}): choose another --out "
                           "(train.out), or make it writable") from None
-
-
-def check_distributed(cfg: Config, env: Placement) -> None:
-    """Everything that can be refused before any process-group work."""
-    t = cfg.train
-    if t.batch_size % (env.world_size * t.grad_accum):
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by world size {env.world_size} × "
-                          f"train.grad_accum={t.grad_accum}; pick a batch size that is")
-    if env.world_size == 1 and cfg.compression.enabled:
-        raise ConfigError(f"compression.compressor={cfg.compression.compressor} needs ≥ 2 processes (one process "
-                          "has no communication to compress): launch with torchrun --nproc_per_node 2 or more, or "
-                          "leave compression at its defaults")
-    if env.world_size > 1 and cfg.optim.name == "adamw":
-        raise ConfigError("the AdamW baseline runs on one process; use optim.name=muon for sharded training")
-    if env.world_size > 1 and cfg.dist.zero_stage > 0 and cfg.optim.embed != "adam":
-        raise ConfigError(f"dist.zero_stage={cfg.dist.zero_stage} shards Adam state, but optim.embed=colnorm leaves "
-                          "DeepSpeed no parameters (distlip's owner-computes step already shards every optimizer "
-                          "state); set optim.embed=adam, or dist.zero_stage=0")
-    if env.world_size > 1 or cfg.dist.deepspeed_config:
-        from distlip.distributed.deepspeed import deepspeed_config  # local: it reads only the schema
-
-        deepspeed_config(cfg, env.world_size)  # refuses a missing or contradicting user JSON early
 
 
 def check_device(cfg: Config, local_rank: int = 0) -> None:
@@ -239,3 +164,50 @@ def check_device(cfg: Config, local_rank: int = 0) -> None:
         raise ConfigError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): "
                           "NCCL needs one GPU per process; launch at most that many processes per node, "
                           "or set train.device=cpu")
+    check_kernels(cfg, want)
+
+
+def check_kernels(cfg: Config, device_type: str) -> None:
+    """The fast path's kernels exist here (docs/memory.md#fast-path): FlexAttention traces itself
+    with torch.compile (even uncompiled), FlexAttention and torch.compile run through Triton on
+    GPUs, FlexAttention trains on CPUs only where torch has its backward there, and
+    torch.compile needs a C++ compiler on CPUs."""
+    import importlib.util
+    import shutil
+
+    import torch._dynamo.config  # local: the config loads without torch
+
+    t = cfg.train
+    compile_disabled = torch._dynamo.config.disable  # TORCH_COMPILE_DISABLE=1
+    if t.attention == "flex" and compile_disabled:
+        raise ConfigError("train.attention=flex runs FlexAttention through torch.compile's tracer, which "
+                          "TORCH_COMPILE_DISABLE=1 turns off (the Makefile sets it): unset it, or use "
+                          "train.attention=sdpa")
+    wanted = [s for s, on in (("train.attention=flex", t.attention == "flex"), ("train.compile=true", t.compile)) if on]
+    if device_type == "cuda" and wanted and importlib.util.find_spec("triton") is None:
+        raise ConfigError(f"{' and '.join(wanted)} need{'s' if len(wanted) == 1 else ''} Triton on GPUs, which "
+                          f"torch {torch.__version__} here lacks: "
+                          "install the triton release built for it (torch's CUDA wheels depend on one), or set "
+                          "train.attention=sdpa train.compile=false")
+    if device_type == "cpu" and t.attention == "flex" and not _flex_backward_on_cpu():
+        raise ConfigError(f"train.attention=flex trains on GPUs only: FlexAttention in torch {torch.__version__} has "
+                          "no backward on CPU; use train.attention=sdpa (the same function) on CPU")
+    if device_type == "cpu" and t.compile and not shutil.which(os.environ.get("CXX") or "g++"):
+        raise ConfigError("train.compile=true needs a C++ compiler on CPU (torch.compile's inductor): install g++ "
+                          "(or set CXX), or set train.compile=false")
+    if t.compile and compile_disabled:
+        warnings.warn("train.compile=true but TORCH_COMPILE_DISABLE=1 (the Makefile sets it): the model runs "
+                      "eager; unset it to compile", stacklevel=2)
+
+
+def _flex_backward_on_cpu() -> bool:
+    """Whether this torch's FlexAttention accepts CPU inputs that need gradients (2.13 does not)."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.zeros(1, 1, 16, 8, requires_grad=True)
+    try:
+        flex_attention(q, q, q)
+    except NotImplementedError:
+        return False
+    return True

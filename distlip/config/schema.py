@@ -64,6 +64,9 @@ class OptimConfig:
     decay_start: float = 0.0  # fraction of steps at constant lr before the linear decay
     final_lr_frac: float = 0.0  # lr at the last step, as a fraction of lr
     depth_lr_decay: float = 1.0  # block i's matrices step at lr·decay^(n_layers−1−i) (1.0: off)
+    # Muon orthogonalises W_q, W_k, W_v per attention head: every head block's step is ≤ lr·gain
+    # (a block of a whole-matrix step can reach √H times that)
+    per_head: bool = False
 
 
 @dataclass
@@ -99,6 +102,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (autocast; master weights stay fp32)
+    # Fast path (docs/memory.md#fast-path), off until a GPU measurement says it is right and faster:
+    attention: str = "sdpa"  # sdpa | flex (FlexAttention block mask for data.document_mask)
+    compile: bool = False  # torch.compile each block and Muon's Newton–Schulz
     threads: int = 0  # CPU threads (0: torch's default)
     log_every: int = 10
     eval_every: int = 250

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from distlip.seeds import stream_seed
+
 
 class ShuffleBuffer:
     """A seeded document-level shuffle: holds up to `size` documents; once full, each pushed
@@ -24,7 +26,7 @@ class ShuffleBuffer:
     def __init__(self, size: int, seed: int, rank: int):
         self.size = size
         self.docs: list[np.ndarray] = []
-        self.rng = np.random.default_rng([seed, rank])
+        self.rng = np.random.default_rng(stream_seed(seed, "shuffle", rank))
 
     def push(self, doc: np.ndarray) -> np.ndarray | None:
         """Add a document; returns the one that leaves the buffer (None while it fills)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from distlip.config import DataConfig, load_config
 from distlip.config.checks import validate_data
 from distlip.data.sources import describe, iter_documents
 from distlip.data.tokenizers import train_bpe
-from distlip.errors import ConfigError, DistlipError
+from distlip.errors import ConfigError, run_command
 
 # flag → DataConfig field; unset flags keep the value from --config (or the default)
 _SOURCE_FLAGS = ("source", "path", "name", "subset", "split", "text_column")
@@ -93,9 +92,4 @@ def train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        return train(args)
-    except DistlipError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(train, _parser().parse_args(argv))

@@ -41,7 +41,7 @@ from distlip.lipschitz.certificate import embed_rms_max
 from distlip.lipschitz.constrainer import Constrainer
 from distlip.lipschitz.constraints import embed_cap
 from distlip.metrics import StepTimer
-from distlip.model import LipschitzTransformer, matrix_names, matrix_of
+from distlip.model import LipschitzTransformer, head_blocks, matrix_names, matrix_of
 from distlip.optim import Optimizers, StepInfo
 
 EMBED = "embed.weight"
@@ -75,12 +75,16 @@ class Engine:
         # constrains every tensor alike, and no owner sends weights back.
         self.stepped = list(self.plan.owner) if self.exchange and self.exchange.replicated else self.owned
         self.held = {n: masters.get(n, self.params[n]) for n in self.stepped}
-        self.optim = Optimizers(self.held, self._optim_config(), n_layers=cfg.model.n_layers)
+        per_head_muon = cfg.optim.per_head and cfg.optim.name == "muon"
+        self.optim = Optimizers(self.held, self._optim_config(), n_layers=cfg.model.n_layers,
+                                row_blocks={n: head_blocks(n, cfg.model.n_heads) for n in self.held}
+                                if per_head_muon else None)
         c = cfg.constraint
         self.constrainer = Constrainer(c.method, {n: sigma_max[n] for n in matrix_names(model)},
                                        weight_decay=c.weight_decay, spectral_wd=c.spectral_wd,
                                        power_iters=c.power_iters, seed=cfg.train.seed,
-                                       row_blocks=row_blocks(cfg, matrix_names(model)))
+                                       row_blocks=row_blocks(cfg, matrix_names(model)),
+                                       blockwise_updates=per_head_muon)
         self.embed_max_rms = cap_of(EMBED, c)
 
     def _optim_config(self) -> OptimConfig:

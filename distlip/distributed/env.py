@@ -17,6 +17,7 @@ from torch.distributed import distributed_c10d
 from distlip.config.checks import check_device
 from distlip.config.schema import Config
 from distlip.distributed import liveness
+from distlip.errors import print_error
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def run_and_exit(main: Callable[[], int]) -> NoReturn:
             raise
         message = liveness.lost_peer_message(_default_store(), dist.get_rank(), dist.get_world_size(), exc)
         if message:
-            print(f"error: {message}", file=sys.stderr)
+            print_error(message)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)  # not destroy_process_group(): the group is broken and tearing it down can hang

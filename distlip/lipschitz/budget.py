@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from distlip.config.choices import GROUPS
 from distlip.errors import ConfigError
-from distlip.lipschitz.caps import CAPPED_METHODS, GROUPS, group_caps
+from distlip.lipschitz.caps import CAPPED_METHODS, group_caps
 from distlip.lipschitz.certificate import certify
 from distlip.model import block_key
 

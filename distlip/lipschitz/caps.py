@@ -9,13 +9,9 @@ missing from `constraint.caps` has `constraint.sigma_max` (the embedding: 1). Wi
 
 from __future__ import annotations
 
-import difflib
-import math
-
-from distlip.errors import ConfigError
+from distlip.config.choices import GROUPS
 from distlip.model import block_key, head_blocks
 
-GROUPS = ("embed", "qk", "v", "o", "mlp_in", "mlp_out", "head")
 # Methods whose map guarantees ‖W‖ ≤ cap after every step (the others give no bound).
 CAPPED_METHODS = ("soft_cap", "hard_cap", "spectral_normalize", "stiefel", "exact_cap")
 EMBED = "embed.weight"
@@ -32,17 +28,6 @@ def group_of(name: str) -> str:
         if name.endswith(suffix):
             return group
     raise KeyError(f"parameter {name} belongs to no cap group")
-
-
-def check_caps(caps: dict, key: str = "constraint.caps") -> None:
-    """Every key a known group and every cap a finite number > 0, or one ConfigError line."""
-    for group, cap in caps.items():
-        if group not in GROUPS:
-            match = difflib.get_close_matches(str(group), GROUPS, n=1, cutoff=0.0)
-            raise ConfigError(f"{key} has unknown group {group!r} (did you mean {match[0]!r}?); "
-                              f"groups are {', '.join(GROUPS)}")
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
-            raise ConfigError(f"{key}.{group}={cap!r} must be a finite number > 0 (an RMS→RMS cap)")
 
 
 def group_caps(constraint) -> dict[str, float]:

@@ -18,14 +18,13 @@ The MLP's activation GELU/1.1289 is exactly 1-Lipschitz, so the MLP block consta
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass, field
 
 import torch
 
 from distlip.config.schema import Config, ModelConfig
 from distlip.lipschitz.caps import unit_caps
-from distlip.lipschitz.spectral import power_iteration
+from distlip.lipschitz.spectral import power_iteration, start_vector
 from distlip.model import ATTN_OUT_SCALE, GELU_MAX_SLOPE, block_key, head_blocks, padded_vocab
 
 CAP_RTOL = 1e-3  # a matrix "exceeds its cap" when σ > cap·(1 + CAP_RTOL)
@@ -97,8 +96,7 @@ class SigmaEstimator:
         self.vectors: dict[str, torch.Tensor] = {}
 
     def _init(self, key: str, n: int, device) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
-        return torch.randn(n, generator=g, dtype=torch.float32).to(device)
+        return start_vector(self.seed, key, n).to(device)
 
     @torch.no_grad()
     def __call__(self, matrices: dict[str, torch.Tensor]) -> dict[str, float]:

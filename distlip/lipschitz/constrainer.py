@@ -3,8 +3,6 @@ after every optimiser step, with persistent seeded power-iteration vectors (docs
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import math
 import warnings
 from collections.abc import Mapping
@@ -12,12 +10,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from distlip.config.checks import check_coefficients, check_method
 from distlip.errors import CheckpointError, ConfigError
 from distlip.lipschitz.constraints import (
     SOFT_CAP_MAX_MU,
     check_cap,
-    check_coefficients,
-    check_method,
     exact_cap,
     hard_cap,
     rounding_margin,
@@ -29,7 +26,7 @@ from distlip.lipschitz.constraints import (
     stiefel,
     weight_decay,
 )
-from distlip.lipschitz.spectral import power_iteration, rms_scale, sigma_upper_bound
+from distlip.lipschitz.spectral import power_iteration, rms_scale, sigma_upper_bound, start_vector
 from distlip.model import block_key, matrix_of
 
 # Power-iteration steps for a vector's first use (later steps warm-start).
@@ -44,9 +41,8 @@ class Constrainer:
     and warm-started each step (FIRST_USE_ITERS iterations on first use, then
     `power_iters`). `calls` counts matrices handed to apply/apply_many.
 
-    sigma_max is an RMS→RMS cap: a float for every matrix, or a mapping from parameter
-    names or glob patterns (e.g. `{"head.weight": 1.0, "*": 2.0}`) to caps; exact names
-    win over patterns, patterns are tried in order.
+    sigma_max is an RMS→RMS cap: a float for every matrix, or a mapping from parameter names
+    to caps (what `lipschitz.caps.matrix_caps` gives: caps are worked out there, not here).
 
     row_blocks maps a parameter name to a number of row blocks H (attention heads): such a
     (d_out, d_in) matrix is constrained as H matrices (d_out/H, d_in), each in its own RMS→RMS
@@ -54,8 +50,9 @@ class Constrainer:
     Caps ≤ c on every block imply ‖W‖ ≤ c for the whole matrix (‖W‖² ≤ mean over blocks of
     their norms²). A block of an update whose norm is ≤ μ has norm ≤ √H·μ: the soft cap's
     coupling uses that bound per block, or, when it is beyond the coupling's range, the
-    block's measured σ₁ bound (as without an update bound). Vectors and state are per block,
-    keyed `name[h]`.
+    block's measured σ₁ bound (as without an update bound). With `blockwise_updates` the
+    optimiser stepped each block as its own matrix (per-head Muon) and the update bound it
+    reports holds for every block as it is. Vectors and state are per block, keyed `name[h]`.
     """
 
     def __init__(
@@ -68,9 +65,11 @@ class Constrainer:
         power_iters: int = 3,
         seed: int = 0,
         row_blocks: Mapping[str, int] | None = None,
+        blockwise_updates: bool = False,
     ) -> None:
         self.method = check_method(method)
         self.row_blocks = {n: int(h) for n, h in (row_blocks or {}).items() if h > 1}
+        self.blockwise_updates = bool(blockwise_updates)
         if isinstance(sigma_max, Mapping):
             self._caps = {k: check_cap(c, f"sigma_max[{k!r}]") for k, c in sigma_max.items()}
         else:
@@ -91,12 +90,9 @@ class Constrainer:
         if isinstance(self._caps, float):
             return self._caps
         name = matrix_of(name)  # a row block has its matrix's cap
-        if name in self._caps:
-            return self._caps[name]
-        for pattern, cap in self._caps.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return cap
-        raise ConfigError(f"no sigma_max for parameter {name!r}; add it or a '*' default to sigma_max")
+        if name not in self._caps:
+            raise ConfigError(f"no sigma_max for parameter {name!r}; add it to sigma_max")
+        return self._caps[name]
 
     def apply(self, name: str, W: Tensor, *, lr: float, update_norm: float | None) -> Tensor:
         """Constrained copy of W (d_out, d_in) in W's dtype and device.
@@ -142,7 +138,7 @@ class Constrainer:
         self, named: Mapping[str, Tensor], update_norms: Mapping[str, float | None]
     ) -> tuple[dict[str, Tensor], dict[str, float | None]]:
         """Matrices with row blocks → one (d_out/H, d_in) unit per block, keyed `name[h]`, with
-        the block's update bound √H·μ. Other matrices pass through."""
+        the block's update bound (√H·μ, or μ under blockwise_updates). Other matrices pass through."""
         units: dict[str, Tensor] = {}
         mus: dict[str, float | None] = {}
         for name, W in named.items():
@@ -154,7 +150,7 @@ class Constrainer:
                 raise ConfigError(f"{name!r} has {W.size(0)} rows, not divisible into {H} head blocks; "
                                   "check model.n_heads")
             mu = update_norms.get(name)
-            mu = None if mu is None else mu * math.sqrt(H)
+            mu = None if mu is None or self.blockwise_updates else mu * math.sqrt(H)
             for h, block in enumerate(W.chunk(H, dim=0)):
                 units[block_key(name, h)], mus[block_key(name, h)] = block, mu
         return units, mus
@@ -272,9 +268,7 @@ class Constrainer:
     def _vector(self, name: str, n: int) -> Tensor:
         """The stored vector for `name`, or a fresh one seeded from (seed, name)."""
         if name not in self._vectors:
-            digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-            return torch.randn(n, generator=gen)
+            return start_vector(self.seed, name, n)
         v = self._vectors[name]
         if v.numel() != n:
             raise CheckpointError(

@@ -12,7 +12,6 @@ are unit left/right singular-vector estimates.
 
 from __future__ import annotations
 
-import difflib
 import math
 
 import torch
@@ -20,18 +19,6 @@ from torch import Tensor
 
 from distlip.errors import ConfigError
 from distlip.lipschitz.newton_schulz import msign, odd_polynomial
-
-METHODS = (
-    "none",
-    "weight_decay",
-    "spectral_weight_decay",
-    "spectral_normalize",
-    "stiefel",
-    "spectral_hammer",
-    "soft_cap",
-    "hard_cap",
-    "exact_cap",
-)
 
 # Hard cap: 4 quintic steps whose composite is ≈ min(1, σ) on [0, 3.53] (docs/method.md#constraints).
 HARD_CAP_COEFFS: tuple[tuple[float, float, float], ...] = (
@@ -54,17 +41,6 @@ _HARD_CAP_NORMALIZE_TO = 3.0
 SOFT_CAP_MAX_MU = 0.3
 
 # ---------------------------------------------------------------- validation
-
-
-def check_method(name: str) -> str:
-    """Return `name` if it is one of METHODS, else raise ConfigError naming the closest."""
-    if name in METHODS:
-        return name
-    closest = difflib.get_close_matches(str(name), METHODS, n=1, cutoff=0.0)
-    raise ConfigError(
-        f"unknown constraint method {name!r}; did you mean {closest[0]!r}? "
-        f"(choose from {', '.join(METHODS)})"
-    )
 
 
 def check_cap(value: float, key: str) -> float:
@@ -142,10 +118,23 @@ def hard_cap(W: Tensor, sigma_max: float | Tensor, sigma_est: float | Tensor) ->
 
 
 def exact_cap(W: Tensor, sigma_max: float | Tensor) -> Tensor:
-    """U·min(Σ, σmax)·Vᵀ by SVD: the reference (oracle) cap."""
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    S = torch.minimum(S, _per_matrix(sigma_max, W)[..., 0])
-    return (U * S.unsqueeze(-2)) @ Vh
+    """U·min(Σ, σmax)·Vᵀ by SVD in float64: the reference (oracle) cap.
+
+    A capped matrix has many singular values equal to σmax, and float32 SVD (LAPACK gesdd) can
+    fail to converge on such repeated values; float64 rarely does, and when it does the same map
+    is taken from the eigendecomposition of WᵀW (W·V·diag(min(1, σmax/σ))·Vᵀ), which always converges.
+    """
+    cap = _per_matrix(sigma_max, W)[..., 0].double()
+    X = W.double()
+    try:
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        out = (U * torch.minimum(S, cap).unsqueeze(-2)) @ Vh
+    except torch.linalg.LinAlgError:
+        lam, V = torch.linalg.eigh(X.mT @ X)
+        sigma = lam.clamp(min=0).sqrt()
+        scale = torch.where(sigma > cap, cap / sigma.clamp(min=torch.finfo(X.dtype).tiny), torch.ones_like(sigma))
+        out = X @ (V * scale.unsqueeze(-2)) @ V.mT
+    return out.to(W.dtype)
 
 
 def rounding_margin(dtype: torch.dtype) -> float:
@@ -207,22 +196,3 @@ def soft_cap_alpha(sigma_max: float, mu: float, lam_eta: float = 0.0) -> float:
     return hi / k**2  # the upper end: composite at k is ≤ σmax, never above
 
 
-def check_coefficients(method: str, weight_decay: float, spectral_wd: float, power_iters: int) -> None:
-    """The method's coefficients: each method gets the ones it uses and no others (also checked in
-    `config.checks.preflight`)."""
-    if weight_decay < 0 or spectral_wd < 0 or power_iters < 1:
-        raise ConfigError(
-            "weight_decay and spectral_wd must be >= 0 and power_iters >= 1; fix the "
-            "constraint settings"
-        )
-    if method == "weight_decay" and weight_decay == 0:
-        raise ConfigError("method 'weight_decay' needs weight_decay > 0; set weight_decay")
-    if method == "spectral_weight_decay" and spectral_wd == 0:
-        raise ConfigError("method 'spectral_weight_decay' needs spectral_wd > 0; set spectral_wd")
-    if method != "spectral_weight_decay" and spectral_wd > 0:
-        raise ConfigError(
-            f"spectral_wd is only used by method 'spectral_weight_decay', not {method!r}; "
-            "remove it or change the method"
-        )
-    if method == "none" and weight_decay > 0:
-        raise ConfigError("method 'none' applies no weight decay; use method 'weight_decay'")

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import Tensor
 
+from distlip.seeds import stream_seed
+
 # Gram-iteration squarings for the guaranteed σ₁ upper bound: the bound exceeds σ₁ by at most
 # rank^(1/2^(GRAM_ITERS+1)), i.e. ≤ 1.3% for rank 3072, and far less when σ₁ stands out.
 GRAM_ITERS = 9
@@ -35,6 +37,12 @@ def unit(x: Tensor, fallback: Tensor | None = None) -> Tensor:
     if fallback is None:
         return unit
     return torch.where(norm > 0, unit, fallback)
+
+
+def start_vector(seed: int, key: str, n: int) -> Tensor:
+    """A power-iteration start vector (n,) float32 on the CPU, drawn from (seed, key) with a
+    private generator: the same on every replica, whatever the global RNG did."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(stream_seed(seed, key)), dtype=torch.float32)
 
 
 def power_iteration(W: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:

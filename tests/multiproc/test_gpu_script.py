@@ -17,10 +17,13 @@ def test_gpu_script_dry_run_writes_every_table(tmp_path):
     assert "FAILED" not in proc.stdout, proc.stdout
     # the one line saying what this machine cannot do
     assert "cannot time a cross-GPU exchange here" in proc.stdout
+    assert "cannot train through FlexAttention on the CPU" in proc.stdout
     tables = (tmp_path / "tables.md").read_text()
     assert "(missing" not in tables, tables
     for heading in ("## 145M preset, one GPU", "## 145M preset: exact-SVD audit after training",
-                    "## Shakespeare recipe", "## Compressed exchange of the 145M gradients"):
+                    "## Shakespeare recipe", "## Compressed exchange of the 145M gradients",
+                    "## Fast path against the eager path"):
         assert heading in tables
     assert "tokens_per_s" in tables and "predicted_gib" in tables and "lipschitz_bound" in tables
     assert "topk 1% + ef21" in tables
+    assert "attention=sdpa, compile=True" in tables and "float32 losses within" in tables

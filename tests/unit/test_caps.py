@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from distlip.config import load_config
+from distlip.config.choices import GROUPS
 from distlip.errors import ConfigError
 from distlip.lipschitz.budget import allocate, bound_at_caps, soft_cap_floors
-from distlip.lipschitz.caps import CAPPED_METHODS, GROUPS, group_caps, group_of
+from distlip.lipschitz.caps import CAPPED_METHODS, group_caps, group_of
 from distlip.lipschitz.certificate import CAP_RTOL, certify_weights, exact_norms
 from distlip.model import block_key
+from distlip.preflight import check_config
 from distlip.trainer import Trainer
 
 SMOKE = "configs/smoke.yaml"
@@ -68,11 +70,12 @@ def test_impossible_target_is_refused_with_the_smallest_feasible_bound():
     floors = soft_cap_floors(cfg)
     smallest = bound_at_caps({"embed": 1.0, **floors}, cfg.model)
     with pytest.raises(ConfigError, match=r"cannot be met") as err:
-        load_config(SMOKE, [*base, f"constraint.target_bound={smallest * 0.9}"])
+        check_config(load_config(SMOKE, [*base, f"constraint.target_bound={smallest * 0.9}"]))
     message = str(err.value)
     assert "\n" not in message and f"{smallest:.6g}" in message
     # at (just above) that bound the target is met, with every group at its floor
     ok = load_config(SMOKE, [*base, f"constraint.target_bound={smallest * (1 + 1e-9)}"])
+    check_config(ok)
     assert allocate(ok) == pytest.approx({"embed": 1.0, **floors}, rel=1e-6)
 
 
@@ -81,12 +84,13 @@ def test_impossible_target_is_refused_with_the_smallest_feasible_bound():
                                            ("spectral_hammer", []), ("none", [])])
 def test_target_bound_with_a_method_that_gives_no_guarantee_is_refused(method, extra):
     with pytest.raises(ConfigError, match="gives no guarantee"):
-        load_config(SMOKE, [f"constraint.method={method}", "constraint.target_bound=5", *extra])
+        check_config(load_config(SMOKE, [f"constraint.method={method}", "constraint.target_bound=5", *extra]))
 
 
 def test_target_bound_without_the_embedding_cap_is_refused():
     with pytest.raises(ConfigError, match="needs constraint.embed_cap=true"):
-        load_config(SMOKE, ["constraint.method=hard_cap", "constraint.target_bound=5", "constraint.embed_cap=false"])
+        check_config(load_config(SMOKE, ["constraint.method=hard_cap", "constraint.target_bound=5",
+                                         "constraint.embed_cap=false"]))
 
 
 @pytest.mark.parametrize("caps, pattern", [
@@ -103,7 +107,7 @@ def test_bad_caps_are_refused_in_one_line(caps, pattern):
 
 def test_soft_cap_refuses_a_group_cap_below_its_step():
     with pytest.raises(ConfigError, match="qk matrices' Muon step"):
-        load_config(SMOKE, ["constraint.method=soft_cap", "optim.lr=0.5", "constraint.caps={qk: 0.3}"])
+        check_config(load_config(SMOKE, ["constraint.method=soft_cap", "optim.lr=0.5", "constraint.caps={qk: 0.3}"]))
 
 
 def test_bound_at_caps_increases_in_every_cap_and_whole_matrix_caps_cost_sqrt_heads():

@@ -270,6 +270,16 @@ def test_tokenizer_refuses_bad_input_in_one_line(work, capsys, fault):
     check_refusal(work, capsys, prepare(work), 2, words)
 
 
+# ---- slurm-cmd: the same one line as every other subcommand ------------------------------------
+
+def test_slurm_cmd_refuses_bad_input_in_one_line(work, capsys, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    check_refusal(work, capsys, ["slurm-cmd", "--dry-run"], 2, ["no training command", "put it after --"])
+    check_refusal(work, capsys, ["slurm-cmd", "--dry-run", "--", "-m", "distlip", "train"], 2,
+                  ["missing SLURM variables"])
+
+
 # ---- end to end: the installed entry point, no traceback ---------------------------------------
 
 def test_the_process_prints_one_line_and_no_traceback(work):

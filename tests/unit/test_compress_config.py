@@ -3,9 +3,9 @@
 import pytest
 
 from distlip.config import Config, config_from_dict, load_config
-from distlip.config.checks import check_distributed
 from distlip.distributed.env import DistEnv
 from distlip.errors import ConfigError
+from distlip.preflight import check_config, check_distributed
 
 from helpers import ROOT
 
@@ -17,12 +17,15 @@ def test_defaults_are_off_and_overrides_are_typed():
     cfg = load_config(SMOKE, ["compression.compressor=topk", "compression.ratio=0.01", "compression.ef21_eta=0.1",
                               "compression.ef21_eta_sent=0.01", "compression.downlink=topk",
                               "compression.downlink_ratio=0.05"])
+    check_config(cfg)
     c = cfg.compression
     assert c.enabled and c.ratio == 0.01 and c.estimator is None and c.marina_p is None and c.ef21_eta_sent == 0.01
     assert config_from_dict(cfg.to_dict()).compression == c  # round trip through a run's config.json
     assert load_config(SMOKE, ["compression.estimator=dense"]).compression.enabled  # dense all-reduce, counted
-    assert load_config(SMOKE, ["compression.compressor=randk", "compression.ratio=0.1",
-                               "compression.estimator=marina", "compression.marina_p=0.2"]).compression.marina_p == 0.2
+    marina = load_config(SMOKE, ["compression.compressor=randk", "compression.ratio=0.1",
+                                 "compression.estimator=marina", "compression.marina_p=0.2"])
+    check_config(marina)
+    assert marina.compression.marina_p == 0.2
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -48,13 +51,14 @@ def test_defaults_are_off_and_overrides_are_typed():
 ])
 def test_bad_compression_config_is_one_clear_error(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment) as err:
-        load_config(SMOKE, overrides)
+        check_config(load_config(SMOKE, overrides))
     assert "\n" not in str(err.value)
 
 
 def test_plain_randk_runs_when_allowed():
     cfg = load_config(SMOKE, ["compression.compressor=randk", "compression.ratio=0.01", "compression.estimator=plain",
                               "compression.allow_plain=true"])
+    check_config(cfg)
     assert cfg.compression.allow_plain
 
 

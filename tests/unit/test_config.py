@@ -4,6 +4,7 @@ import pytest
 
 from distlip.config import load_config
 from distlip.errors import ConfigError
+from distlip.preflight import check_config
 
 from helpers import ROOT
 
@@ -12,7 +13,7 @@ CONFIGS = ROOT / "configs"
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_preset_loads(preset):
-    load_config(CONFIGS / preset)
+    check_config(load_config(CONFIGS / preset))
 
 
 def test_overrides_are_typed():
@@ -38,8 +39,8 @@ def test_overrides_are_typed():
     (["data.seq_len=64"], "data.seq_len=64 is longer than model.context=32"),
 ])
 def test_bad_config_is_one_clear_error(override, fragment):
-    with pytest.raises(ConfigError) as err:
-        load_config(CONFIGS / "smoke.yaml", override)
+    with pytest.raises(ConfigError) as err:  # at load, or in the preflight's config checks
+        check_config(load_config(CONFIGS / "smoke.yaml", override))
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
 

@@ -1,26 +1,31 @@
 """Weight constraints and Newton–Schulz against the SVD oracle (docs/method.md#constraints, #muon)."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from distlip.config.choices import METHODS
 from distlip.errors import ConfigError
+from distlip.lipschitz.certificate import SigmaEstimator
 from distlip.lipschitz.constrainer import Constrainer
 from distlip.lipschitz.constraints import (
     HARD_CAP_COEFFS,
     HARD_CAP_PEAK,
     HARD_CAP_RANGE,
-    METHODS,
     SOFT_CAP_MAX_MU,
     embed_cap,
     exact_cap,
     soft_cap_alpha,
 )
 from distlip.lipschitz.newton_schulz import MUON_NS_COEFFS, NS_MAX_GAIN, msign, orthogonalize
-from distlip.lipschitz.spectral import power_iteration, rms_norm, rms_scale
+from distlip.lipschitz.spectral import power_iteration, rms_norm, rms_scale, start_vector
 
 CAP_METHODS = ("hard_cap", "soft_cap", "spectral_normalize", "stiefel", "exact_cap")
 
@@ -328,7 +333,7 @@ def test_state_dict_round_trip_resumes_identically():
 
 
 def test_calls_inputs_and_per_name_caps():
-    c = Constrainer("exact_cap", {"head.weight": 0.5, "*": 2.0})
+    c = Constrainer("exact_cap", {"head.weight": 0.5, "h.0.w": 2.0})
     g = torch.Generator().manual_seed(12)
     named = {"head.weight": torch.randn(40, 16, generator=g), "h.0.w": torch.randn(16, 16, generator=g)}
     before = {n: W.clone() for n, W in named.items()}
@@ -336,8 +341,10 @@ def test_calls_inputs_and_per_name_caps():
     assert c.calls == 2 and all(torch.equal(named[n], before[n]) for n in named)
     assert abs(rms_norm(out["head.weight"]).item() - 0.5) < 1e-3
     assert abs(rms_norm(out["h.0.w"]).item() - 2.0) < 1e-3
-    with pytest.raises(ConfigError, match="'\\*' default"):
+    with pytest.raises(ConfigError, match="no sigma_max for parameter 'h.0.w'"):
         Constrainer("exact_cap", {"head.weight": 0.5}).sigma_max_for("h.0.w")
+    with pytest.raises(ConfigError, match="no sigma_max for parameter 'h.0.w'"):  # no patterns: "*" is a name
+        Constrainer("exact_cap", {"head.weight": 0.5, "*": 2.0}).apply_many(named, lr=0.1)
 
 
 def test_config_errors():
@@ -349,7 +356,7 @@ def test_config_errors():
         with pytest.raises(ConfigError, match="sigma_max"):
             Constrainer("hard_cap", bad)
     with pytest.raises(ConfigError, match="sigma_max"):
-        Constrainer("hard_cap", {"*": 0.0})
+        Constrainer("hard_cap", {"w": 0.0})
     with pytest.raises(ConfigError, match="weight_decay > 0"):
         Constrainer("weight_decay", 1.0)
     with pytest.raises(ConfigError, match="matrices"):
@@ -371,3 +378,36 @@ def test_sigma_upper_bound_is_above_and_close_to_sigma_max(kind):
     bound = sigma_upper_bound(W).double()
     assert (bound >= exact).all()
     assert (bound <= exact * 1.013).all()
+
+
+def test_power_iteration_start_vectors_are_one_derivation_the_same_in_every_process():
+    """The Constrainer and the SigmaEstimator start from `start_vector(seed, key)`: the same in
+    another process (another hash salt), whatever the global RNG did, and different per key."""
+    key = "blocks.0.attn.q.weight[1]"
+    code = f"from distlip.lipschitz.spectral import start_vector; print(start_vector(3, {key!r}, 5).tolist())"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    v = torch.tensor(json.loads(there.stdout))
+    torch.manual_seed(123)
+    assert torch.equal(start_vector(3, key, 5), v)
+    assert not torch.equal(start_vector(4, key, 5), v) and not torch.equal(start_vector(3, key[:-3], 5), v)
+    assert torch.equal(Constrainer("hard_cap", 1.0, seed=3)._vector(key, 5), v)
+    assert torch.equal(SigmaEstimator(seed=3)._init(key, 5, "cpu"), v)
+
+
+def test_exact_cap_survives_svd_failure(monkeypatch):
+    """A capped matrix has many equal singular values, on which LAPACK's SVD can fail to converge
+    (seen in training under the exact cap); the eigendecomposition fallback gives the same map."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(4, 32, 96, generator=g)
+    W[1] = exact_cap(W[1], 0.5)  # repeated σ at the cap
+    expected = exact_cap(W, 0.7)
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", fail)
+    got = exact_cap(W, 0.7)
+    assert got.dtype == W.dtype
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.linalg.matrix_norm(got.double(), ord=2).max() <= 0.7 * (1 + 1e-6)

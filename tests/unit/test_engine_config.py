@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from distlip.config import load_config
-from distlip.config.checks import check_distributed
 from distlip.distributed.deepspeed import apply_launcher_zero_stage, deepspeed_config
 from distlip.distributed.env import DistEnv, select_device
 from distlip.errors import ConfigError
+from distlip.preflight import check_distributed
 
 SMOKE = "configs/smoke.yaml"
 

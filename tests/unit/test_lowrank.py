@@ -11,6 +11,7 @@ from distlip.compress.accounting import ring_all_reduce_bytes
 from distlip.compress.lowrank import factor_mean, initial_q, orthonormal
 from distlip.config import CompressionConfig, load_config
 from distlip.errors import ConfigError
+from distlip.preflight import check_config
 
 from helpers import ROOT
 from helpers.compression import ThreadGroup
@@ -186,5 +187,5 @@ def test_built_from_the_config_block():
 ])
 def test_bad_lowrank_config_is_one_clear_error(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment) as err:
-        load_config(SMOKE, overrides)
+        check_config(load_config(SMOKE, overrides))
     assert "\n" not in str(err.value)
