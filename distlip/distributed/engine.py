@@ -12,12 +12,13 @@ Who updates what:
 
 With one process there is no communication and no DeepSpeed: the same code, all tensors owned.
 
-With the `compression:` block on (world size > 1), the reduce and the broadcast of the
-tensors distlip steps go through `distlip.distributed.exchange.CompressedExchange` instead: compressed
-gradients aggregated by an estimator on every rank, and optionally an EF21-P compressed
-downlink, after which the owner's master x (what is constrained, certified and saved:
-`master_weights()`) differs from the module weights w the forward reads. The
-DeepSpeed-held embedding's gradients stay dense (DeepSpeed reduces them itself).
+How the tensors distlip steps travel is the `exchange` (`distlip.distributed.exchange`): the
+dense owner-computes reduce and broadcast (`DenseExchange`), or, with the `compression:` block
+on (world size > 1), `CompressedExchange`: compressed gradients aggregated by an estimator on
+every rank, and optionally an EF21-P compressed downlink, after which the owner's master x
+(what is constrained, certified and saved: `master_weights()`) differs from the module
+weights w the forward reads. The DeepSpeed-held embedding's gradients stay dense (DeepSpeed
+reduces them itself).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from distlip.config.schema import Config, OptimConfig
 from distlip.data.packing import document_causal_mask
 from distlip.distributed.deepspeed import deepspeed_config, gather_adam, scatter_adam, uses_deepspeed
 from distlip.distributed.env import DistEnv
-from distlip.distributed.exchange import CompressedExchange
+from distlip.distributed.exchange import CompressedExchange, DenseExchange, Exchange
 from distlip.distributed.sharding import plan_ownership
 from distlip.lipschitz.caps import cap_of, row_blocks
 from distlip.lipschitz.certificate import embed_rms_max
@@ -47,7 +48,7 @@ EMBED = "embed.weight"
 
 class Engine:
     """One rank's share of training: forward, backward, and the step
-    (communicate → optimise → constrain → share)."""
+    (communicate → optimise → constrain → share, `step`)."""
 
     def __init__(self, cfg: Config, model: LipschitzTransformer, env: DistEnv, timer: StepTimer,
                  sigma_max: dict[str, float], document_eot: int | None = None):
@@ -61,15 +62,14 @@ class Engine:
         ours = matrix_names(model) + ([] if self.ds else [EMBED])
         self.plan = plan_ownership({n: self.params[n].numel() for n in ours}, env.world_size)
         self.owned = self.plan.owned_by(env.rank)
-        self.exchange = (CompressedExchange(cfg.compression, self.params, self.plan, env.rank)
-                         if cfg.compression.enabled else None)
+        self.exchange: Exchange = (CompressedExchange(cfg.compression, self.params, self.plan, env.rank)
+                                   if cfg.compression.enabled else DenseExchange(self.params, self.plan, env.rank))
         # The second backward pass (MARINA on one batch): whether one is running, and its gradients
         # until `step` takes them.
         self._in_previous_pass = False
         self._pending_previous: dict[str, torch.Tensor] | None = None
         # What each owner steps and constrains: the master x under a compressed downlink, else the weight itself.
-        masters = self.exchange.masters if self.exchange else {}
-        self.held = {n: masters.get(n, self.params[n]) for n in self.owned}
+        self.held = {n: self.exchange.masters.get(n, self.params[n]) for n in self.owned}
         self.optim = Optimizers(self.held, self._optim_config(), n_layers=cfg.model.n_layers)
         c = cfg.constraint
         self.constrainer = Constrainer(c.method, {n: sigma_max[n] for n in matrix_names(model)},
@@ -81,7 +81,7 @@ class Engine:
     def _optim_config(self) -> OptimConfig:
         """EF21 with ef21_eta < 1 aggregates momentum v ← (1−η)v + ηg itself (β = 1 − η); stepping
         Muon's own momentum on top would smooth twice, so the owner's Muon then runs with β = 0."""
-        if self.exchange is None or not self.exchange.carries_momentum:
+        if not self.exchange.carries_momentum:
             return self.cfg.optim
         return replace(self.cfg.optim, momentum=0.0, momentum_start=0.0, momentum_warmup=0)
 
@@ -126,7 +126,7 @@ class Engine:
 
     def needs_previous_gradients(self, step: int) -> bool:
         """Whether `step` needs a second backward pass of its batch `at_previous_weights` (MARINA)."""
-        return self.exchange is not None and self.exchange.needs_previous(step)
+        return self.exchange.needs_previous(step)
 
     @contextlib.contextmanager
     def at_previous_weights(self):
@@ -149,57 +149,27 @@ class Engine:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self, step: int, total: int) -> StepInfo:
+        """The step after the backward pass: communicate (the aggregate gradient of every tensor
+        this rank steps) → optimise → constrain → share (every rank's weights brought up to
+        date). The trainer certifies the result."""
         with self.timer.phase("comm"):
-            if self.exchange is None:
-                grads = self._reduce_to_owners()
-            else:
-                previous, self._pending_previous = self._pending_previous, None
-                grads = self.exchange.gradients(self._grad, step, previous)
-                self.exchange.remember()  # before this step changes the working copies
+            previous, self._pending_previous = self._pending_previous, None
+            grads = self.exchange.gradients(self._grad, step, previous)
         with self.timer.phase("optimizer"):
             info = self.optim.step(step, total, grads)
-            if self.ds is not None:
-                for group in self.ds.optimizer.param_groups:
-                    group["lr"] = info.lr * self.cfg.optim.lr_mult.get("embed", 1.0)
-                self.ds.step()
+            self._step_deepspeed(info)
             self.model.zero_grad(set_to_none=True)
         with self.timer.phase("constraint"):
             self._constrain_owned(info)
             self._cap_deepspeed_embedding()
         with self.timer.phase("comm"):
-            if self.exchange is not None and self.exchange.downlink is not None:
-                self.exchange.share(step)
-            else:
-                self._share_from_owners()
+            self.exchange.share(step)
         return info
-
-    def _flat(self, names: list[str], tensors) -> torch.Tensor:
-        return torch.cat([tensors(n).reshape(-1) for n in names])
 
     def _grad(self, name: str) -> torch.Tensor:
         """This rank's local fp32 gradient of `name` (zeros when it took no part in the loss)."""
         g = self.params[name].grad
         return torch.zeros_like(self.params[name]) if g is None else g.float()
-
-    @torch.no_grad()
-    def _reduce_to_owners(self) -> dict[str, torch.Tensor]:
-        """Mean gradient of every tensor this rank owns (each reduced only to its owner)."""
-        grad = self._grad
-        world = self.env.world_size
-        if world == 1:
-            return {n: grad(n) for n in self.owned}
-        mine: dict[str, torch.Tensor] = {}
-        for rank in range(world):
-            names = self.plan.owned_by(rank)
-            if not names:
-                continue
-            flat = self._flat(names, grad)
-            dist.reduce(flat, dst=rank, op=dist.ReduceOp.SUM)
-            if rank == self.env.rank:
-                flat /= world
-                mine = dict(zip(names, flat.split([self.params[n].numel() for n in names])))
-                mine = {n: g.view_as(self.params[n]) for n, g in mine.items()}
-        return mine
 
     @torch.no_grad()
     def _constrain_owned(self, info: StepInfo) -> None:
@@ -214,25 +184,15 @@ class Engine:
             e = self.held[EMBED]
             e.data.copy_(embed_cap(e.data, self.embed_max_rms))
 
-    @torch.no_grad()
-    def _share_from_owners(self) -> None:
-        """Every owner broadcasts its updated tensors; afterwards all replicas are identical."""
-        if self.env.world_size == 1:
-            return
-        for rank in range(self.env.world_size):
-            names = self.plan.owned_by(rank)
-            if not names:
-                continue
-            flat = self._flat(names, lambda n: self.params[n].data)
-            if self.exchange is not None:
-                self.exchange.broadcast_dense(flat, rank)  # timed and counted with the compressed uplink
-            else:
-                dist.broadcast(flat, src=rank)
-            if rank != self.env.rank:
-                for n, chunk in zip(names, flat.split([self.params[n].numel() for n in names])):
-                    self.params[n].data.copy_(chunk.view_as(self.params[n]))
-
     # ---- the DeepSpeed-held embedding ------------------------------------------------------
+    def _step_deepspeed(self, info: StepInfo) -> None:
+        """DeepSpeed's Adam step of the embedding, at this step's learning rate."""
+        if self.ds is None:
+            return
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = info.lr * self.cfg.optim.lr_mult.get("embed", 1.0)
+        self.ds.step()
+
     def embedding(self) -> torch.Tensor:
         """The full fp32 embedding (vocab, d) on every rank (a collective under ZeRO ≥ 1)."""
         if self.ds is None or self.cfg.dist.zero_stage == 0:
@@ -279,32 +239,26 @@ class Engine:
         broadcasts its masters x; otherwise these are the module weights themselves."""
         weights = {n: p.data for n, p in self.params.items()}
         weights[EMBED] = self.embedding()
-        if self.exchange is not None and self.exchange.downlink is not None:
-            for n, owner in self.plan.owner.items():
-                x = self.held[n].data.clone() if owner == self.env.rank else torch.empty_like(self.params[n].data)
-                dist.broadcast(x, src=owner)
-                weights[n] = x
-        return weights
+        return self.exchange.master_weights(weights)
 
     def log_fields(self) -> dict:
         """Per-step fields the engine adds to each metrics record: with compression on, bytes per
         rank per step (uplink, downlink, dense equivalent, ratio, totals) and codec time
         (`CompressedExchange.log_fields`)."""
-        return {} if self.exchange is None else self.exchange.log_fields()
+        return self.exchange.log_fields()
 
     def compression_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """This rank's compression state by tensor name (estimator fields; "master" on the owner
         under a compressed downlink); empty with compression off. See `CompressedExchange.state_dict`."""
-        return {} if self.exchange is None else self.exchange.state_dict()
+        return self.exchange.state_dict()
 
     def load_compression_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        if self.exchange is not None:
-            self.exchange.load_state_dict(state)
+        self.exchange.load_state_dict(state)
 
     @property
     def keeps_masters(self) -> bool:
         """Whether the owners' masters x are kept apart from the module weights w (a compressed downlink)."""
-        return bool(self.exchange is not None and self.exchange.masters)
+        return bool(self.exchange.masters)
 
     def state_dict(self) -> dict:
         """This rank's state by tensor name: `weights` and `momentum`/`adam` of the tensors it owns
