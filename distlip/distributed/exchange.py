@@ -191,6 +191,25 @@ class TimedComm:
         return self._timed(self.comm.broadcast, tensor, src)
 
 
+def traffic_fields(counter: ByteCounter, totals: dict[str, float], steps: int, collective_seconds: float,
+                   exchange_seconds: float) -> dict[str, float]:
+    """Per rank, averaged over `steps`: bytes sent / received / the busier of the two
+    (`uplink_bytes`, `downlink_bytes`), the dense exchange's (`dense_bytes`, both directions),
+    their ratios (`compression_ratio` overall, `uplink_ratio`), cumulative totals (`totals`,
+    updated here), and ms spent in the exchange's collectives vs compressing, decompressing and
+    estimator arithmetic (`ms_collective`, `ms_codec`)."""
+    per_step = {k: v / steps for k, v in counter.as_dict().items()}
+    totals["uplink_bytes_total"] += counter.uplink_bytes
+    totals["downlink_bytes_total"] += counter.downlink_bytes
+    moved = per_step["uplink_bytes"] + per_step["downlink_bytes"]
+    up = per_step["uplink_bytes"]
+    return {**per_step, "compression_ratio": per_step["dense_bytes"] / moved if moved else 1.0,
+            "uplink_ratio": counter.uplink.dense_volume / counter.uplink_bytes if up else 1.0,
+            **totals,
+            "ms_collective": 1000 * collective_seconds / steps,
+            "ms_codec": 1000 * (exchange_seconds - collective_seconds) / steps}
+
+
 class CompressedExchange:
     """Uplink estimator, optional downlink, byte and time accounting for one rank (an `Exchange`).
 
@@ -282,22 +301,9 @@ class CompressedExchange:
         return weights
 
     def log_fields(self) -> dict[str, float]:
-        """Per rank, averaged per step since the last call: bytes sent / received / the busier of
-        the two (`uplink_bytes`, `downlink_bytes`), the dense exchange's (`dense_bytes`, both
-        directions), their ratios (`compression_ratio` overall, `uplink_ratio`), cumulative
-        totals, and ms spent in the exchange's collectives vs compressing, decompressing and
-        estimator arithmetic (`ms_collective`, `ms_codec`)."""
-        n = max(self._steps, 1)
-        per_step = {k: v / n for k, v in self.counter.as_dict().items()}
-        self._totals["uplink_bytes_total"] += self.counter.uplink_bytes
-        self._totals["downlink_bytes_total"] += self.counter.downlink_bytes
-        moved = per_step["uplink_bytes"] + per_step["downlink_bytes"]
-        up = per_step["uplink_bytes"]
-        out = {**per_step, "compression_ratio": per_step["dense_bytes"] / moved if moved else 1.0,
-               "uplink_ratio": self.counter.uplink.dense_volume / self.counter.uplink_bytes if up else 1.0,
-               **self._totals,
-               "ms_collective": 1000 * self.comm.seconds / n,
-               "ms_codec": 1000 * (self._exchange_seconds - self.comm.seconds) / n}
+        """`traffic_fields` since the last call."""
+        out = traffic_fields(self.counter, self._totals, max(self._steps, 1), self.comm.seconds,
+                             self._exchange_seconds)
         self.counter.reset()
         self.comm.seconds = self._exchange_seconds = 0.0
         self._steps = 0
