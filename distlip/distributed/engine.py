@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from distlip.compress import SingleProcessComm, TorchComm
+from distlip.compress import TorchComm
 from distlip.config.schema import Config, OptimConfig
 from distlip.data.packing import document_causal_mask
 from distlip.distributed.deepspeed import deepspeed_config, gather_adam, scatter_adam, uses_deepspeed
@@ -93,10 +93,9 @@ class Engine:
     def _exchange(self) -> Exchange:
         """The communication strategy the `compression:` block names (`distlip.distributed.exchange`)."""
         section, rank = self.cfg.compression, self.env.rank
-        if section.sync_every > 1:
-            comm = TorchComm() if self.env.world_size > 1 else SingleProcessComm()
+        if section.sync_every > 1:  # on ≥ 2 processes (preflight)
             return OuterLoop(section, self.params, list(self.plan.owner), self.owned, total=self.cfg.train.steps,
-                             constrain=self._constrain_global, comm=comm)
+                             constrain=self._constrain_global, comm=TorchComm())
         if section.enabled:
             return CompressedExchange(section, self.params, self.plan, rank)
         return DenseExchange(self.params, self.plan, rank)
