@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/multiproc/test_outer_loop.py: the local-step outer loop on the tiny model,
+"""Run under torchrun by tests/multiproc/test_outer_loop_dist.py: the local-step outer loop on the tiny model,
 2 ranks. Each rank saves, per case, its losses, its own weights and their exact norms after every step,
 the certificate the trainer computes (the largest norm over ranks), the byte fields, and an
 uninterrupted run against one resumed from a checkpoint written mid-round."""
