@@ -86,6 +86,16 @@ def colnorm_update(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: f
     p.sub_(buf / torch.maximum(rms, floor), alpha=lr)
 
 
+@torch.no_grad()
+def nesterov_outer_update(x: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, *, lr: float, momentum: float) -> None:
+    """The outer step of the local-step loop, in place (torch SGD's Nesterov form, as DiLoCo's):
+    b ← μ·b + g, then x ← x − lr·(g + μ·b). `g` is the mean pseudo-gradient (round-start weights
+    minus local weights), `buf` the fp32 momentum b (zeros before the first round), all shaped
+    like x. lr 1 and μ 0 set x to the mean of the local weights."""
+    buf.mul_(momentum).add_(g)
+    x.sub_(g.add(buf, alpha=momentum), alpha=lr)
+
+
 @dataclass
 class StepInfo:
     """What the optimiser did this step, for the constraint and the log."""

@@ -84,6 +84,36 @@ def check_compression(cfg: Config) -> None:
              f"compression.ef21_eta={c.ef21_eta} makes EF21 carry the momentum (β = 1 − η) and Muon then steps "
              "without its own, which the Nesterov form cannot express; set optim.nesterov=false or "
              "compression.ef21_eta=1.0")
+    check_outer_loop(cfg)
+
+
+def check_outer_loop(cfg: Config) -> None:
+    """The local-step outer loop (compression.sync_every = H > 1) and the options it cannot honour."""
+    c, h = cfg.compression, cfg.compression.sync_every
+    _require(isinstance(h, int) and not isinstance(h, bool) and h >= 1,
+             f"compression.sync_every={h!r} must be an integer ≥ 1 (1: gradients exchanged every step; "
+             "H > 1: H local steps per round, then one pseudo-gradient exchange)")
+    _require(c.outer_lr > 0, f"compression.outer_lr={c.outer_lr} must be > 0 (DiLoCo's is 0.7)")
+    _require(0 <= c.outer_momentum < 1, f"compression.outer_momentum={c.outer_momentum} must be in [0, 1) "
+             "(DiLoCo's is 0.9)")
+    if h == 1:
+        return
+    _require(cfg.optim.embed == "colnorm",
+             f"compression.sync_every={h} takes local steps, but optim.embed=adam gives the embedding to DeepSpeed "
+             f"(dist.zero_stage={cfg.dist.zero_stage}), which all-reduces its gradients every step; set "
+             "optim.embed=colnorm and dist.zero_stage=0, or compression.sync_every=1")
+    _require(c.downlink == "identity",
+             f"compression.downlink={c.downlink} compresses the weights owners send back every step, and the outer "
+             f"loop sends none (every rank takes the same outer step); drop compression.downlink, or set "
+             "compression.sync_every=1")
+    name = estimator_name(c)
+    _require(name != "marina",
+             "compression.estimator=marina takes a second backward pass at the previous weights, which a "
+             "pseudo-gradient has no counterpart of; with compression.sync_every > 1 use ef14 or ef21 (topk), "
+             "diana (randk) or dense (identity)")
+    _require(not (name == "ef21" and c.ef21_eta < 1),
+             f"compression.ef21_eta={c.ef21_eta} makes EF21 carry a momentum, which with compression.sync_every > 1 "
+             "the outer Nesterov step carries (compression.outer_momentum); set compression.ef21_eta=1.0")
 
 
 def check_lowrank_shapes(cfg: Config) -> None:
@@ -115,7 +145,9 @@ def check_distributed(cfg: Config, env: Placement) -> None:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by world size {env.world_size} × "
                           f"train.grad_accum={t.grad_accum}; pick a batch size that is")
     if env.world_size == 1 and cfg.compression.enabled:
-        raise ConfigError(f"compression.compressor={cfg.compression.compressor} needs ≥ 2 processes (one process "
+        c = cfg.compression
+        what = f"sync_every={c.sync_every}" if c.sync_every != 1 else f"compressor={c.compressor}"
+        raise ConfigError(f"compression.{what} needs ≥ 2 processes (one process "
                           "has no communication to compress): launch with torchrun --nproc_per_node 2 or more, or "
                           "leave compression at its defaults")
     if env.world_size > 1 and cfg.optim.name == "adamw":

@@ -190,7 +190,10 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        sigma = {n: v for n, v in self.estimator.state_dict()["vectors"].items() if matrix_of(n) in owned}
+        vectors = self.estimator.state_dict()["vectors"]
+        if "local" in state:  # local steps: this rank estimates its own weights' norms
+            state["local"]["sigma"] = vectors
+        sigma = {n: v for n, v in vectors.items() if matrix_of(n) in owned}
         return {**state, "sigma": sigma, "data": self.data.train.state_dict(), "rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
@@ -199,6 +202,8 @@ class Trainer:
         self.engine.load_state_dict(state)
         owned = set(self.engine.owned)
         vectors = {n: v.to(self.device) for n, v in state["sigma"].items() if matrix_of(n) in owned}
+        if self.engine.local_steps and state.get("local") is not None:
+            vectors = {n: v.to(self.device) for n, v in state["local"]["sigma"].items()}
         self.estimator.load_state_dict({"vectors": vectors})
         if state["data"] is not None:
             self.data.train.load_state_dict(state["data"])
@@ -273,8 +278,7 @@ class Trainer:
         owner-computes each rank's optimiser and constraint work differs (collective)."""
         times = self.timer.averages()
         keys = sorted(k for k in times if k.startswith("ms_"))
-        with self.wire.category("metrics"):
-            mean = [v / self.env.world_size for v in self.engine.all_sum([times[k] for k in keys])]
+        mean = [v / self.env.world_size for v in self.engine.all_sum([times[k] for k in keys])]
         return {**times, **dict(zip(keys, mean))}
 
     def train_step(self) -> tuple[float, Certificate | None]:
@@ -357,7 +361,7 @@ class Trainer:
                     progress.update(self.step, {"loss": f"{loss:.3f}", "tok/s": f"{tok_s:,.0f}",
                                                 "L≤": f"{cert.bound:.3g}"})
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
-                    with self.wire.category("eval"):
+                    with self.engine.at_master_weights(), self.wire.category("eval"):  # mid-round: global weights
                         vl, va = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast, t.eval_windows)
                     logger.log({"step": self.step, "loss": loss, "lipschitz_bound": cert.bound,
                                 "val_loss": vl, "val_acc": va})

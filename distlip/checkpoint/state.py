@@ -19,7 +19,12 @@ never unpickles objects)::
     sigma        {name: (d_in,) fp32}  the certificate estimator's vectors, owned names (head blocks `name[h]`)
     data         this rank's data-pipeline state at the step boundary
     rng          {"torch": uint8 tensor, "cuda": uint8 tensor (GPU runs)}
-    compression  this rank's compression state (only when the engine has one)
+    compression  this rank's compression state (only when the engine has one; under the outer
+                 loop: round-start weights "master" of owned names, this rank's "local" weights,
+                 the outer momentum and the estimator's fields, see `distributed.outer`)
+    local        under the outer loop only: this rank's own optimiser and constrainer state of
+                 every tensor, {"momentum", "constraint", "global_constraint", "sigma"}; resumed
+                 on the same world size only
 
 Everything is keyed by parameter name, never by rank or partition, so W ranks' files load on
 W' ranks: each rank reads every file (memory-mapped), takes every weight (replicas are full)
@@ -224,10 +229,14 @@ def load_checkpoint(ckpt: Checkpoint, cfg: Config, tokenizer, env: DistEnv, shap
     same = ckpt.world_size == env.world_size
     mine = files[env.rank] if same else files[0]
     data_state = mine["data"] if same else _common_data_state(files, ckpt, env, cfg.data.restart_on_resize)
-    compression, reset = _compression_state(cfg, env, files, same)
+    outer_before = ckpt.meta["config"].get("compression", {}).get("sync_every", 1) > 1
+    compression, reset = _compression_state(cfg, env, files, same, outer_before)
     state = {"weights": weights, "momentum": merged_field(files, "momentum"), "adam": adam,
              "constraint": merged_field(files, "constraint"), "sigma": merged_field(files, "sigma"),
-             "data": data_state, "rng": mine["rng"], "compression": compression}
+             "data": data_state, "rng": mine["rng"], "compression": compression,
+             "local": mine.get("local") if same and outer_before == (cfg.compression.sync_every > 1) else None}
+    if state["local"] is None and any("local" in f for f in files):
+        reset.append("each rank's own local-step optimiser state (its round restarts from the round-start weights)")
     if data_state is None:
         reset.append("the data stream's per-rank position (the stream restarts from its beginning)")
     if same:
@@ -273,15 +282,21 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-def _compression_state(cfg: Config, env: DistEnv, files: list[dict], same_world: bool) -> tuple[dict | None, list[str]]:
+def _compression_state(cfg: Config, env: DistEnv, files: list[dict], same_world: bool,
+                       outer_before: bool) -> tuple[dict | None, list[str]]:
     """The compression state to load (None with compression off) and what had to be reset. The
     owners' masters x are restored by name at any world size (the saved master, or the weight
     where none was kept); the per-rank estimator state (error feedback, reference points) only at
-    the same world size; at another it restarts with a dense round."""
+    the same world size, and only between runs that both use, or both do not use, the outer loop
+    (`outer_before`: the checkpoint's run did); otherwise it restarts with a dense round."""
     saved = [f.get("compression", {}) for f in files]
     if not cfg.compression.enabled:
         return None, ["compression state (compression is off in this run)"] if any(saved) else []
     state = {n: {"master": w} for n, w in certified_weights(files).items()}
+    if outer_before != (cfg.compression.sync_every > 1):
+        kind = "outer loop's" if outer_before else "per-step"
+        return state, [f"the {kind} compression state (this run {'does not use' if outer_before else 'uses'} "
+                       "the outer loop)"] if any(saved) else []
     if same_world:
         for name, fields in saved[env.rank].items():
             state.setdefault(name, {}).update({k: v for k, v in fields.items() if k != "master"})

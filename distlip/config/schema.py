@@ -161,6 +161,11 @@ class CompressionConfig:
       crosses the wire: same bytes, (M−1)/M of the aggregate compressed on M ranks); false
       compresses it like every other rank's share, as the published estimators do.
     downlink, downlink_ratio: identity | topk | randk_unscaled for the weights owners send back (EF21-P).
+    sync_every: H, optimiser steps per round of the local-step outer loop (docs/compression.md#the-outer-loop);
+      1 exchanges gradients every step. Above 1 every rank steps the whole model on its own batch
+      for H steps, then the ranks exchange pseudo-gradients (compressed by compressor / ratio /
+      estimator above) and take one outer step.
+    outer_lr, outer_momentum: the outer Nesterov step's learning rate and momentum (DiLoCo's 0.7, 0.9).
     """
 
     compressor: str = "identity"
@@ -178,11 +183,16 @@ class CompressionConfig:
     exact_own: bool = True
     downlink: str = "identity"
     downlink_ratio: float = 1.0
+    sync_every: int = 1
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
 
     @property
     def enabled(self) -> bool:
-        """Whether gradients go through an estimator (or weights through a compressed downlink)."""
-        return self.compressor != "identity" or self.estimator is not None or self.downlink != "identity"
+        """Whether gradients go through an estimator (or weights through a compressed downlink, or
+        pseudo-gradients through the outer loop)."""
+        return (self.compressor != "identity" or self.estimator is not None or self.downlink != "identity"
+                or self.sync_every != 1)
 
 
 @dataclass

@@ -12,14 +12,18 @@ Who updates what:
 
 With one process there is no communication and no DeepSpeed: the same code, all tensors owned.
 
-With the `compression:` block on (world size > 1), the reduce and the broadcast of the
-tensors distlip steps go through `distlip.distributed.exchange.CompressedExchange` instead: compressed
-gradients aggregated by an estimator on every rank, and optionally an EF21-P compressed
-downlink, after which the owner's master x (what is constrained, certified and saved:
-`master_weights()`) differs from the module weights w the forward reads. The
-DeepSpeed-held embedding's gradients stay dense (DeepSpeed reduces them itself).
-Under `compressor: lowrank` every rank gets every aggregate (all-reduced factors), so every rank
-steps and constrains every tensor (`stepped`) and nothing is broadcast back.
+How the tensors distlip steps travel is the `exchange` (`distlip.distributed.exchange`): the
+dense owner-computes reduce and broadcast (`DenseExchange`), or, with the `compression:` block
+on (world size > 1), `CompressedExchange`: compressed gradients aggregated by an estimator on
+every rank, and optionally an EF21-P compressed downlink, after which the owner's master x
+(what is constrained, certified and saved: `master_weights()`) differs from the module
+weights w the forward reads. The DeepSpeed-held embedding's gradients stay dense (DeepSpeed
+reduces them itself). With `compression.sync_every` > 1 it is the local-step outer loop
+(`distlip.distributed.outer.OuterLoop`): every rank steps every tensor on its own gradient
+(`stepped`, beyond what it owns) and the ranks exchange pseudo-gradients every H steps; between
+exchanges the ranks' weights differ, so norms are the largest over ranks, not sums. Under
+`compressor: lowrank` every rank gets every aggregate (all-reduced factors), so every rank steps
+and constrains every tensor (`stepped`) and nothing is broadcast back.
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from distlip.compress import TorchComm
 from distlip.config.schema import Config, OptimConfig
 from distlip.data.packing import document_causal_mask
 from distlip.distributed.deepspeed import deepspeed_config, gather_adam, scatter_adam, uses_deepspeed
 from distlip.distributed.env import DistEnv
-from distlip.distributed.exchange import CompressedExchange
+from distlip.distributed.exchange import CompressedExchange, DenseExchange, Exchange
+from distlip.distributed.outer import OuterLoop
 from distlip.distributed.sharding import plan_ownership
-from distlip.lipschitz.caps import cap_of, row_blocks
+from distlip.lipschitz.caps import CAPPED_METHODS, cap_of, row_blocks
 from distlip.lipschitz.certificate import embed_rms_max
 from distlip.lipschitz.constrainer import Constrainer
 from distlip.lipschitz.constraints import embed_cap
@@ -49,7 +55,7 @@ EMBED = "embed.weight"
 
 class Engine:
     """One rank's share of training: forward, backward, and the step
-    (communicate → optimise → constrain → share)."""
+    (communicate → optimise → constrain → share, `step`)."""
 
     def __init__(self, cfg: Config, model: LipschitzTransformer, env: DistEnv, timer: StepTimer,
                  sigma_max: dict[str, float], document_eot: int | None = None):
@@ -62,35 +68,50 @@ class Engine:
         self.ds = self._deepspeed() if uses_deepspeed(cfg, env) else None
         ours = matrix_names(model) + ([] if self.ds else [EMBED])
         self.plan = plan_ownership({n: self.params[n].numel() for n in ours}, env.world_size)
+        # What this rank writes to checkpoints and certifies (its share of the plan).
         self.owned = self.plan.owned_by(env.rank)
-        self.exchange = (CompressedExchange(cfg.compression, self.params, self.plan, env.rank)
-                         if cfg.compression.enabled else None)
+        c, mats = cfg.constraint, matrix_names(model)
+        caps = {n: sigma_max[n] for n in mats}
+        self.embed_max_rms = cap_of(EMBED, c)
+        # Caps on the outer loop's round-start weights: the same map on every rank, no decay (the local
+        # steps decay); methods without caps leave them as the outer step puts them.
+        self.global_constrainer = (Constrainer(c.method, caps, power_iters=c.power_iters, seed=cfg.train.seed,
+                                               row_blocks=row_blocks(cfg, mats))
+                                   if cfg.compression.sync_every > 1 and c.method in CAPPED_METHODS else None)
+        self.exchange: Exchange = self._exchange()
+        # What this rank steps and constrains: what it owns, or every tensor between the outer loop's exchanges.
+        self.local_steps = isinstance(self.exchange, OuterLoop)
+        # lowrank gives every rank every aggregate: every rank steps every tensor alike, nothing is sent back
+        replicated = isinstance(self.exchange, CompressedExchange) and self.exchange.replicated
+        self.stepped = list(self.plan.owner) if self.local_steps or replicated else self.owned
         # The second backward pass (MARINA on one batch): whether one is running, and its gradients
         # until `step` takes them.
         self._in_previous_pass = False
         self._pending_previous: dict[str, torch.Tensor] | None = None
-        # What each owner steps and constrains: the master x under a compressed downlink, else the weight itself.
-        masters = self.exchange.masters if self.exchange else {}
-        # A replicated exchange (lowrank) gives every rank every aggregate: every rank then steps and
-        # constrains every tensor alike, and no owner sends weights back.
-        self.stepped = list(self.plan.owner) if self.exchange and self.exchange.replicated else self.owned
-        self.held = {n: masters.get(n, self.params[n]) for n in self.stepped}
+        # The master x under a compressed downlink, else the weight itself.
+        self.held = {n: self.exchange.masters.get(n, self.params[n]) for n in self.stepped}
         per_head_muon = cfg.optim.per_head and cfg.optim.name == "muon"
         self.optim = Optimizers(self.held, self._optim_config(), n_layers=cfg.model.n_layers,
                                 row_blocks={n: head_blocks(n, cfg.model.n_heads) for n in self.held}
                                 if per_head_muon else None)
-        c = cfg.constraint
-        self.constrainer = Constrainer(c.method, {n: sigma_max[n] for n in matrix_names(model)},
-                                       weight_decay=c.weight_decay, spectral_wd=c.spectral_wd,
-                                       power_iters=c.power_iters, seed=cfg.train.seed,
-                                       row_blocks=row_blocks(cfg, matrix_names(model)),
+        self.constrainer = Constrainer(c.method, caps, weight_decay=c.weight_decay, spectral_wd=c.spectral_wd,
+                                       power_iters=c.power_iters, seed=cfg.train.seed, row_blocks=row_blocks(cfg, mats),
                                        blockwise_updates=per_head_muon)
-        self.embed_max_rms = cap_of(EMBED, c)
+
+    def _exchange(self) -> Exchange:
+        """The communication strategy the `compression:` block names (`distlip.distributed.exchange`)."""
+        section, rank = self.cfg.compression, self.env.rank
+        if section.sync_every > 1:  # on ≥ 2 processes (preflight)
+            return OuterLoop(section, self.params, list(self.plan.owner), self.owned, total=self.cfg.train.steps,
+                             constrain=self._constrain_global, comm=TorchComm())
+        if section.enabled:
+            return CompressedExchange(section, self.params, self.plan, rank)
+        return DenseExchange(self.params, self.plan, rank)
 
     def _optim_config(self) -> OptimConfig:
         """EF21 with ef21_eta < 1 aggregates momentum v ← (1−η)v + ηg itself (β = 1 − η); stepping
         Muon's own momentum on top would smooth twice, so the owner's Muon then runs with β = 0."""
-        if self.exchange is None or not self.exchange.carries_momentum:
+        if not self.exchange.carries_momentum:
             return self.cfg.optim
         return replace(self.cfg.optim, momentum=0.0, momentum_start=0.0, momentum_warmup=0)
 
@@ -135,7 +156,7 @@ class Engine:
 
     def needs_previous_gradients(self, step: int) -> bool:
         """Whether `step` needs a second backward pass of its batch `at_previous_weights` (MARINA)."""
-        return self.exchange is not None and self.exchange.needs_previous(step)
+        return self.exchange.needs_previous(step)
 
     @contextlib.contextmanager
     def at_previous_weights(self):
@@ -158,32 +179,22 @@ class Engine:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self, step: int, total: int) -> StepInfo:
+        """The step after the backward pass: communicate (the aggregate gradient of every tensor
+        this rank steps) → optimise → constrain → share (every rank's weights brought up to
+        date). The trainer certifies the result."""
         with self.timer.phase("comm"):
-            if self.exchange is None:
-                grads = self._reduce_to_owners()
-            else:
-                previous, self._pending_previous = self._pending_previous, None
-                grads = self.exchange.gradients(self._grad, step, previous)
-                self.exchange.remember()  # before this step changes the working copies
+            previous, self._pending_previous = self._pending_previous, None
+            grads = self.exchange.gradients(self._grad, step, previous)
         with self.timer.phase("optimizer"):
             info = self.optim.step(step, total, grads)
-            if self.ds is not None:
-                for group in self.ds.optimizer.param_groups:
-                    group["lr"] = info.lr * self.cfg.optim.lr_mult.get("embed", 1.0)
-                self.ds.step()
+            self._step_deepspeed(info)
             self.model.zero_grad(set_to_none=True)
         with self.timer.phase("constraint"):
-            self._constrain_owned(info)
+            self._constrain_stepped(info)
             self._cap_deepspeed_embedding()
         with self.timer.phase("comm"):
-            if self.exchange is not None and self.exchange.downlink is not None:
-                self.exchange.share(step)
-            elif self.exchange is None or not self.exchange.replicated:
-                self._share_from_owners()
+            self.exchange.share(step)
         return info
-
-    def _flat(self, names: list[str], tensors) -> torch.Tensor:
-        return torch.cat([tensors(n).reshape(-1) for n in names])
 
     def _grad(self, name: str) -> torch.Tensor:
         """This rank's local fp32 gradient of `name` (zeros when it took no part in the loss)."""
@@ -191,27 +202,7 @@ class Engine:
         return torch.zeros_like(self.params[name]) if g is None else g.float()
 
     @torch.no_grad()
-    def _reduce_to_owners(self) -> dict[str, torch.Tensor]:
-        """Mean gradient of every tensor this rank owns (each reduced only to its owner)."""
-        grad = self._grad
-        world = self.env.world_size
-        if world == 1:
-            return {n: grad(n) for n in self.owned}
-        mine: dict[str, torch.Tensor] = {}
-        for rank in range(world):
-            names = self.plan.owned_by(rank)
-            if not names:
-                continue
-            flat = self._flat(names, grad)
-            dist.reduce(flat, dst=rank, op=dist.ReduceOp.SUM)
-            if rank == self.env.rank:
-                flat /= world
-                mine = dict(zip(names, flat.split([self.params[n].numel() for n in names])))
-                mine = {n: g.view_as(self.params[n]) for n, g in mine.items()}
-        return mine
-
-    @torch.no_grad()
-    def _constrain_owned(self, info: StepInfo) -> None:
+    def _constrain_stepped(self, info: StepInfo) -> None:
         margin = self.cfg.constraint.margin
         mats = [n for n in self.stepped if n != EMBED]
         norms = {n: (None if info.update_norms.get(n) is None else info.update_norms[n] * margin) for n in mats}
@@ -224,24 +215,25 @@ class Engine:
             e.data.copy_(embed_cap(e.data, self.embed_max_rms))
 
     @torch.no_grad()
-    def _share_from_owners(self) -> None:
-        """Every owner broadcasts its updated tensors; afterwards all replicas are identical."""
-        if self.env.world_size == 1:
-            return
-        for rank in range(self.env.world_size):
-            names = self.plan.owned_by(rank)
-            if not names:
-                continue
-            flat = self._flat(names, lambda n: self.params[n].data)
-            if self.exchange is not None:
-                self.exchange.broadcast_dense(flat, rank)  # timed and counted with the compressed uplink
-            else:
-                dist.broadcast(flat, src=rank)
-            if rank != self.env.rank:
-                for n, chunk in zip(names, flat.split([self.params[n].numel() for n in names])):
-                    self.params[n].data.copy_(chunk.view_as(self.params[n]))
+    def _constrain_global(self, weights: dict[str, torch.Tensor]) -> None:
+        """Caps on the outer loop's new round-start weights {name: tensor}, in place: the run's
+        method with no update bound (its outer step has none) and no decay."""
+        mats = {n: w for n, w in weights.items() if n != EMBED}
+        if self.global_constrainer is not None:
+            for n, w in self.global_constrainer.apply_many(mats, lr=0.0).items():
+                weights[n].copy_(w)
+        if EMBED in weights and self.cfg.constraint.embed_cap:
+            weights[EMBED].copy_(embed_cap(weights[EMBED], self.embed_max_rms))
 
     # ---- the DeepSpeed-held embedding ------------------------------------------------------
+    def _step_deepspeed(self, info: StepInfo) -> None:
+        """DeepSpeed's Adam step of the embedding, at this step's learning rate."""
+        if self.ds is None:
+            return
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = info.lr * self.cfg.optim.lr_mult.get("embed", 1.0)
+        self.ds.step()
+
     def embedding(self) -> torch.Tensor:
         """The full fp32 embedding (vocab, d) on every rank (a collective under ZeRO ≥ 1)."""
         if self.ds is None or self.cfg.dist.zero_stage == 0:
@@ -278,6 +270,8 @@ class Engine:
         compressed downlink, found without sending the embedding; a collective when world > 1)."""
         if EMBED not in self.plan.owner:  # DeepSpeed's
             return embed_rms_max(self.embedding())
+        if self.local_steps:  # every rank's own embedding
+            return self.all_max([embed_rms_max(self.held[EMBED].data)])[0]
         mine = embed_rms_max(self.held[EMBED].data) if EMBED in self.owned else 0.0
         return self.all_sum([mine])[0]
 
@@ -288,37 +282,52 @@ class Engine:
         broadcasts its masters x; otherwise these are the module weights themselves."""
         weights = {n: p.data for n, p in self.params.items()}
         weights[EMBED] = self.embedding()
-        if self.exchange is not None and self.exchange.downlink is not None:
-            for n, owner in self.plan.owner.items():
-                x = self.held[n].data.clone() if owner == self.env.rank else torch.empty_like(self.params[n].data)
-                dist.broadcast(x, src=owner)
-                weights[n] = x
-        return weights
+        return self.exchange.master_weights(weights)
+
+    @contextlib.contextmanager
+    def at_master_weights(self):
+        """Inside: the module holds `master_weights()` (the outer loop's round-start weights
+        between its exchanges, the same on every rank), for an evaluation; restored on exit.
+        Elsewhere the module weights already are what is evaluated, and nothing changes."""
+        if not self.local_steps:
+            yield
+            return
+        masters = self.master_weights()
+        saved = {n: self.params[n].data for n in self.stepped}
+        try:
+            for n in saved:
+                self.params[n].data = masters[n]  # swapped, not copied: restored below
+            yield
+        finally:
+            for n, data in saved.items():
+                self.params[n].data = data
 
     def log_fields(self) -> dict:
         """Per-step fields the engine adds to each metrics record: with compression on, bytes per
         rank per step (uplink, downlink, dense equivalent, ratio, totals) and codec time
         (`CompressedExchange.log_fields`)."""
-        return {} if self.exchange is None else self.exchange.log_fields()
+        return self.exchange.log_fields()
 
     def compression_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """This rank's compression state by tensor name (estimator fields; "master" on the owner
         under a compressed downlink); empty with compression off. See `CompressedExchange.state_dict`."""
-        return {} if self.exchange is None else self.exchange.state_dict()
+        return self.exchange.state_dict()
 
     def load_compression_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        if self.exchange is not None:
-            self.exchange.load_state_dict(state)
+        self.exchange.load_state_dict(state)
 
     @property
     def keeps_masters(self) -> bool:
         """Whether the owners' masters x are kept apart from the module weights w (a compressed downlink)."""
-        return bool(self.exchange is not None and self.exchange.masters)
+        return bool(self.exchange.masters)
 
     def state_dict(self) -> dict:
         """This rank's state by tensor name: `weights` and `momentum`/`adam` of the tensors it owns
         (the DeepSpeed-held embedding gathered, on every rank, and kept by rank 0), the constrainer's
-        power-iteration vectors (`constraint`) and the compression state. Collective under DeepSpeed."""
+        power-iteration vectors (`constraint`) and the compression state. With local steps also
+        `local`: this rank's own optimiser and constrainer state of every tensor it steps
+        (`momentum`, `constraint`, `global_constraint`), which resumes on the same world size
+        only. Collective under DeepSpeed."""
         owned = set(self.owned)
         optim = self.optim.state_dict()
         weights = {n: self.params[n].data for n in self.owned}
@@ -329,10 +338,15 @@ class Engine:
                 weights[EMBED] = embed
                 if embed_adam is not None:
                     adam[EMBED] = embed_adam
-        return {"weights": weights, "momentum": {n: t for n, t in optim["momentum"].items() if n in owned},
-                "adam": adam,
-                "constraint": {n: v for n, v in self.constrainer.state_dict().items() if matrix_of(n) in owned},
-                "compression": self.compression_state_dict()}
+        vectors = self.constrainer.state_dict()
+        state = {"weights": weights, "momentum": {n: m for n, m in optim["momentum"].items() if n in owned},
+                 "adam": adam, "constraint": {n: v for n, v in vectors.items() if matrix_of(n) in owned},
+                 "compression": self.compression_state_dict()}
+        if self.local_steps:
+            state["local"] = {"momentum": optim["momentum"], "constraint": vectors,
+                              "global_constraint": self.global_constrainer.state_dict()
+                              if self.global_constrainer is not None else {}}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from `state` merged by name (every weight; the optimiser and constrainer state of
@@ -349,6 +363,12 @@ class Engine:
         self.constrainer.load_state_dict({n: v for n, v in state["constraint"].items() if matrix_of(n) in stepped})
         if state["compression"] is not None:
             self.load_compression_state_dict(state["compression"])
+        local = state.get("local")
+        if self.local_steps and local is not None:
+            self.optim.load_state_dict({"momentum": local["momentum"]})
+            self.constrainer.load_state_dict(local["constraint"])
+            if self.global_constrainer is not None:
+                self.global_constrainer.load_state_dict(local["global_constraint"])
 
     # ---- sums over ranks --------------------------------------------------------------------
     def all_sum(self, values: list[float]) -> list[float]:
@@ -358,10 +378,22 @@ class Engine:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_max(self, values: list[float]) -> list[float]:
+        if self.env.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def owned_norms(self, norm_fn, keys: list[str] | None = None) -> dict[str, float]:
-        """RMS→RMS norms of every matrix, each computed by its owner only, then summed. `keys`:
-        every key `norm_fn` returns over all matrices (head blocks included); default the names."""
+        """RMS→RMS norms of every matrix, each computed by its owner only, then summed. With
+        local steps every rank measures its own weights and each norm is the largest over ranks:
+        the certificate (increasing in every norm) then bounds every rank's model at once.
+        `keys`: every key `norm_fn` returns over all matrices (head blocks included); default the names."""
         names = matrix_names(self.model)
         keys = keys or names
+        if self.local_steps:
+            mine = norm_fn({n: self.held[n].data for n in names})
+            return dict(zip(keys, self.all_max([mine[k] for k in keys])))
         mine = norm_fn({n: self.held[n].data for n in names if n in self.owned})
         return dict(zip(keys, self.all_sum([mine.get(k, 0.0) for k in keys])))
