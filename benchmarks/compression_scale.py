@@ -50,6 +50,9 @@ METHODS = {
     "topk 1% + ef21": EF21,  # η 0.1, η_sent 0.01: the best per-step method on 2 ranks (benchmarks/RESULTS.md)
     "lowrank r1": lowrank(1),
     "lowrank r4": lowrank(4),
+    # The local-step outer loop (DiLoCo's outer Nesterov step, 0.7 and 0.9): dense pseudo-gradients, and low-rank ones.
+    "outer H8": ["compression.sync_every=8"],
+    "outer H8 + lowrank r4": ["compression.sync_every=8", *lowrank(4)],
 }
 COLUMNS = [("ranks", "{}"), ("method", "{}"), ("val loss", "{:.4f}"), ("gap", "{:+.1%}"),
            ("MB per rank", "{:.2f}"), ("steps' MB", "{:.2f}"), ("÷ dense", "{:.1f}"), ("train s", "{:.0f}"),
