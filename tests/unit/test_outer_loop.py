@@ -10,7 +10,6 @@ import torch
 
 from distlip.compress import SingleProcessComm, TopK
 from distlip.config import load_config
-from distlip.config.checks import check_distributed
 from distlip.config.schema import CompressionConfig
 from distlip.distributed.env import DistEnv
 from distlip.distributed.outer import OuterLoop
@@ -19,6 +18,7 @@ from distlip.lipschitz.caps import matrix_caps
 from distlip.lipschitz.constrainer import Constrainer
 from distlip.model import LipschitzTransformer, matrix_names
 from distlip.optim import Optimizers, nesterov_outer_update
+from distlip.preflight import check_config, check_distributed
 
 from helpers.compression import ThreadGroup
 
@@ -237,7 +237,7 @@ def test_state_round_trip_resumes_mid_round():
 ])
 def test_outer_loop_options_it_cannot_honour_are_one_clear_line(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment) as err:
-        load_config(SMOKE, overrides)
+        check_config(load_config(SMOKE, overrides))
     assert "\n" not in str(err.value)
 
 
