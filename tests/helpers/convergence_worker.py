@@ -9,7 +9,8 @@ import torch
 from distlip.config import load_config
 from distlip.distributed.env import exit_process
 from distlip.errors import DistlipError
-from distlip.trainer import Trainer, evaluate
+from distlip.evaluation import evaluate
+from distlip.trainer import Trainer
 
 from helpers.compress_worker import family
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from distlip.config import ModelConfig, load_config
 from distlip.data.packing import document_causal_mask
 from distlip.errors import ConfigError
+from distlip.evaluation import evaluate
 from distlip.loss import chunk_tokens, head_cross_entropy, head_loss_and_correct
 from distlip.memory import (
     GIB,
@@ -22,7 +23,7 @@ from distlip.memory import (
     param_shapes,
 )
 from distlip.model import LipschitzTransformer
-from distlip.trainer import Trainer, evaluate
+from distlip.trainer import Trainer
 
 from helpers import ROOT
 
