@@ -54,6 +54,20 @@ METHODS = {
     "outer H8": ["compression.sync_every=8"],
     "outer H8 + lowrank r4": ["compression.sync_every=8", *lowrank(4)],
 }
+
+
+def outer(h: int, lr: float, momentum: float, *compressor: str) -> list[str]:
+    return [f"compression.sync_every={h}", f"compression.outer_lr={lr}", f"compression.outer_momentum={momentum}",
+            *compressor]
+
+
+# The outer step's learning rate and momentum at H 8, then the longer rounds (benchmarks/RESULTS.md).
+METHODS.update({f"outer H8 lr{lr} m{m}": outer(8, lr, m) for lr in (0.5, 0.7, 1.0) for m in (0.0, 0.5, 0.9)})
+METHODS.update({f"outer H{h} lr{lr} m0.5": outer(h, lr, 0.5) for h in (16, 32) for lr in (0.7, 1.0)})
+# Quantised pseudo-gradients with error feedback (gathered: each rank has its own scales).
+METHODS.update({f"outer H{h} lr0.7 m0.5 + {q}": outer(h, 0.7, 0.5, f"compression.compressor={q}",
+                                                       "compression.estimator=ef14")
+                for h, q in ((8, "int8"), (8, "int4"), (16, "int4"), (32, "int4"))})
 COLUMNS = [("ranks", "{}"), ("method", "{}"), ("val loss", "{:.4f}"), ("gap", "{:+.1%}"),
            ("MB per rank", "{:.2f}"), ("steps' MB", "{:.2f}"), ("÷ dense", "{:.1f}"), ("train s", "{:.0f}"),
            ("certified", "{}")]
