@@ -67,7 +67,7 @@ METHODS.update({f"outer H{h} lr{lr} m0.5": outer(h, lr, 0.5) for h in (16, 32) f
 # Quantised pseudo-gradients with error feedback (gathered: each rank has its own scales).
 METHODS.update({f"outer H{h} lr0.7 m0.5 + {q}": outer(h, 0.7, 0.5, f"compression.compressor={q}",
                                                        "compression.estimator=ef14")
-                for h, q in ((8, "int8"), (8, "int4"), (16, "int4"), (32, "int4"))})
+                for h, q in ((8, "int8"), (8, "int4"), (16, "int4"), (32, "int4"), (64, "int4"))})
 COLUMNS = [("ranks", "{}"), ("method", "{}"), ("val loss", "{:.4f}"), ("gap", "{:+.1%}"),
            ("MB per rank", "{:.2f}"), ("steps' MB", "{:.2f}"), ("÷ dense", "{:.1f}"), ("train s", "{:.0f}"),
            ("certified", "{}")]
