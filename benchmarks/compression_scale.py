@@ -110,7 +110,7 @@ def plot(rows: list[dict], path: Path, steps: int) -> None:
     import matplotlib.pyplot as plt
 
     counts = sorted({r["ranks"] for r in rows})
-    fig, axes = plt.subplots(1, len(counts), figsize=(4.2 * len(counts), 4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(counts), figsize=(4.2 * len(counts) + 3, 4.5), sharey=True, squeeze=False)
     colors = dict(zip(METHODS, ["black", *plt.cm.tab10.colors]))
     for ax, ranks in zip(axes[0], counts):
         for r in (r for r in rows if r["ranks"] == ranks):
@@ -122,8 +122,9 @@ def plot(rows: list[dict], path: Path, steps: int) -> None:
         ax.set_xlabel("bytes per rank, every collective (cumulative)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("validation loss (★ final, whole split)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"Tiny model, {steps} steps, same tokens at every rank count: loss vs total bytes per rank")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: many methods
+    fig.suptitle(f"Tiny model, {steps} steps, same tokens at every rank count: loss vs total bytes per rank",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
