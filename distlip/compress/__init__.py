@@ -15,7 +15,7 @@ Modules: `compressors` (tensor to message), `transport` (collectives), `estimato
 from __future__ import annotations
 
 from distlip.compress.accounting import ByteCounter
-from distlip.compress.compressors import Compressor, Identity, Message, RandK, TopK
+from distlip.compress.compressors import Compressor, Identity, Message, Quantiser, RandK, TopK
 from distlip.compress.downlink import Downlink
 from distlip.compress.estimators import EF14, Dense, Diana, EF21Momentum, Estimator, Marina, Plain, check_pair
 from distlip.compress.lowrank import LowRank, check_rank
@@ -25,11 +25,12 @@ from distlip.errors import ConfigError, did_you_mean
 
 __all__ = [
     "ByteCounter", "Comm", "Compressor", "Dense", "Diana", "Downlink", "EF14",
-    "EF21Momentum", "Estimator", "Identity", "LowRank", "Marina", "Message", "Plain", "RandK", "SingleProcessComm",
-    "TopK", "TorchComm", "build", "check", "estimator_name", "make_compressor", "validate",
+    "EF21Momentum", "Estimator", "Identity", "LowRank", "Marina", "Message", "Plain", "Quantiser", "RandK",
+    "SingleProcessComm", "TopK", "TorchComm", "build", "check", "estimator_name", "make_compressor", "validate",
 ]
 
-COMPRESSORS = ("identity", "randk", "randk_unscaled", "topk")
+QUANTISERS = {"int8": 8, "int4": 4}  # name: bits
+COMPRESSORS = ("identity", "randk", "randk_unscaled", "topk", *QUANTISERS)
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls for cls in (Dense, Plain, Diana, Marina, EF21Momentum, EF14)
 }
@@ -53,6 +54,11 @@ def make_compressor(name: str, ratio: float = 1.0, *, seed: int = 0, shared_seed
         return Identity()
     if name == "topk":
         return TopK(ratio)
+    if name in QUANTISERS:
+        if ratio != 1.0:
+            raise ConfigError(f"compressor {name!r} quantises every coordinate but ratio is {ratio!r}: "
+                              "set ratio 1.0, or choose randk or topk")
+        return Quantiser(QUANTISERS[name])
     return RandK(ratio, scaled=name == "randk", shared_seed=shared_seed, seed=seed)
 
 
@@ -92,6 +98,9 @@ def check(section: CompressionConfig) -> None:
             raise ConfigError(f"compression.rank={section.rank} applies to compressor lowrank, not "
                               f"{section.compressor!r}: drop it, or set compression.compressor=lowrank")
         _check_elementwise(section)
+    if section.downlink in QUANTISERS:
+        raise ConfigError(f"compression.downlink={section.downlink} is not supported (the owners' broadcast takes "
+                          "topk or randk_unscaled): set compression.downlink to identity, topk or randk_unscaled")
     if isinstance(section.warmup_steps, bool) or not isinstance(section.warmup_steps, int) or section.warmup_steps < 0:
         raise ConfigError(f"compression.warmup_steps must be an integer ≥ 0, got {section.warmup_steps!r}")
     build(section)  # the constructors check the remaining options (marina_p, ef21_eta, downlink)

@@ -384,7 +384,7 @@ class EF14(Estimator):
         return g.clone() if e is None else g + e
 
     def _sent(self, state: State, x: Tensor, sent: Message) -> None:
-        if sent.indices is None:  # x went whole: nothing left over
+        if sent.whole:  # x went whole: nothing left over
             state.pop("e", None)
         else:
             state["e"] = self.compressor.add_into(x, sent, -1.0)

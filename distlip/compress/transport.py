@@ -5,7 +5,8 @@ small per-tensor collectives are bound by latency, not bandwidth, so compressing
 save bytes but little time. Two ways to deliver the means:
 
 - to every rank (`owners=None`): one ring all-reduce of the dense and shared-support values,
-  one all-gather of the sparse messages packed as bytes (values, then int32 indices);
+  one all-gather of the sparse and quantised messages packed as bytes (values, then int32
+  indices; a quantiser's payload);
 - to each tensor's owner only (`owners` given: the owner-computes path, where only the owner
   steps a tensor): one reduce-scatter whose chunk r holds the tensors rank r owns, and one
   all-to-all that sends each owner the sparse messages of its tensors. That is about half an
@@ -168,15 +169,16 @@ def _unpack(buf: Tensor, like: Sequence[Message], *, with_indices: bool) -> list
     for m, (v, i) in zip(like, offsets):
         values = buf[v:v + m.values.nbytes].view(m.values.dtype)
         indices = buf[i:i + m.indices.nbytes].view(m.indices.dtype) if i >= 0 else m.indices
-        out.append(Message(values, indices, m.shared))
+        out.append(Message(values, indices, m.shared, m.codec, m.dtype))
     return out
 
 
 # ---- the uplink: means of many messages -----------------------------------------------------
 
 def _summable(message: Message) -> bool:
-    """Dense or shared-support: the values of all ranks add position by position."""
-    return message.indices is None or message.shared
+    """Dense or shared-support: the values of all ranks add position by position (quantised
+    values do not: each rank has its own scales)."""
+    return message.codec is None and (message.indices is None or message.shared)
 
 
 def _expand(message: Message, values: Tensor, d: int) -> Tensor:
@@ -207,7 +209,7 @@ def mean_many(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], cou
         cost_sent, cost_received = _sum_sparse(comm, messages, sizes, sparse, owners, sums)
         sent, received = sent + cost_sent, received + cost_received
     world = comm.world_size
-    dense = _dense_cost([d * m.values.element_size() for d, m in zip(sizes, messages)], owners, world)
+    dense = _dense_cost([d * m.itemsize for d, m in zip(sizes, messages)], owners, world)
     counter.add(UPLINK, sent=sent, received=received, dense_sent=dense, dense_received=dense)
     return [None if total is None else total.div_(world) for total in sums]
 
@@ -265,7 +267,7 @@ def _sum_sparse(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], i
         received = float((world - 1) * counts[rank])
         ids = [i for i in ids if owners[i] == rank]
     like = [messages[i] for i in ids]
-    totals = [messages[i].values.new_zeros(sizes[i]) for i in ids]
+    totals = [torch.zeros(sizes[i], dtype=m.dtype or m.values.dtype, device=device) for i, m in zip(ids, like)]
     for part in parts:  # rank order: the same sums on every rank
         for total, m in zip(totals, _unpack(part, like, with_indices=True)):
             Compressor.add_into(total, m)

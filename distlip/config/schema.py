@@ -142,6 +142,7 @@ class CompressionConfig:
     estimator named, keeps the engine's dense reduce-to-owner path.
 
     compressor: identity | randk | randk_unscaled | topk, keeping `ratio` ∈ (0, 1] of each tensor;
+      int8 | int4: every coordinate, rounded in blocks of 64 to 8 or 4 bits (ratio 1.0);
       or lowrank (PowerSGD with error feedback, all-reduced factors; docs/compression.md#low-rank).
     rank: lowrank's rank r for every matrix; None: round(ratio · the matrix's smaller side), ≥ 1.
     estimator: dense | plain | diana | marina | ef21 | ef14; None picks dense (identity),
