@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from distlip.compress.accounting import UPLINK, ByteCounter, ring_all_reduce_bytes
-from distlip.compress.compressors import stream_seed
 from distlip.compress.transport import Comm, SingleProcessComm
 from distlip.errors import ConfigError
+from distlip.seeds import stream_seed
 
 State = dict[str, Tensor]
 

@@ -35,6 +35,8 @@ from collections import defaultdict
 import torch.distributed as dist
 from torch import Tensor
 
+from distlip.compress.accounting import all_gather_bytes, ring_all_reduce_bytes
+
 WRAPPED = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
            "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base",
            "all_to_all_single", "all_to_all", "send", "recv", "isend", "irecv", "gather", "scatter", "barrier",
@@ -79,11 +81,11 @@ def payload(name: str, args: tuple, kwargs: dict) -> tuple[float, float]:
         return 0.0, 0.0
     share = (m - 1) / m
     if name == "all_reduce":
-        n = _arg(args, kwargs, 0, "tensor").nbytes
-        return 2 * share * n, 2 * share * n
+        n = ring_all_reduce_bytes(_arg(args, kwargs, 0, "tensor").nbytes, m)
+        return n, n
     if name == "all_reduce_coalesced":
-        n = sum(t.nbytes for t in _arg(args, kwargs, 0, "tensors"))
-        return 2 * share * n, 2 * share * n
+        n = ring_all_reduce_bytes(sum(t.nbytes for t in _arg(args, kwargs, 0, "tensors")), m)
+        return n, n
     if name == "reduce":
         n = _arg(args, kwargs, 0, "tensor").nbytes
         if _is_root(_arg(args, kwargs, 1, "dst"), group, kwargs):
@@ -95,16 +97,17 @@ def payload(name: str, args: tuple, kwargs: dict) -> tuple[float, float]:
             return float(n), 0.0
         return (m - 2) / (m - 1) * n, float(n)
     if name == "all_gather":
-        n = _arg(args, kwargs, 1, "tensor").nbytes
-        return (m - 1) * n, (m - 1) * n
+        n = all_gather_bytes(_arg(args, kwargs, 1, "tensor").nbytes, m)
+        return n, n
     if name in ("all_gather_into_tensor", "_all_gather_base"):
-        n = _arg(args, kwargs, 1, "input_tensor", "input").nbytes
-        return (m - 1) * n, (m - 1) * n
+        n = all_gather_bytes(_arg(args, kwargs, 1, "input_tensor", "input").nbytes, m)
+        return n, n
     if name in ("reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "reduce_scatter"):
         inputs = _arg(args, kwargs, 1, "input", "input_list")
         n = sum(t.nbytes for t in inputs) if isinstance(inputs, (list, tuple)) else inputs.nbytes
-        factor = 2 * share if dist.get_backend(group) == "gloo" else share
-        return factor * n, factor * n
+        # gloo runs a reduce-scatter as a whole all-reduce
+        n = ring_all_reduce_bytes(n, m) if dist.get_backend(group) == "gloo" else share * n
+        return n, n
     if name == "all_to_all_single":
         out, inp = _arg(args, kwargs, 0, "output"), _arg(args, kwargs, 1, "input")
         me = dist.get_rank(group)
