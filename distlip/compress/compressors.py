@@ -52,9 +52,14 @@ class Message:
         return self.indices is None and self.codec is None
 
     @property
+    def tensor_dtype(self) -> torch.dtype:
+        """The dtype of the tensor the message stands for."""
+        return self.dtype or self.values.dtype
+
+    @property
     def itemsize(self) -> int:
         """Bytes per coordinate of the tensor the message stands for."""
-        return (self.dtype or self.values.dtype).itemsize
+        return self.tensor_dtype.itemsize
 
 
 class Compressor:
@@ -110,7 +115,7 @@ class Compressor:
         """The dense (d,) tensor a message stands for (zeros off its support)."""
         if message.whole:
             return message.values.clone()
-        return self.add_into(message.values.new_zeros(d, dtype=message.dtype or message.values.dtype), message)
+        return self.add_into(message.values.new_zeros(d, dtype=message.tensor_dtype), message)
 
     @staticmethod
     def add_into(target: Tensor, message: Message, alpha: float = 1.0) -> Tensor:
@@ -285,7 +290,6 @@ def top_magnitudes(x: Tensor, k: int) -> Tensor:
     if above.numel() + ties.numel() < k:
         return torch.topk(a, k, sorted=False).indices
     return torch.cat([above, ties[:k - above.numel()]])
-
 
 
 QUANT_BLOCK = 64  # values per absmax scale: 4 bytes of scale per 64 values

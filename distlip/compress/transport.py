@@ -267,7 +267,7 @@ def _sum_sparse(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], i
         received = float((world - 1) * counts[rank])
         ids = [i for i in ids if owners[i] == rank]
     like = [messages[i] for i in ids]
-    totals = [torch.zeros(sizes[i], dtype=m.dtype or m.values.dtype, device=device) for i, m in zip(ids, like)]
+    totals = [torch.zeros(sizes[i], dtype=m.tensor_dtype, device=device) for i, m in zip(ids, like)]
     for part in parts:  # rank order: the same sums on every rank
         for total, m in zip(totals, _unpack(part, like, with_indices=True)):
             Compressor.add_into(total, m)
