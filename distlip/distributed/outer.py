@@ -45,7 +45,6 @@ class OuterLoop:
     """
 
     carries_momentum = False
-    local_steps = True
 
     def __init__(self, section: CompressionConfig, params: dict[str, torch.nn.Parameter], names: list[str],
                  owned: list[str], *, total: int, constrain: Callable[[dict[str, Tensor]], None], comm) -> None:
