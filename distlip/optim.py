@@ -168,7 +168,7 @@ class Optimizers:
                                   self.orthogonalize)
             for k, mu in zip(keys, applied):
                 norms[matrix_of(k)] = max(mu, norms.get(matrix_of(k)) or 0.0)
-            self.orthogonalized += len(keys)
+        self.orthogonalized += len({matrix_of(k) for k in units})  # a matrix's head blocks count once
         if self.embed is not None and cfg.embed == "colnorm":
             colnorm_update(self.embed, grad("embed.weight", self.embed).float(),
                            self._buffer("embed.weight", self.embed), lr * cfg.lr_mult.get("embed", 1.0), beta,

@@ -69,6 +69,18 @@ def test_momentum_of_a_blocked_matrix_is_one_tensor_in_the_state():
     torch.testing.assert_close(state[name], (1 - cfg.momentum) * torch.ones(D, D))
 
 
+def test_a_blocked_matrix_counts_as_one_orthogonalised_matrix():
+    """`orthogonalized` counts matrices (the sharding tests compare it with ownership), not head blocks."""
+    cfg = load_config(SMOKE, ["optim.lr_mult={qkv: 1.0}"]).optim
+    params = {n: torch.nn.Parameter(torch.zeros(D, D)) for n in ("blocks.0.attn.q.weight", "blocks.0.mlp.fc.weight")}
+    for p in params.values():
+        p.grad = torch.ones(D, D)
+    opt = Optimizers(params, cfg, n_layers=1, row_blocks={"blocks.0.attn.q.weight": H})
+    opt.step(0, 10)
+    opt.step(1, 10)
+    assert opt.orthogonalized == 2 * len(params)
+
+
 def test_soft_cap_keeps_its_coupling_per_head_and_every_block_stays_capped(tmp_path):
     """A learning rate whose whole-matrix step is beyond the soft cap's range per head block
     (√H·μ > 0.3·σmax) but within it per block: per-head Muon needs no hard-cap fallback."""
