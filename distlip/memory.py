@@ -12,7 +12,8 @@ resident memory above the process's baseline). Terms, per rank (docs/memory.md d
   plan), the embedding's Adam moments (÷ world at ZeRO ≥ 1, with DeepSpeed's float32 master
   partition) or its column-normalised momentum.
 - activations per micro-batch: what autograd saves, measured per token and layer (exact in
-  float32, `tests/unit/test_memory.py` counts it), plus the float copy of the document mask.
+  float32, `tests/unit/test_memory.py` counts it), plus the document mask: under SDPA the dense
+  boolean mask and the additive copy each layer saves, under FlexAttention the block mask.
 - logits: the chunked head (`distlip.loss`): two float32 `chunk × V` buffers, the head's own
   gradient, the hidden states' gradient.
 - optimiser workspace: Newton–Schulz on the largest same-shape group of owned matrices.
@@ -31,6 +32,7 @@ from distlip.config.schema import Config, ModelConfig
 from distlip.distributed.sharding import plan_ownership
 from distlip.errors import ConfigError
 from distlip.loss import FLOAT32_BYTES, LOGIT_BUFFERS, chunk_tokens
+from distlip.model import FLEX_TILE
 
 GIB = 2**30
 # float32 copies of a same-shape group alive during Muon's step on it (measured: 7.2 for one
@@ -72,6 +74,15 @@ def activation_bytes_per_token_layer(m: ModelConfig, dtype: str) -> int:
     if dtype == "bfloat16":
         return 2 * (9 + 2 * r) * d + FLOAT32_BYTES * heads
     return FLOAT32_BYTES * ((7 + 2 * r) * d + heads)
+
+
+def block_mask_bytes(batch: int, seq: int) -> int:
+    """Bytes of FlexAttention's document block mask (`model.document_block_mask`) for `batch`
+    rows of `seq` tokens: the int64 document ids, and for each of the n = ⌈seq/128⌉ query tiles
+    four int32 counts and four int32 lists of n key tiles (partial and full tiles, and both
+    transposed for the backward)."""
+    n = -(-seq // FLEX_TILE)
+    return batch * (8 * seq + 4 * 4 * (n * n + n))
 
 
 @dataclass(frozen=True)
@@ -180,9 +191,15 @@ def estimate_memory(cfg: Config, world_size: int = 1, rank: int | None = None,
     tokens = micro * seq
     d, vocab, vp = m.d_model, m.vocab_size, padded_vocab(m)
     half = t.dtype == "bfloat16"
-    mask = cfg.data.document_mask
-    # The document mask: one bool (B, 1, T, T), and per layer the additive copy SDPA saves.
-    mask_bytes = micro * seq * seq * (1 + m.n_layers * (2 if half else f4)) if mask else 0
+    # The document mask. SDPA: one bool (B, 1, T, T) and per layer the additive copy it saves
+    # (evaluation keeps about one layer's share); FlexAttention: the block mask every layer reads.
+    if not cfg.data.document_mask:
+        mask_bytes = eval_mask = 0
+    elif t.attention == "flex":
+        mask_bytes = eval_mask = block_mask_bytes(micro, seq)
+    else:
+        mask_bytes = micro * seq * seq * (1 + m.n_layers * (2 if half else f4))
+        eval_mask = mask_bytes // max(m.n_layers, 1)
     activations = (m.n_layers * tokens * activation_bytes_per_token_layer(m, t.dtype)
                    + tokens * (8 + f4 * d)  # token ids (int64), the embedding's output
                    + mask_bytes
@@ -198,7 +215,7 @@ def estimate_memory(cfg: Config, world_size: int = 1, rank: int | None = None,
             groups[shapes[n]] = groups.get(shapes[n], 0) + numel[n]
     optimizer_workspace = NS_BUFFERS * f4 * max(groups.values(), default=0)
     # Evaluation keeps no graph: a few (B, T, r·d) tensors of one block at a time.
-    eval_working = (tokens * (8 + f4 * (3 + 2 * m.mlp_ratio) * d) + mask_bytes // max(m.n_layers, 1)
+    eval_working = (tokens * (8 + f4 * (3 + 2 * m.mlp_ratio) * d) + eval_mask
                     + LOGIT_BUFFERS * f4 * chunk * vocab + (2 * (matrices + vp * d) if half else 0))
     # float64: a matrix and its SVD's working copy; the embedding squared for its row norms
     certificate_workspace = 2 * 8 * max(max(numel[n] for n in shapes if n != "embed.weight"), embed)

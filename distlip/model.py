@@ -4,9 +4,10 @@ Every hidden layer is a bias-free `nn.Linear` whose weight (d_out, d_in) the con
 under its RMS→RMS cap; the token embedding's rows are capped to RMS ≤ 1. Shapes: token ids
 (B, T) int64 → logits (B, T, vocab_size) in float32.
 
-Attention masks: None (causal), a dense boolean (B, 1, T, T) mask (True: may attend), or a
-FlexAttention `BlockMask`. `set_fast_path` picks kernels without changing the function
-(docs/memory.md#fast-path): FlexAttention for masked attention, compiled blocks.
+Attention masks: None (causal), a dense boolean (B, 1, T, T) mask (True: may attend; SDPA), or a
+FlexAttention `BlockMask` (FlexAttention). `document_mask(ids)` turns per-token document ids
+(B, T) into the one the chosen kernel reads. `set_fast_path` picks kernels without changing the
+function (docs/memory.md#fast-path): FlexAttention for document masks, compiled blocks.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from distlip.config.schema import ModelConfig
+from distlip.data.packing import dense_document_mask
 
 # max_x d/dx GELU(x) = Φ(√2) + √2·φ(√2) for the exact (erf) GELU: dividing by it makes the
 # activation 1-Lipschitz. Computed, not typed in, so it is exact to float precision.
 GELU_MAX_SLOPE = 0.5 * (1 + math.erf(1.0)) + math.sqrt(2) * math.exp(-1.0) / math.sqrt(2 * math.pi)
 ATTN_OUT_SCALE = 1.0 / 3.0  # makes functional attention 1-Lipschitz for unit-RMS inputs
+FLEX_TILE = 128  # FlexAttention's default tile: its block mask marks (query, key) tiles of this many tokens
 
 
 def padded_vocab(cfg: ModelConfig) -> int:
@@ -66,7 +69,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(d, d, bias=False)
         self.rotary = Rotary(self.d_head, cfg.rotary_fraction, cfg.rotary_base, cfg.context)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         B, T, d = x.shape
         heads = lambda t: t.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # noqa: E731
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
@@ -136,19 +139,26 @@ class LipschitzTransformer(nn.Module):
                 p.mul_(math.sqrt(p.shape[0] / p.shape[1]))
 
     def set_fast_path(self, attention: str = "sdpa", compile: bool = False) -> None:
-        """Kernels, not the function. `attention="flex"`: a dense mask is turned into a FlexAttention
-        block mask once per forward, so masked attention skips the blocks with nothing to attend
-        and never holds T×T scores (causal attention stays on SDPA's causal kernel). `compile`:
-        each block through `torch.compile` (parameter names and state dicts unchanged)."""
+        """Kernels, not the function. `attention="flex"`: `document_mask` gives FlexAttention block
+        masks, made from the document ids without any T × T tensor, so document-masked attention
+        skips the tiles with nothing to attend (causal attention stays on SDPA's causal kernel; a
+        dense mask passed in still runs through SDPA). `compile`: each block through
+        `torch.compile` (parameter names and state dicts unchanged); FlexAttention runs as a fused
+        kernel only inside compiled code, eager it holds the scores."""
         self.attention = attention
         if compile:
             for block in self.blocks:
                 block.compile()
 
+    def document_mask(self, ids: torch.Tensor) -> torch.Tensor | BlockMask:
+        """Document-causal attention for per-token document ids `ids` (B, T) int
+        (`data.packing.document_ids`): query i attends to key j ≤ i where the ids are equal. Under
+        `attention="sdpa"` a dense boolean (B, 1, T, T) mask; under `"flex"` a `BlockMask` of
+        B·⌈T/128⌉² tile entries that reads `ids` (`document_block_mask`)."""
+        return document_block_mask(ids) if self.attention == "flex" else dense_document_mask(ids)
+
     def hidden(self, h: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         """Embeddings (B, T, d) → final residual stream (B, T, d)."""
-        if self.attention == "flex" and isinstance(attn_mask, torch.Tensor):
-            attn_mask = block_mask(attn_mask)
         for block in self.blocks:
             h = block(h, attn_mask)
         return h
@@ -158,20 +168,48 @@ class LipschitzTransformer(nn.Module):
         once, `distlip.loss` computes the loss without holding all their logits."""
         return (self.head(x) * self.cfg.logit_scale)[..., : self.cfg.vocab_size].float()
 
-    def logits_from_embeddings(self, h: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def logits_from_embeddings(self, h: torch.Tensor,
+                               attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         """Embeddings (B, T, d) → logits (B, T, vocab_size), float32. The certified map."""
         return self.head_logits(self.hidden(h, attn_mask))
 
-    def forward(self, idx: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         return self.logits_from_embeddings(self.embed(idx), attn_mask)
 
 
-def block_mask(mask: torch.Tensor) -> BlockMask:
-    """A dense boolean mask (B, 1, T, T), True where a query may attend, as FlexAttention's block
-    mask: blocks with no True entry are skipped, partly masked blocks read `mask`."""
-    B, _, T, _ = mask.shape
-    dense = mask[:, 0]
-    return create_block_mask(lambda b, h, q, kv: dense[b, q, kv], B, None, T, T, device=mask.device)
+def document_block_mask(ids: torch.Tensor, tile: int = FLEX_TILE) -> BlockMask:
+    """FlexAttention's block mask for document-causal attention over document ids `ids` (B, T),
+    non-decreasing along each row (`data.packing.document_ids`): query q attends to key kv where
+    `ids[b, q] == ids[b, kv]` and kv ≤ q.
+
+    Made from each tile's first and last id in O(B·(T/tile)²) memory, never a T × T tensor (torch's
+    `create_block_mask` evaluates the mask at every (q, kv) pair). A key tile j before query tile i
+    precedes it entirely, so with non-decreasing ids some pair shares a document iff j's last id
+    is i's first, and every pair does iff j's first id is i's last: then the tile is full (read
+    without the mask) unless i runs past T; the diagonal tile is partial (full for one-token
+    tiles); later tiles are skipped. The same tiles as `create_block_mask` gives.
+    """
+    B, T = ids.shape
+    start = torch.arange(0, T, tile, device=ids.device)
+    end = (start + tile).clamp(max=T) - 1
+    first, last = ids[:, start], ids[:, end]  # (B, n): each tile's ids span [first, last]
+    before = start[None, :] < start[:, None]  # (query tile, key tile)
+    touches = ((last[:, None, :] == first[:, :, None]) & before) | torch.eye(len(start), dtype=torch.bool,
+                                                                              device=ids.device)
+    whole_query = (end - start + 1 == tile)[:, None]  # create_block_mask pads T to tiles: never full past T
+    full = (first[:, None, :] == last[:, :, None]) & (end[None, :] <= start[:, None]) & whole_query
+
+    def ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n, n) bool → per query tile its count (B, 1, n) and its key tiles listed first (B, 1, n, n), int32."""
+        tiles = tiles[:, None].to(torch.int32)
+        return (tiles.sum(-1, dtype=torch.int32),
+                torch.argsort(tiles, dim=-1, descending=True, stable=True).to(torch.int32))
+
+    def same_document(b, h, q, kv):
+        return (ids[b, q] == ids[b, kv]) & (kv <= q)
+
+    return BlockMask.from_kv_blocks(*ordered(touches & ~full), *ordered(full), BLOCK_SIZE=tile,
+                                    mask_mod=same_document, seq_lengths=(T, T))
 
 
 def is_output_projection(name: str) -> bool:

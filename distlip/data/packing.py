@@ -95,17 +95,25 @@ class Packer:
 def document_causal_mask(x: torch.Tensor, eot_id: int) -> torch.Tensor:
     """Boolean attention mask (batch, 1, seq_len, seq_len) for packed rows x (batch, seq_len):
     True where query i may attend to key j, i.e. j ≤ i within the same document."""
-    ids = document_ids(x, eot_id)
-    T = x.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return dense_document_mask(document_ids(x, eot_id))
+
+
+def dense_document_mask(ids: torch.Tensor) -> torch.Tensor:
+    """The document-causal mask of per-token document ids `ids` (batch, seq_len) as one boolean
+    (batch, 1, seq_len, seq_len) tensor, `ids[b, i] == ids[b, j] and j ≤ i` (what SDPA reads).
+    O(seq_len²) bytes per row: FlexAttention reads the ids themselves (`model.document_block_mask`)."""
+    T = ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
     return ((ids[:, :, None] == ids[:, None, :]) & causal)[:, None]
 
 
 def document_ids(x: torch.Tensor, eot_id: int) -> torch.Tensor:
     """Per-token document index within each row, (batch, seq_len) int64, for document-causal
-    attention: a query may attend to a key only where the ids are equal.
+    attention: a query may attend to a key at or before it only where the ids are equal.
 
-    Every document starts with an EOT, so the id increments at each EOT; tokens before a row's
-    first EOT continue a document begun in an earlier row and get id 0.
+    Every document starts with an EOT, so the id increments at each EOT: an EOT belongs to the
+    document it starts (two EOTs in a row make a one-token document), and tokens before a row's
+    first EOT continue a document begun in an earlier row and get id 0. Ids never decrease along
+    a row, which `model.document_block_mask` relies on.
     """
     return torch.cumsum(x == eot_id, dim=1)

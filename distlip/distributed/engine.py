@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from distlip.compress import TorchComm
 from distlip.config.schema import Config, OptimConfig
-from distlip.data.packing import document_causal_mask
+from distlip.data.packing import document_ids
 from distlip.distributed.deepspeed import deepspeed_config, gather_adam, scatter_adam, uses_deepspeed
 from distlip.distributed.env import DistEnv
 from distlip.distributed.exchange import CompressedExchange, DenseExchange, Exchange
@@ -142,7 +142,7 @@ class Engine:
                 h = self.ds(idx).detach()
         else:
             h = self.ds(idx)
-        mask = None if self.document_eot is None else document_causal_mask(idx, self.document_eot)
+        mask = None if self.document_eot is None else self.model.document_mask(document_ids(idx, self.document_eot))
         return self.model.hidden(h, mask)
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:

@@ -1,8 +1,8 @@
 """The fast path against the exact eager float32 path (docs/memory.md#fast-path):
 `train.attention=flex` gives the same logits as SDPA with a dense mask (forward only here: torch
 2.13 has no FlexAttention backward on CPU, so `benchmarks/gpu.sh` compares flex training on the
-device); `train.compile=true` trains like eager; a switch whose kernels are missing is refused
-in one line."""
+device), through a block mask made from document ids without any T × T tensor;
+`train.compile=true` trains like eager; a switch whose kernels are missing is refused in one line."""
 
 import copy
 import importlib.util
@@ -15,12 +15,14 @@ import sys
 import pytest
 import torch
 import torch._dynamo.config
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import distlip.model as model_module
 from distlip.config import load_config
 from distlip.config.checks import check_kernels
 from distlip.config.schema import ModelConfig
-from distlip.data.packing import document_causal_mask
+from distlip.data.packing import document_causal_mask, document_ids
 from distlip.errors import ConfigError
 from distlip.evaluation import evaluate
 from distlip.model import LipschitzTransformer
@@ -45,13 +47,103 @@ def random_model(T: int) -> LipschitzTransformer:
     return model
 
 
-def packed_rows(B: int, T: int, seed: int = 1) -> torch.Tensor:
-    """(B, T) token ids with EOTs at random places; row 0 begins inside a document (no EOT first)."""
+def packed_rows(B: int, T: int, seed: int = 1, p: float = 0.03) -> torch.Tensor:
+    """(B, T) token ids with EOTs at random places (a fraction `p`) and at the edges: row 0 begins
+    inside a document (no EOT first) and ends on an EOT, row 1 begins with two EOTs."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, EOT, (B, T), generator=g)
-    x[torch.rand(B, T, generator=g) < 0.03] = EOT
-    x[0, 0], x[1, 0] = 5, EOT
+    x[torch.rand(B, T, generator=g) < p] = EOT
+    x[0, 0], x[0, -1], x[1, :2] = 5, EOT, EOT
     return x
+
+
+def brute_force_mask(x: torch.Tensor) -> torch.Tensor:
+    """The document-causal mask (B, T, T) read off the tokens one pair at a time: key j is visible
+    from query i ≥ j when no EOT lies in j+1 … i (an EOT starts the document it belongs to)."""
+    B, T = x.shape
+    out = torch.zeros(B, T, T, dtype=torch.bool)
+    for b in range(B):
+        for i in range(T):
+            for j in range(i + 1):
+                out[b, i, j] = not (x[b, j + 1: i + 1] == EOT).any()
+    return out
+
+
+def test_document_ids_give_the_document_causal_mask():
+    """`ids[b, q] == ids[b, kv] and kv ≤ q`, the predicate FlexAttention evaluates, is the dense
+    mask SDPA reads and the mask read off the tokens, with EOTs first, last, in runs and dense."""
+    for seed, p in [(1, 0.03), (2, 0.3), (3, 0.9), (4, 0.0)]:
+        x = packed_rows(3, 40, seed, p)
+        ids = document_ids(x, EOT)
+        q, kv = torch.arange(40)[:, None], torch.arange(40)[None, :]
+        predicate = (ids[:, :, None] == ids[:, None, :]) & (kv <= q)
+        assert predicate.equal(document_causal_mask(x, EOT)[:, 0])
+        assert predicate.equal(brute_force_mask(x))
+    assert ids.dtype == torch.int64 and ids.shape == (3, 40)
+
+
+def test_document_block_mask_has_create_block_masks_tiles():
+    """The tiles made from each tile's first and last document id are exactly those torch's
+    `create_block_mask` finds by evaluating the mask at every pair: counts and index lists of
+    partial and full tiles, and their transposes, for lengths that do and do not fill the last tile."""
+    g = torch.Generator().manual_seed(5)
+    for trial, tile in enumerate([1, 2, 3, 8, 16, 128, 4, 8]):
+        B, T = 3, [37, 64, 50, 129, 200, 300, 3, 96][trial]
+        x = packed_rows(B, T, seed=trial, p=float(torch.rand(1, generator=g)) * 0.4)
+        ids = document_ids(x, EOT)
+        ours = model_module.document_block_mask(ids, tile)
+        # the same mask_mod (checked at every pair below), tiles found by evaluating it everywhere
+        ref = create_block_mask(ours.mask_mod, B, None, T, T, device="cpu", BLOCK_SIZE=tile)
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices"):
+            a, b = getattr(ours, name), getattr(ref, name)
+            assert a.dtype == b.dtype and a.equal(b), (tile, T, name)
+        assert ours.seq_lengths == (T, T) and ours.BLOCK_SIZE == (tile, tile)
+        # the mask the partial tiles read, at every pair: the dense mask SDPA reads
+        assert create_mask(ours.mask_mod, B, None, T, T, device="cpu")[:, 0].equal(document_causal_mask(x, EOT)[:, 0])
+
+
+def forbid_dense_mask(monkeypatch) -> None:
+    """Make the function that builds the dense (B, 1, T, T) mask fail wherever the model calls it."""
+    def refuse(*_):
+        raise AssertionError("the flex path built a dense (B, 1, T, T) mask")
+
+    monkeypatch.setattr(model_module, "dense_document_mask", refuse)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an operator returns while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+def test_the_flex_document_mask_builds_no_T_by_T_tensor(monkeypatch):
+    """Under flex the model's document mask is a `BlockMask` made without the dense mask: the
+    function that builds one is never called, and no operator returns more than B·T elements
+    (the dense mask would be B·T², the tiles are B·(T/128)²)."""
+    B, T = 2, 2048
+    model, ids = random_model(16), document_ids(packed_rows(B, T), EOT)
+    dense = model.document_mask(ids)
+    assert isinstance(dense, torch.Tensor) and dense.shape == (B, 1, T, T)  # SDPA reads a dense mask
+    forbid_dense_mask(monkeypatch)
+    model.set_fast_path(attention="flex")
+    with LargestTensor() as seen:
+        tiles = model.document_mask(ids)
+    assert isinstance(tiles, BlockMask) and tiles.shape == (B, 1, T, T)
+    assert 0 < seen.most <= B * T, seen.most
+    assert tiles.kv_indices.shape == (B, 1, T // 128, T // 128)
+    model.set_fast_path(attention="sdpa")
+    with pytest.raises(AssertionError, match="built a dense"):  # the patch is live: SDPA still needs it
+        model.document_mask(ids)
 
 
 @pytest.fixture
@@ -75,19 +167,23 @@ def counting_flex(monkeypatch) -> list[int]:
     return calls
 
 
-def test_flex_attention_gives_the_dense_mask_logits(monkeypatch, flex_tracing):
-    T = 256  # two FlexAttention blocks of 128 per side: the one above the diagonal is skipped
+@pytest.mark.parametrize("T", [256, 300])
+def test_flex_attention_gives_the_dense_mask_logits(monkeypatch, flex_tracing, T):
+    """T = 256: two FlexAttention tiles of 128 per side, the one above the diagonal skipped;
+    T = 300: a last tile that runs past the row."""
     model, x = random_model(T), packed_rows(2, T)
-    mask = document_causal_mask(x, EOT)
+    ids = document_ids(x, EOT)
+    mask = model.document_mask(ids)
     with torch.no_grad():  # FlexAttention has no CPU backward in torch 2.13 (gpu.sh compares training)
         exact = copy.deepcopy(model).double()(x, mask)
         eager = model(x, mask)
         calls = counting_flex(monkeypatch)
         model.set_fast_path(attention="flex")
-        fast = model(x, mask)
+        tiles = model.document_mask(ids)
+        fast = model(x, tiles)
         causal = model(x)
-    assert len(calls) == model.cfg.n_layers
-    assert model_module.block_mask(mask).sparsity() > 0  # whole blocks are skipped
+    assert len(calls) == model.cfg.n_layers and isinstance(tiles, BlockMask)
+    assert tiles.sparsity() > 0  # whole tiles are skipped
     scale = exact.abs().max().item()
     diff = (fast - eager).abs().max().item() / scale
     assert diff <= TOL, f"flex vs SDPA logits: max |Δ| = {diff:.3g} of the largest logit"
@@ -120,6 +216,7 @@ def test_flex_attention_evaluates_a_trained_model_like_the_dense_mask(tmp_path, 
     eager = evaluate(trainer.engine, d.val_x, d.val_y, trainer.autocast)
     calls = counting_flex(monkeypatch)
     trainer.model.set_fast_path(attention="flex")
+    forbid_dense_mask(monkeypatch)
     fast = evaluate(trainer.engine, d.val_x, d.val_y, trainer.autocast)
     assert calls and trainer.engine.document_eot is not None
     assert fast[0] == pytest.approx(eager[0], rel=1e-6) and fast[1] == eager[1], (fast, eager)
@@ -129,7 +226,7 @@ COMPILED_RUN = """
 import copy, json, sys, torch
 from torch._dynamo.utils import counters
 from distlip.config import load_config
-from distlip.data.packing import document_causal_mask
+from distlip.data.packing import document_ids
 from distlip.trainer import Trainer
 sys.path[:0] = ["tests", "tests/unit"]
 from test_fast_path import EOT, packed_rows, random_model
@@ -149,9 +246,9 @@ model.set_fast_path("flex", compile=True)
 with torch.no_grad():
     for seed in (1, 2):
         x = packed_rows(2, 256, seed)
-        mask = document_causal_mask(x, EOT)
-        ref = eager(x, mask)
-        logits.append(((model(x, mask) - ref).abs().max() / ref.abs().max()).item())
+        ids = document_ids(x, EOT)
+        ref = eager(x, eager.document_mask(ids))
+        logits.append(((model(x, model.document_mask(ids)) - ref).abs().max() / ref.abs().max()).item())
         out[f"flex_graphs_{seed}"] = counters["stats"]["unique_graphs"]
 out["flex_rel_diff"] = logits
 print(json.dumps(out))

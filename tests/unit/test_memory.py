@@ -10,19 +10,20 @@ import torch
 import torch.nn.functional as F
 
 from distlip.config import ModelConfig, load_config
-from distlip.data.packing import document_causal_mask
+from distlip.data.packing import document_causal_mask, document_ids
 from distlip.errors import ConfigError
 from distlip.evaluation import evaluate
 from distlip.loss import chunk_tokens, head_cross_entropy, head_loss_and_correct
 from distlip.memory import (
     GIB,
     activation_bytes_per_token_layer,
+    block_mask_bytes,
     check_memory,
     estimate_memory,
     largest_fitting_micro_batch,
     param_shapes,
 )
-from distlip.model import LipschitzTransformer
+from distlip.model import LipschitzTransformer, document_block_mask
 from distlip.trainer import Trainer
 
 from helpers import ROOT
@@ -147,6 +148,33 @@ def test_activation_term_is_what_autograd_saves(dtype, kw):
 def preset_145m(*overrides):
     return load_config(ROOT / "configs/nanogpt-145m.yaml", ["data.source=text", "data.path=x.txt",
                                                              "data.tokenizer=tok.json", *overrides])
+
+
+@pytest.mark.parametrize("B, T", [(3, 300), (2, 1024), (1, 128), (4, 40)])
+def test_flex_mask_term_is_what_the_block_mask_holds(B, T):
+    """Under train.attention=flex the mask term is the block mask's storage (every tensor it holds,
+    and the document ids its mask reads), not the dense mask's."""
+    g = torch.Generator().manual_seed(T)
+    x = torch.randint(0, 9, (B, T), generator=g)
+    ids = document_ids(x, 0)
+    tiles = document_block_mask(ids)
+    held = [t for t in tiles.as_tuple() if isinstance(t, torch.Tensor)]
+    assert len(held) == 8  # partial and full tiles' counts and lists, and their transposes
+    assert sum(t.untyped_storage().nbytes() for t in held) + ids.untyped_storage().nbytes() == block_mask_bytes(B, T)
+
+
+def test_the_memory_model_counts_the_block_mask_under_flex():
+    sdpa = preset_145m("data.document_mask=true")
+    flex = preset_145m("data.document_mask=true", "train.attention=flex")
+    plain = estimate_memory(preset_145m("data.document_mask=false"))
+    a, b = estimate_memory(sdpa), estimate_memory(flex)
+    B, T, L = a.micro_batch, sdpa.seq_len(), sdpa.model.n_layers
+    additive = 2 if sdpa.train.dtype == "bfloat16" else 4
+    dense = B * T * T * (1 + L * additive)  # the bool mask and each layer's additive copy
+    assert a.activations - plain.activations == dense
+    assert b.activations - plain.activations == block_mask_bytes(B, T) < dense / 1000
+    assert a.eval_working - plain.eval_working == dense // L
+    assert b.eval_working - plain.eval_working == block_mask_bytes(B, T)
 
 
 def test_evaluation_memory_does_not_grow_with_windows_or_val_tokens():
