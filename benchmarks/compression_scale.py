@@ -68,6 +68,10 @@ METHODS.update({f"outer H{h} lr{lr} m0.5": outer(h, lr, 0.5) for h in (16, 32) f
 METHODS.update({f"outer H{h} lr0.7 m0.5 + {q}": outer(h, 0.7, 0.5, f"compression.compressor={q}",
                                                        "compression.estimator=ef14")
                 for h, q in ((8, "int8"), (8, "int4"), (16, "int4"), (32, "int4"), (64, "int4"))})
+# Quantised on shared scales and summed in int8 by one all-reduce; the first round quantised too (warm-up 0).
+METHODS.update({f"outer H{h} lr{lr} m{m} + int4_sum": outer(h, lr, m, "compression.compressor=int4_sum",
+                                                         "compression.estimator=ef14", "compression.warmup_steps=0")
+                for h in (8, 16, 32, 64, 128) for lr, m in ((0.7, 0.5), (1.0, 0.5), (0.7, 0.7), (0.5, 0.5))})
 COLUMNS = [("ranks", "{}"), ("method", "{}"), ("val loss", "{:.4f}"), ("gap", "{:+.1%}"),
            ("MB per rank", "{:.2f}"), ("steps' MB", "{:.2f}"), ("÷ dense", "{:.1f}"), ("train s", "{:.0f}"),
            ("certified", "{}")]
