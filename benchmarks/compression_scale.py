@@ -71,7 +71,10 @@ METHODS.update({f"outer H{h} lr0.7 m0.5 + {q}": outer(h, 0.7, 0.5, f"compression
 # Quantised on shared scales and summed in int8 by one all-reduce; the first round quantised too (warm-up 0).
 METHODS.update({f"outer H{h} lr{lr} m{m} + int4_sum": outer(h, lr, m, "compression.compressor=int4_sum",
                                                          "compression.estimator=ef14", "compression.warmup_steps=0")
-                for h in (8, 16, 32, 64, 128) for lr, m in ((0.7, 0.5), (1.0, 0.5), (0.7, 0.7), (0.5, 0.5))})
+                for h in (8, 16, 32, 64, 128) for lr, m in ((0.7, 0.5), (1.0, 0.5), (1.4, 0.0), (2.0, 0.0))})
+# The same with a lower inner (Muon) learning rate: each rank's batch is 1/M of dense's.
+METHODS["outer H32 lr0.7 m0.5 + int4_sum, inner lr 0.35"] = [*METHODS["outer H32 lr0.7 m0.5 + int4_sum"],
+                                                             "optim.lr=0.35"]
 COLUMNS = [("ranks", "{}"), ("method", "{}"), ("val loss", "{:.4f}"), ("gap", "{:+.1%}"),
            ("MB per rank", "{:.2f}"), ("steps' MB", "{:.2f}"), ("÷ dense", "{:.1f}"), ("train s", "{:.0f}"),
            ("certified", "{}")]
