@@ -118,7 +118,8 @@ def plot(rows: list[dict], path: Path, steps: int) -> None:
 
     counts = sorted({r["ranks"] for r in rows})
     fig, axes = plt.subplots(1, len(counts), figsize=(4.2 * len(counts) + 3, 4.5), sharey=True, squeeze=False)
-    colors = dict(zip(METHODS, ["black", *plt.cm.tab10.colors]))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]  # distinct colours for those shown
+    colors = {"dense": "black", **dict(zip(methods, plt.cm.tab20.colors))}
     for ax, ranks in zip(axes[0], counts):
         for r in (r for r in rows if r["ranks"] == ranks):
             xs, ys = zip(*r["curve"])
