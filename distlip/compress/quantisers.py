@@ -10,8 +10,10 @@ rounded to one of 2L + 1 levels in blocks of `QUANT_BLOCK` values sharing one fp
 
 Both round to nearest, with no randomness: every coordinate is off by at most half a step s, so a
 block of B values with largest magnitude a loses at most B·s²/4 = B/(4L²)·a² ≤ B/(4L²)·‖x_block‖²
-when s = a/L: contractive with δ = 1 − B/(4L²), a pair for error feedback (EF14, EF21). Under a
-shared scale a rank's own block maximum may be below a, so its bound is relative to the shared a.
+when s = a/L: contractive with δ = 1 − B/(4L²), a pair for error feedback (EF14, EF21). On a
+shared scale a rank's own values may all lie below s/2, and then its block goes as zeros: the
+error is still at most the value (it never expands: ‖C(x) − x‖ ≤ ‖x‖) but δ is 0 in the worst
+case; error feedback keeps such a block in the residual until it reaches half a step.
 """
 
 from __future__ import annotations
@@ -130,6 +132,11 @@ class SumQuantiser(Quantiser):
 
     def __repr__(self) -> str:
         return f"SumQuantiser(world_size={self.world_size})"
+
+    def delta(self, d: int) -> float:
+        """0: on the shared scale a rank's whole block may round to zeros (module docstring); against
+        the shared maxima the error is at most B/(4L²)·a² per block, as `Quantiser`'s."""
+        return 0.0
 
     def compress(self, x: Tensor, *, step: int, tensor_id: int | str, rank: int) -> Message:
         return Message(x.float().clone(), shared=True, codec=self, dtype=x.dtype)

@@ -130,6 +130,11 @@ def test_shared_scale_codes_by_hand():
     codes = payload[8:].view(torch.int8)
     assert codes[:3].tolist() == [3, -1, 2] and codes[QUANT_BLOCK:].tolist() == [2, -2]  # halves to even
     assert q.dequantise(payload, x.numel(), torch.float32)[QUANT_BLOCK:].tolist() == [4.0, -4.0]
+    # A block below half the shared step goes as zeros (EF keeps it); no value's error exceeds the value.
+    assert not q.encode(torch.full((3,), 0.49), torch.tensor([7.0]))[4:].any() and q.delta(3) == 0.0
+    y = torch.randn(500, generator=torch.Generator().manual_seed(0))
+    err = q.dequantise(q.encode(y, 3 * block_absmax(y)), 500, torch.float32) - y
+    assert (err.abs() <= y.abs()).all()
     # The sum of two ranks' codes decodes on the same scales.
     summed = codes.to(torch.int16) * 2
     assert torch.equal(q.decode_sum(absmax, summed.to(torch.int8), torch.float32),
