@@ -68,6 +68,13 @@ METHODS.update({f"outer H{h} lr{lr} m0.5": outer(h, lr, 0.5) for h in (16, 32) f
 METHODS.update({f"outer H{h} lr0.7 m0.5 + {q}": outer(h, 0.7, 0.5, f"compression.compressor={q}",
                                                        "compression.estimator=ef14")
                 for h, q in ((8, "int8"), (8, "int4"), (16, "int4"), (32, "int4"), (64, "int4"))})
+# Quantised on shared scales and summed in int8 by one all-reduce; the first round quantised too (warm-up 0).
+METHODS.update({f"outer H{h} lr{lr} m{m} + int4_sum": outer(h, lr, m, "compression.compressor=int4_sum",
+                                                         "compression.estimator=ef14", "compression.warmup_steps=0")
+                for h in (8, 16, 32, 64, 128) for lr, m in ((0.7, 0.5), (1.0, 0.5), (1.4, 0.0), (2.0, 0.0))})
+# The same with a lower inner (Muon) learning rate: each rank's batch is 1/M of dense's.
+METHODS["outer H32 lr0.7 m0.5 + int4_sum, inner lr 0.35"] = [*METHODS["outer H32 lr0.7 m0.5 + int4_sum"],
+                                                             "optim.lr=0.35"]
 COLUMNS = [("ranks", "{}"), ("method", "{}"), ("val loss", "{:.4f}"), ("gap", "{:+.1%}"),
            ("MB per rank", "{:.2f}"), ("steps' MB", "{:.2f}"), ("÷ dense", "{:.1f}"), ("train s", "{:.0f}"),
            ("certified", "{}")]
@@ -111,7 +118,8 @@ def plot(rows: list[dict], path: Path, steps: int) -> None:
 
     counts = sorted({r["ranks"] for r in rows})
     fig, axes = plt.subplots(1, len(counts), figsize=(4.2 * len(counts) + 3, 4.5), sharey=True, squeeze=False)
-    colors = dict(zip(METHODS, ["black", *plt.cm.tab10.colors]))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]  # distinct colours for those shown
+    colors = {"dense": "black", **dict(zip(methods, plt.cm.tab20.colors))}
     for ax, ranks in zip(axes[0], counts):
         for r in (r for r in rows if r["ranks"] == ranks):
             xs, ys = zip(*r["curve"])

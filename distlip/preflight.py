@@ -14,6 +14,7 @@ import torch
 from distlip.compress import check as check_compression_objects
 from distlip.compress import estimator_name
 from distlip.compress.lowrank import factor_rank
+from distlip.compress.quantisers import sum_levels
 from distlip.config.checks import check_device
 from distlip.config.schema import Config
 from distlip.distributed.deepspeed import deepspeed_config
@@ -150,6 +151,11 @@ def check_distributed(cfg: Config, env: Placement) -> None:
         raise ConfigError(f"compression.{what} needs ≥ 2 processes (one process "
                           "has no communication to compress): launch with torchrun --nproc_per_node 2 or more, or "
                           "leave compression at its defaults")
+    if cfg.compression.compressor == "int4_sum":
+        try:
+            sum_levels(env.world_size)  # int8 holds the sum of at most 127 ranks' codes
+        except ConfigError as exc:
+            raise ConfigError(f"compression: {exc}") from None
     if env.world_size > 1 and cfg.optim.name == "adamw":
         raise ConfigError("the AdamW baseline runs on one process; use optim.name=muon for sharded training")
     if env.world_size > 1 and cfg.dist.zero_stage > 0 and cfg.optim.embed != "adam":

@@ -15,10 +15,11 @@ Modules: `compressors` (tensor to message), `transport` (collectives), `estimato
 from __future__ import annotations
 
 from distlip.compress.accounting import ByteCounter
-from distlip.compress.compressors import Compressor, Identity, Message, Quantiser, RandK, TopK
+from distlip.compress.compressors import Compressor, Identity, Message, RandK, TopK
 from distlip.compress.downlink import Downlink
 from distlip.compress.estimators import EF14, Dense, Diana, EF21Momentum, Estimator, Marina, Plain, check_pair
 from distlip.compress.lowrank import LowRank, check_rank
+from distlip.compress.quantisers import Quantiser, SumQuantiser
 from distlip.compress.transport import Comm, SingleProcessComm, TorchComm
 from distlip.config.schema import CompressionConfig
 from distlip.errors import ConfigError, did_you_mean
@@ -26,11 +27,13 @@ from distlip.errors import ConfigError, did_you_mean
 __all__ = [
     "ByteCounter", "Comm", "Compressor", "Dense", "Diana", "Downlink", "EF14",
     "EF21Momentum", "Estimator", "Identity", "LowRank", "Marina", "Message", "Plain", "Quantiser", "RandK",
-    "SingleProcessComm", "TopK", "TorchComm", "build", "check", "estimator_name", "make_compressor", "validate",
+    "SingleProcessComm", "SumQuantiser", "TopK", "TorchComm", "build", "check", "estimator_name", "make_compressor",
+    "validate",
 ]
 
 QUANTISERS = {"int8": 8, "int4": 4}  # name: bits
-COMPRESSORS = ("identity", "randk", "randk_unscaled", "topk", *QUANTISERS)
+SUM_QUANTISER = "int4_sum"  # int4 codes on scales the ranks share, summed in int8 (quantisers.SumQuantiser)
+COMPRESSORS = ("identity", "randk", "randk_unscaled", "topk", *QUANTISERS, SUM_QUANTISER)
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls for cls in (Dense, Plain, Diana, Marina, EF21Momentum, EF14)
 }
@@ -44,8 +47,10 @@ def _known(kind: str, name: object, choices) -> str:
     raise ConfigError(f"unknown {kind} {name!r}{did_you_mean(str(name), choices)}: choose from {', '.join(choices)}")
 
 
-def make_compressor(name: str, ratio: float = 1.0, *, seed: int = 0, shared_seed: bool = True) -> Compressor:
-    """The compressor called `name` (one of COMPRESSORS) keeping `ratio` of the coordinates."""
+def make_compressor(name: str, ratio: float = 1.0, *, seed: int = 0, shared_seed: bool = True,
+                    world_size: int = 1) -> Compressor:
+    """The compressor called `name` (one of COMPRESSORS) keeping `ratio` of the coordinates, for an
+    exchange between `world_size` ranks (`int4_sum` picks its levels from it)."""
     name = _known("compressor", name, COMPRESSORS)
     if name == "identity":
         if ratio != 1.0:
@@ -54,11 +59,11 @@ def make_compressor(name: str, ratio: float = 1.0, *, seed: int = 0, shared_seed
         return Identity()
     if name == "topk":
         return TopK(ratio)
-    if name in QUANTISERS:
+    if name in (*QUANTISERS, SUM_QUANTISER):
         if ratio != 1.0:
             raise ConfigError(f"compressor {name!r} quantises every coordinate but ratio is {ratio!r}: "
                               "set ratio 1.0, or choose randk or topk")
-        return Quantiser(QUANTISERS[name])
+        return SumQuantiser(world_size) if name == SUM_QUANTISER else Quantiser(QUANTISERS[name])
     return RandK(ratio, scaled=name == "randk", shared_seed=shared_seed, seed=seed)
 
 
@@ -98,7 +103,7 @@ def check(section: CompressionConfig) -> None:
             raise ConfigError(f"compression.rank={section.rank} applies to compressor lowrank, not "
                               f"{section.compressor!r}: drop it, or set compression.compressor=lowrank")
         _check_elementwise(section)
-    if section.downlink in QUANTISERS:
+    if section.downlink in (*QUANTISERS, SUM_QUANTISER):
         raise ConfigError(f"compression.downlink={section.downlink} is not supported (the owners' broadcast takes "
                           "topk or randk_unscaled): set compression.downlink to identity, topk or randk_unscaled")
     if isinstance(section.warmup_steps, bool) or not isinstance(section.warmup_steps, int) or section.warmup_steps < 0:
@@ -145,7 +150,8 @@ def build(section: CompressionConfig, comm: Comm | None = None,
     if section.compressor == LowRank.name:
         return LowRank(section.rank, section.ratio, comm, warmup_steps=section.warmup_steps, seed=section.seed,
                        counter=counter), None
-    compressor = make_compressor(section.compressor, section.ratio, seed=section.seed, shared_seed=section.shared_seed)
+    compressor = make_compressor(section.compressor, section.ratio, seed=section.seed, shared_seed=section.shared_seed,
+                                 world_size=1 if comm is None else comm.world_size)
     cls = ESTIMATORS[estimator_name(section)]
     options = ({"p": section.marina_p, "same_batch": section.marina_same_batch} if cls is Marina
                else {"eta": section.ef21_eta, "eta_sent": section.ef21_eta_sent} if cls is EF21Momentum else {})

@@ -6,6 +6,8 @@ Cost model per rank, with M ranks and n bytes per rank's tensor or message:
 - all-gather: sends and receives (M−1)·n (its own message out, everyone else's in);
 - all-to-all: sends every other rank its piece, receives one piece from each;
 - broadcast: the root sends n, every other rank receives n.
+A quantiser on shared scales (int4_sum) is two all-reduces: the fp32 block maxima (4 bytes per 64
+values, max) and the int8 codes (1 byte per value, sum).
 On a full-duplex link the busier direction sets the time, so the headline figure of a
 direction is max(sent, received). For a 162M-parameter bf16 model on 8 ranks this gives
 ≈567 MB dense, ≈5.7 MB shared-mask Rand-k 1% and ≈68 MB Top-k 1% per step.

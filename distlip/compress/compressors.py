@@ -8,8 +8,7 @@ sends the tensor unchanged, so ratio 1.0 is the identity bit for bit.
 Two families (pairs with estimators are checked in `estimators.py`):
 - unbiased, E[Q(x)] = x and E‖Q(x) − x‖² ≤ ω‖x‖²: Identity (ω = 0), scaled Rand-k (ω = d/k − 1);
 - contractive, ‖C(x) − x‖² ≤ (1 − δ)‖x‖² (in expectation for random ones): Identity
-  (δ = 1), Top-k and unscaled Rand-k (δ = k/d), and the block quantisers int8 / int4
-  (δ = 1 − B/(4L²) for blocks of B values rounded to L levels either side of zero).
+  (δ = 1), Top-k and unscaled Rand-k (δ = k/d), and the block quantisers of `quantisers.py`.
 
 Random masks come from a private `torch.Generator` seeded from (seed, step, tensor id),
 never from the global RNG, so training randomness is untouched and every rank that
@@ -37,13 +36,15 @@ class Message:
     values:  (k,) kept values in the tensor's dtype, already scaled; (d,) for a dense message.
     indices: (k,) int32 coordinates of `values`; None for a dense message.
     shared:  every rank derives the same indices from the shared seed, so they are not
-             sent and the values of all ranks can be summed position by position.
+             sent and the values of all ranks can be summed position by position (a quantiser's:
+             the ranks agree on its scales in the exchange, and its codes are summed).
     """
 
     values: Tensor
     indices: Tensor | None = None
     shared: bool = False
-    codec: Quantiser | None = None  # set: `values` is this quantiser's uint8 payload for a `dtype` tensor
+    codec: Compressor | None = None  # a block quantiser (compress/quantisers.py): `values` is its payload for a
+    # `dtype` tensor (uint8; before the exchange of a `shared` one, the values themselves)
     dtype: torch.dtype | None = None
 
     @property
@@ -290,64 +291,3 @@ def top_magnitudes(x: Tensor, k: int) -> Tensor:
     if above.numel() + ties.numel() < k:
         return torch.topk(a, k, sorted=False).indices
     return torch.cat([above, ties[:k - above.numel()]])
-
-
-QUANT_BLOCK = 64  # values per absmax scale: 4 bytes of scale per 64 values
-
-
-class Quantiser(Compressor):
-    """Blocks of QUANT_BLOCK consecutive coordinates, each scaled by its largest magnitude a to
-    integers in [−L, L] (L = 2^(bits−1) − 1: 127 at 8 bits, 7 at 4), rounded to nearest.
-
-    Deterministic, and every coordinate is off by at most a/(2L), so a block of B values loses
-    at most B·a²/(4L²) ≤ B/(4L²)·‖x_block‖² of its squared norm: contractive with
-    δ = 1 − B/(4L²) (0.996 at 8 bits, 0.67 at 4), a pair for error feedback (EF14, EF21).
-    The message is one uint8 payload: the fp32 scales, then the codes (one byte each at 8 bits,
-    two per byte at 4). Scales differ between ranks, so messages are gathered, not summed.
-    """
-
-    contractive = True
-
-    def __init__(self, bits: int) -> None:
-        super().__init__(1.0)
-        if bits not in (4, 8):
-            raise ConfigError(f"quantiser bits must be 4 or 8, got {bits!r}: use compressor int8 or int4")
-        self.bits, self.levels, self.name = bits, 2 ** (bits - 1) - 1, f"int{bits}"
-
-    def __repr__(self) -> str:
-        return f"Quantiser(bits={self.bits})"
-
-    def keeps_all(self, d: int) -> bool:
-        return False
-
-    def delta(self, d: int) -> float:
-        return 1.0 - min(QUANT_BLOCK, d) / (4 * self.levels ** 2)
-
-    def message_bytes(self, d: int, dtype: torch.dtype) -> int:
-        """Scales (4 bytes per block) plus codes (d bytes at 8 bits, ⌈d/2⌉ at 4)."""
-        return 4 * -(-d // QUANT_BLOCK) + (d if self.bits == 8 else -(-d // 2))
-
-    def compress(self, x: Tensor, *, step: int, tensor_id: int | str, rank: int) -> Message:
-        d = x.numel()
-        blocks = torch.nn.functional.pad(x.float(), (0, -d % QUANT_BLOCK)).view(-1, QUANT_BLOCK)
-        scale = blocks.abs().amax(1) / self.levels
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero block: codes 0
-        codes = (blocks / scale[:, None]).round_().clamp_(-self.levels, self.levels).to(torch.int8).view(-1)[:d]
-        if self.bits == 4:  # two codes per byte, offset to 1..15
-            nibbles = torch.nn.functional.pad(codes.to(torch.uint8) + 8, (0, d % 2)).view(-1, 2)
-            packed = nibbles[:, 0] | (nibbles[:, 1] << 4)
-        else:
-            packed = codes.view(torch.uint8)
-        return Message(torch.cat([scale.view(torch.uint8), packed]), codec=self, dtype=x.dtype)
-
-    def dequantise(self, payload: Tensor, d: int, dtype: torch.dtype) -> Tensor:
-        """The dense (d,) tensor of `dtype` that the uint8 `payload` (from `compress`) stands for."""
-        n = -(-d // QUANT_BLOCK)
-        scale = payload[:4 * n].clone().view(torch.float32)  # a copy: the payload may sit at any byte offset
-        packed = payload[4 * n:]
-        if self.bits == 4:
-            codes = torch.stack([packed & 15, packed >> 4], 1).view(-1)[:d].to(torch.int8) - 8
-        else:
-            codes = packed.view(torch.int8)
-        values = torch.nn.functional.pad(codes.float(), (0, n * QUANT_BLOCK - d)).view(n, QUANT_BLOCK)
-        return (values * scale[:, None]).view(-1)[:d].to(dtype)

@@ -21,8 +21,9 @@ records the whole share (EF21's u = v, EF14's e = 0). On M ranks that leaves (M�
 aggregate compressed, at no cost in bytes. exact_own=False compresses it like every other
 rank's, which is the published estimators exactly (and what `owners=None` gives everywhere).
 
-Dense rounds: the first call for a tensor, every step below `warmup_steps`, and every call
-whose compressor keeps all d coordinates send the estimator's dense message, after which the
+Dense rounds: the first call for a tensor (except EF14's: its residual starts at zero), every
+step below `warmup_steps`, and every call whose compressor keeps all d coordinates send the
+estimator's dense message, after which the
 reference state equals what the identity compressor would leave (h = g for DIANA, u = v for
 EF21, e = 0 for EF14). So ratio 1.0 reproduces `Dense` bit for bit.
 
@@ -66,6 +67,7 @@ class Estimator:
 
     name = ""
     requires = "any"  # "any", "unbiased", "contractive" or "identity"
+    starts_dense = True  # a tensor's first call is a dense round (it initialises the reference state)
 
     def __init__(
         self,
@@ -105,11 +107,14 @@ class Estimator:
         prepared = [self._prepare_one(n, grads[n].reshape(-1), step, dense[n], n in self._own and not dense[n])
                     for n in names]
         self._previous = {}
-        messages = [message for message, _ in prepared]
+        messages = [message for message, _, _ in prepared]
         means = mean_many(self.comm, messages, [grads[n].numel() for n in names], self.counter,
                           None if owners is None else [owners[n] for n in names])
+        for n, (message, exact, x) in zip(names, prepared):
+            if x is not None:  # after the exchange: it completes the codes of a quantiser on shared scales
+                self._sent(self._state[n], x, Message(x) if exact is not None else message)
         out = {}
-        for n, (message, exact), mean in zip(names, prepared, means):
+        for n, (message, exact, _), mean in zip(names, prepared, means):
             if mean is None:
                 continue
             if exact is not None:  # this rank's own share whole: mean + (x − C(x))/M
@@ -130,23 +135,23 @@ class Estimator:
         self._state = {name: {key: t.clone() for key, t in fields.items()} for name, fields in state.items()}
 
     def _is_dense(self, name: str, d: int, step: int) -> bool:
-        return ("step" not in self._state.get(name, {}) or step < self.warmup_steps or self.compressor.keeps_all(d)
-                or self._dense_round(name, step, d))
+        first = self.starts_dense and "step" not in self._state.get(name, {})
+        return first or step < self.warmup_steps or self.compressor.keeps_all(d) or self._dense_round(name, step, d)
 
-    def _prepare_one(self, name: str, g: Tensor, step: int, dense: bool, whole: bool) -> tuple[Message, Tensor | None]:
-        """This rank's message for one tensor, and the uncompressed x when `whole` (its own share
-        of a tensor it owns, which its state then records as sent whole)."""
+    def _prepare_one(self, name: str, g: Tensor, step: int, dense: bool,
+                     whole: bool) -> tuple[Message, Tensor | None, Tensor | None]:
+        """This rank's message for one tensor, the uncompressed x when `whole` (its own share of a
+        tensor it owns, which its state then records as sent whole), and x for `_sent` (None in a
+        dense round)."""
         state = self._state.setdefault(name, {})
-        exact = None
         if dense:
-            message = Message(self._prepare_dense(state, g, name))
+            message, exact, x = Message(self._prepare_dense(state, g, name)), None, None
         else:
             x = self._to_send(state, g, name, step)
             message = self._compress(x, name, step)
             exact = x if whole else None
-            self._sent(state, x, Message(x) if whole else message)
         state["step"] = torch.tensor(step)
-        return message, exact
+        return message, exact, x
 
     def _dense_round(self, name: str, step: int, d: int) -> bool:
         """Whether this step is an extra dense round (MARINA's coin); decided identically on all ranks."""
@@ -369,11 +374,13 @@ class EF21Momentum(Estimator):
 class EF14(Estimator):
     """Classic error feedback: p = g + e; c = C(p); e ← p − c; aggregate = mean of c.
 
-    State: e (this rank's residual; absent means zero, as after a dense round).
+    State: e (this rank's residual; absent means zero: at the start, and after a dense round, so the
+    first call is compressed unless `warmup_steps` says otherwise).
     """
 
     name = "ef14"
     requires = "contractive"
+    starts_dense = False  # the residual starts at zero: there is no reference state to initialise
 
     def _prepare_dense(self, state: State, g: Tensor, name: str) -> Tensor:
         e = state.pop("e", None)

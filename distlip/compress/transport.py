@@ -6,7 +6,8 @@ save bytes but little time. Two ways to deliver the means:
 
 - to every rank (`owners=None`): one ring all-reduce of the dense and shared-support values,
   one all-gather of the sparse and quantised messages packed as bytes (values, then int32
-  indices; a quantiser's payload);
+  indices; a quantiser's payload), and for quantisers on shared scales (`int4_sum`) one
+  all-reduce of the block maxima (max) and one of the int8 codes (sum);
 - to each tensor's owner only (`owners` given: the owner-computes path, where only the owner
   steps a tensor): one reduce-scatter whose chunk r holds the tensors rank r owns, and one
   all-to-all that sends each owner the sparse messages of its tensors. That is about half an
@@ -37,6 +38,7 @@ from distlip.compress.accounting import (
     ring_all_reduce_bytes,
 )
 from distlip.compress.compressors import Compressor, Message
+from distlip.compress.quantisers import block_absmax, blocks_of
 
 
 class Comm(Protocol):
@@ -47,6 +49,10 @@ class Comm(Protocol):
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Sum `tensor` over ranks, in place; returns it."""
+        ...
+
+    def all_reduce_max(self, tensor: Tensor) -> Tensor:
+        """Elementwise maximum of `tensor` over ranks, in place; returns it."""
         ...
 
     def reduce_scatter_sum(self, tensor: Tensor) -> Tensor:
@@ -76,6 +82,9 @@ class SingleProcessComm:
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         return tensor
 
+    def all_reduce_max(self, tensor: Tensor) -> Tensor:
+        return tensor
+
     def reduce_scatter_sum(self, tensor: Tensor) -> Tensor:
         return tensor.clone()
 
@@ -102,6 +111,10 @@ class TorchComm:
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def all_reduce_max(self, tensor: Tensor) -> Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
         return tensor
 
     def reduce_scatter_sum(self, tensor: Tensor) -> Tensor:
@@ -181,6 +194,11 @@ def _summable(message: Message) -> bool:
     return message.codec is None and (message.indices is None or message.shared)
 
 
+def _shared_scales(message: Message) -> bool:
+    """Quantised on scales the ranks agree on in the exchange: the codes add up."""
+    return message.codec is not None and message.shared
+
+
 def _expand(message: Message, values: Tensor, d: int) -> Tensor:
     """The dense (d,) tensor for summed `values` on the support of `message`."""
     if message.indices is None:
@@ -199,8 +217,12 @@ def mean_many(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], cou
     """
     sums: list[Tensor | None] = [None] * len(messages)
     summable = [i for i, m in enumerate(messages) if _summable(m)]
-    sparse = [i for i, m in enumerate(messages) if not _summable(m)]
+    quantised = [i for i, m in enumerate(messages) if _shared_scales(m)]
+    sparse = [i for i, m in enumerate(messages) if not _summable(m) and not _shared_scales(m)]
     sent = received = 0.0
+    if quantised:
+        cost = _sum_quantised(comm, messages, sizes, quantised, owners, sums)
+        sent, received = sent + cost, received + cost
     for dtype in dict.fromkeys(messages[i].values.dtype for i in summable):  # one bucket per dtype, in order
         ids = [i for i in summable if messages[i].values.dtype == dtype]
         cost = _sum_values(comm, messages, sizes, ids, owners, sums)
@@ -247,6 +269,30 @@ def _sum_values(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], i
     for i, values in zip(ids, summed):
         sums[i] = _expand(messages[i], values, sizes[i])
     return cost
+
+
+def _sum_quantised(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], ids: list[int],
+                   owners: Sequence[int] | None, sums: list[Tensor | None]) -> float:
+    """Sum over ranks of the messages `ids` quantised on shared scales (`quantisers.SumQuantiser`),
+    as dense (d,) tensors into sums[i] where this rank gets them: one all-reduce (max) of every
+    block's largest magnitude (fp32), then each rank's int8 codes on those scales, summed by one
+    int8 all-reduce (with owners too: an int8 all-reduce costs less than gathering). Each message
+    becomes this rank's own payload (shared scales, its codes), for error feedback to subtract.
+    Returns the bytes this rank sent (= received)."""
+    world, codec = comm.world_size, messages[ids[0]].codec
+    if codec.world_size != world:  # its levels keep M codes' sum within int8 only for its M
+        raise ValueError(f"{codec!r} quantises for {codec.world_size} ranks, but the exchange has {world}")
+    absmax = comm.all_reduce_max(torch.cat([block_absmax(messages[i].values) for i in ids]))
+    maxima = absmax.split([blocks_of(sizes[i]) for i in ids])
+    codes = []
+    for i, top in zip(ids, maxima):
+        messages[i].values = codec.encode(messages[i].values, top)
+        codes.append(messages[i].values[top.nbytes:])  # the payload: scales, then the codes
+    summed = comm.all_reduce_sum(torch.cat(codes).view(torch.int8)).split([sizes[i] for i in ids])
+    for i, top, total in zip(ids, maxima, summed):
+        if owners is None or owners[i] == comm.rank:
+            sums[i] = codec.decode_sum(top, total, messages[i].tensor_dtype)
+    return ring_all_reduce_bytes(absmax.nbytes, world) + ring_all_reduce_bytes(sum(c.numel() for c in codes), world)
 
 
 def _sum_sparse(comm: Comm, messages: Sequence[Message], sizes: Sequence[int], ids: list[int],

@@ -143,6 +143,8 @@ class CompressionConfig:
 
     compressor: identity | randk | randk_unscaled | topk, keeping `ratio` ∈ (0, 1] of each tensor;
       int8 | int4: every coordinate, rounded in blocks of 64 to 8 or 4 bits (ratio 1.0);
+      int4_sum: the same on block scales the ranks share, so the int8 codes are summed by an
+      all-reduce (levels from the number of ranks, ≤ 127 ranks);
       or lowrank (PowerSGD with error feedback, all-reduced factors; docs/compression.md#low-rank).
     rank: lowrank's rank r for every matrix; None: round(ratio · the matrix's smaller side), ≥ 1.
     estimator: dense | plain | diana | marina | ef21 | ef14; None picks dense (identity),

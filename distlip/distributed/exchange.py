@@ -181,6 +181,9 @@ class TimedComm:
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         return self._timed(self.comm.all_reduce_sum, tensor)
 
+    def all_reduce_max(self, tensor: Tensor) -> Tensor:
+        return self._timed(self.comm.all_reduce_max, tensor)
+
     def reduce_scatter_sum(self, tensor: Tensor) -> Tensor:
         return self._timed(self.comm.reduce_scatter_sum, tensor)
 

@@ -85,6 +85,11 @@ class ThreadComm:
             total += part
         return tensor.copy_(total)
 
+    def all_reduce_max(self, tensor):
+        self.log.append("all_reduce_max")
+        self.moved = [m + ring_all_reduce_bytes(tensor.nbytes, self.world_size) for m in self.moved]
+        return tensor.copy_(torch.stack(self._exchange(tensor)).amax(0))
+
     def all_gather(self, tensor):
         self.log.append("all_gather")
         return self._exchange(tensor)
