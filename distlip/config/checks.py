@@ -189,6 +189,10 @@ def check_kernels(cfg: Config, device_type: str) -> None:
                           f"torch {torch.__version__} here lacks: "
                           "install the triton release built for it (torch's CUDA wheels depend on one), or set "
                           "train.attention=sdpa train.compile=false")
+    if device_type == "cuda" and t.attention == "flex" and not t.compile:
+        raise ConfigError("train.attention=flex without train.compile=true runs FlexAttention unfused, which "
+                          "materialises (B, heads, T, T) scores that the memory model does not count: set "
+                          "train.compile=true, or use train.attention=sdpa")
     if device_type == "cpu" and t.attention == "flex" and not _flex_backward_on_cpu():
         raise ConfigError(f"train.attention=flex trains on GPUs only: FlexAttention in torch {torch.__version__} has "
                           "no backward on CPU; use train.attention=sdpa (the same function) on CPU")
