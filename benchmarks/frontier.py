@@ -90,6 +90,19 @@ def baselines(muon_lrs, adamw_lrs) -> list[dict]:
 SMALL_BOUND_CAPS = ["{embed: 1, qk: 3, v: 1, o: 1, mlp_in: 1, mlp_out: 1, head: 1}",
                     "{embed: 1, qk: 3, v: 1.6, o: 1.6, mlp_in: 1.06, mlp_out: 1.06, head: 1}"]
 
+# Shapes of per-group caps for small bounds, scaled to each target bound by the allocation: sharp
+# attention (qk) with weak branches (v, o, MLP) and a head that amplifies them.
+SMALL_BOUND_SHAPES = ["{embed: 1, qk: 4, v: 1.5, o: 1.5, mlp_in: 1.5, mlp_out: 1.5, head: 4.7}",
+                      "{embed: 1, qk: 3, v: 1, o: 1, mlp_in: 1, mlp_out: 1, head: 20}"]
+
+
+def small_bound(layers, bounds) -> list[dict]:
+    """Exact caps at each target bound and shape, per-head Muon (lr 0.8, head ×0.5), at each depth."""
+    return [point("exact_cap", None, 0.8, model__n_layers=n, optim__per_head="true", optim__lr_mult__head=0.5,
+                  constraint__target_bound=b, constraint__caps=shape)
+            for n in layers for b in bounds for shape in SMALL_BOUND_SHAPES]
+
+
 GRIDS = {
     # the `make train` model (128×4, context 128, batch 32) for 300 steps
     "default-proxy": {"config": "configs/default.yaml", "set": ["train.steps=300"],
@@ -100,6 +113,13 @@ GRIDS = {
                       + [point("exact_cap", None, lr, optim__per_head="true", constraint__caps=caps)
                          for caps in SMALL_BOUND_CAPS for lr in (0.3, 0.8)]
                       + baselines([0.02, 0.05, 0.1, 0.2], [1e-3, 3e-3, 1e-2])},
+    # the same model at small certified bounds, at its depth and at one layer (fewer factors in the
+    # certificate's product, and a residual weight 1/2 instead of 1/8 for each branch)
+    "small-bound": {"config": "configs/default.yaml", "set": ["train.steps=300"],
+                    "points": small_bound([1, 4], [10, 100])
+                    + [point("soft_cap", 3.0, 0.8, optim__per_head="true"),
+                       point("soft_cap", 3.0, 0.8, optim__per_head="true", model__n_layers=1)]
+                    + baselines([0.05], [3e-3])},
     # the paper's model (256×3, context 256, batch 64) for 300 steps
     "shakespeare-proxy": {"config": "configs/shakespeare.yaml", "set": ["train.steps=300"],
                           "points": targets([10], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.5)
