@@ -119,6 +119,17 @@ def test_bound_at_caps_increases_in_every_cap_and_whole_matrix_caps_cost_sqrt_he
     assert bound_at_caps(caps, cfg, per_head=False) > base
 
 
+def test_the_certified_preset_reaches_its_target_with_the_shape_of_its_caps():
+    """configs/certified.yaml: the allocation scales its caps table by one factor to a certificate
+    at caps just under the target (so every step of the run is certified ≤ 100)."""
+    cfg = load_config("configs/certified.yaml", ["model.vocab_size=65"])
+    caps = allocate(cfg)
+    assert 0.99 * cfg.constraint.target_bound <= bound_at_caps(caps, cfg.model) <= cfg.constraint.target_bound
+    factors = {g: caps[g] / cfg.constraint.caps[g] for g in GROUPS if g != "embed"}
+    assert max(factors.values()) == pytest.approx(min(factors.values()), rel=1e-12), factors
+    assert caps["embed"] == cfg.constraint.caps["embed"]
+
+
 def test_saved_configs_from_before_per_group_caps_load_as_whole_matrix_caps():
     from distlip.config import config_from_dict
     data = load_config(SMOKE).to_dict()
