@@ -41,6 +41,7 @@ from distlip.distributed.deepspeed import deepspeed_config, gather_adam, scatter
 from distlip.distributed.env import DistEnv
 from distlip.distributed.exchange import CompressedExchange, DenseExchange, Exchange
 from distlip.distributed.outer import OuterLoop
+from distlip.distributed.replicas import agree_or_broadcast
 from distlip.distributed.sharding import plan_ownership
 from distlip.lipschitz.caps import CAPPED_METHODS, cap_of, row_blocks
 from distlip.lipschitz.certificate import embed_rms_max
@@ -64,7 +65,7 @@ class Engine:
         self.document_eot = document_eot
         self.params = dict(model.named_parameters())
         self.device = next(model.parameters()).device
-        self._broadcast_initial()
+        self._agree_initial()
         self.ds = self._deepspeed() if uses_deepspeed(cfg, env) else None
         ours = matrix_names(model) + ([] if self.ds else [EMBED])
         self.plan = plan_ownership({n: self.params[n].numel() for n in ours}, env.world_size)
@@ -116,11 +117,10 @@ class Engine:
         return replace(self.cfg.optim, momentum=0.0, momentum_start=0.0, momentum_warmup=0)
 
     @torch.no_grad()
-    def _broadcast_initial(self) -> None:
-        """Start every replica from rank 0's weights (seeded init already agrees; this makes it certain)."""
+    def _agree_initial(self) -> None:
+        """Every replica starts from rank 0's weights (`replicas.agree_or_broadcast`)."""
         if self.env.world_size > 1:
-            for p in self.model.parameters():
-                dist.broadcast(p.data, src=0)
+            agree_or_broadcast([p.data for p in self.model.parameters()])
 
     def _deepspeed(self):
         import deepspeed

@@ -1,5 +1,6 @@
 """Compressed communication over a real 2-process gloo group (one launch for every check), the
-quantiser whose int8 codes are summed by the all-reduce (int4_sum) included.
+quantiser whose int8 codes are summed by the all-reduce (int4_sum) included, and the start-up
+check that replicas agree (`distributed.replicas`), which shares the launch.
 
 Each rank runs `_worker`, which records what it computed; the tests compare the ranks'
 records in the parent process.
@@ -7,6 +8,7 @@ records in the parent process.
 
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
 
@@ -31,6 +33,7 @@ from distlip.compress import (
 )
 from distlip.compress.accounting import all_gather_bytes, broadcast_bytes, reduce_scatter_bytes, ring_all_reduce_bytes
 from distlip.compress.quantisers import block_absmax, blocks_of
+from distlip.distributed.replicas import agree_or_broadcast
 
 from helpers.compression import aggregate, sync
 
@@ -168,8 +171,20 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     dist.all_reduce(edge)
     record["int8_sum"] = edge.tolist()
 
+    record["replicas"] = _replicas(rank)
+
     torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _replicas(rank: int) -> dict:
+    """agree_or_broadcast on equal weights, then with one element of rank 1's one ulp off."""
+    same = [torch.randn(300, 200, generator=torch.Generator().manual_seed(5)), torch.arange(7.0)]
+    equal_sent = agree_or_broadcast(same)
+    differ = [t.clone() for t in same]
+    if rank == 1:
+        differ[0][299, 199] = torch.nextafter(differ[0][299, 199], torch.tensor(math.inf))
+    return {"equal": (equal_sent, same), "differ": (agree_or_broadcast(differ), differ)}
 
 
 def _int4_sum(comm: TorchComm) -> dict:
@@ -318,3 +333,12 @@ def test_owner_only_exchange_on_three_ranks_one_owning_nothing(tmp_path):
                 assert set(owned) == {n for n, o in owners.items() if o == rank}, key
                 for n, mean in owned.items():
                     torch.testing.assert_close(mean, everyone[n], rtol=1e-6, atol=1e-6)
+
+
+def test_replicas_that_agree_send_no_weights_and_ones_that_differ_get_rank_zeros(records):
+    r0, r1 = records[0]["replicas"], records[1]["replicas"]
+    assert r0["equal"][0] is False and r1["equal"][0] is False
+    assert _same(r0["equal"][1], r1["equal"][1])
+    assert r0["differ"][0] is True and r1["differ"][0] is True
+    assert _same(r1["differ"][1], r0["equal"][1])
+
