@@ -32,7 +32,8 @@ from distlip.config import load_config
 CONFIG = "configs/shakespeare.yaml"
 MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", "train.batch_size=32",
          "optim.lr=0.5", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=2.0",
-         "train.certify_every=10", "train.threads=1", "compression.warmup_steps=2"]
+         "train.certify_every=10", "train.threads=1", "compression.warmup_steps=2",
+         "optim.per_head=false"]  # the measurements on record: whole-matrix Muon
 
 
 def method(compressor: str, estimator: str, ratio: float, *extra: str) -> list[str]:

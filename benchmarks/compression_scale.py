@@ -36,7 +36,8 @@ from slow_link import slow_link, train_two_nodes
 CONFIG = "configs/shakespeare.yaml"
 MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", "train.batch_size=32",
          "optim.lr=0.5", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=2.0",
-         "train.certify_every=10", "train.threads=1", "train.seed=0"]
+         "train.certify_every=10", "train.threads=1", "train.seed=0",
+         "optim.per_head=false"]  # the measurements on record: whole-matrix Muon
 EF21 = ["compression.compressor=topk", "compression.estimator=ef21", "compression.ratio=0.01",
         "compression.ef21_eta=0.1", "compression.ef21_eta_sent=0.01", "compression.warmup_steps=2"]
 
