@@ -1,11 +1,11 @@
 """Compressed communication (docs/compression.md#formulas) on 2-process Shakespeare training: bytes, time, loss.
 
-Every method trains the same small model (d 64, 2 layers, context 64, batch 32, Muon with the
-soft cap at σmax 2, colnorm embedding so every tensor goes through the exchange) for the same
-number of steps with `distlip train` under torchrun (gloo). Per method: uplink and downlink
-bytes per rank per compressed step and their cumulative totals, ms per step spent compressing
-/ decompressing (exchange time outside collectives) and inside collectives, final validation
-loss on the whole held-out split. Writes a loss-vs-cumulative-uplink-bytes plot (periodic
+Every method trains the same small model (`configs/compression-bench.yaml`: d 64, 2 layers, context
+64, batch 32, Muon with the soft cap at σmax 2, colnorm embedding so every tensor goes through the
+exchange) for the same number of steps with `distlip train` under torchrun (gloo). Per method:
+uplink and downlink bytes per rank per compressed step and their cumulative totals, ms per step
+spent compressing / decompressing (exchange time outside collectives) and inside collectives, final
+validation loss on the whole held-out split. Writes a loss-vs-cumulative-uplink-bytes plot (periodic
 points on 256 validation windows, the last on the whole split).
 
 One row sends nothing: one process trained on one rank's share of the batch. A compressed method
@@ -29,11 +29,8 @@ from slow_link import slow_link, train_two_nodes
 
 from distlip.config import load_config
 
-CONFIG = "configs/shakespeare.yaml"
-MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", "train.batch_size=32",
-         "optim.lr=0.5", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=2.0",
-         "train.certify_every=10", "train.threads=1", "compression.warmup_steps=2",
-         "optim.per_head=false"]  # the measurements on record: whole-matrix Muon
+CONFIG = "configs/compression-bench.yaml"  # the small model shared with compression_scale.py and the tests
+WARMUP = ["compression.warmup_steps=2"]  # two dense steps initialise the estimators
 
 
 def method(compressor: str, estimator: str, ratio: float, *extra: str) -> list[str]:
@@ -137,7 +134,7 @@ def main() -> None:
         raise SystemExit(f"benchmark text {args.text} not found; pass --text PATH")
 
     every = max(args.steps // 6, 10)
-    base = MODEL + ["data.source=text", f"data.path={args.text}", f"train.steps={args.steps}", "train.log_every=10",
+    base = WARMUP + ["data.source=text", f"data.path={args.text}", f"train.steps={args.steps}", "train.log_every=10",
                     f"train.eval_every={every - every % 10}", "train.eval_windows=256", *args.set]
     if args.slow_link:
         time_slow_link(args, base)

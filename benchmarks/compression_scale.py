@@ -1,12 +1,12 @@
 """Compressed training at 2, 4, 8 and 16 processes: validation loss against every byte each rank moves.
 
-Every point trains the same tiny model (d 64, 2 layers, context 64, global batch 32, Muon with the
-soft cap at σmax 2, colnorm embedding) on the same tokens with the same seed for the same number of
-steps, under torchrun (gloo) with `train.threads=1`. The global batch is split over the ranks, so
-every rank count sees the same data. Bytes are `wire_bytes_total` (distlip.distributed.wire): rank
-0's payload over every collective of the run (exchange, loss and metric sums, certificate norms,
-evaluation, checkpoints), the busier direction, as a cross-checked count (tests/multiproc/
-test_wire_bytes.py), not a model of the exchange alone.
+Every point trains the same tiny model (`configs/compression-bench.yaml`: d 64, 2 layers, context
+64, global batch 32, Muon with the soft cap at σmax 2, colnorm embedding) on the same tokens with
+the same seed for the same number of steps, under torchrun (gloo) with `train.threads=1`. The global
+batch is split over the ranks, so every rank count sees the same data. Bytes are `wire_bytes_total`
+(distlip.distributed.wire): rank 0's payload over every collective of the run (exchange, loss and
+metric sums, certificate norms, evaluation, checkpoints), the busier direction, as a cross-checked
+count (tests/multiproc/test_wire_bytes.py), not a model of the exchange alone.
 
 Writes OUT/<point>/result.json per finished point (a rerun skips them), a PNG with one panel per
 rank count (validation loss on 128 windows through training, and the whole split at the end,
@@ -33,11 +33,7 @@ from pathlib import Path
 from common import ROOT, final, provenance, table, train, write_section
 from slow_link import slow_link, train_two_nodes
 
-CONFIG = "configs/shakespeare.yaml"
-MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=64", "train.batch_size=32",
-         "optim.lr=0.5", "optim.embed=colnorm", "constraint.method=soft_cap", "constraint.sigma_max=2.0",
-         "train.certify_every=10", "train.threads=1", "train.seed=0",
-         "optim.per_head=false"]  # the measurements on record: whole-matrix Muon
+CONFIG = "configs/compression-bench.yaml"  # the small model shared with compression.py and the tests
 EF21 = ["compression.compressor=topk", "compression.estimator=ef21", "compression.ratio=0.01",
         "compression.ef21_eta=0.1", "compression.ef21_eta_sent=0.01", "compression.warmup_steps=2"]
 
@@ -235,7 +231,7 @@ def main() -> None:
     args = ap.parse_args()
     args.argv = sys.argv[1:]
     data = ["data.source=text", f"data.path={args.text}"] if args.text else []
-    base = MODEL + data + [f"train.steps={args.steps}", "train.log_every=25", "train.eval_every=50",
+    base = data + [f"train.steps={args.steps}", "train.log_every=25", "train.eval_every=50",
                            "train.eval_windows=128", *args.set]
     (slow if args.slow_link else grid)(args, base)
 

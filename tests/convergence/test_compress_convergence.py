@@ -94,7 +94,7 @@ def test_plain_scaled_randk_one_percent_is_refused_and_far_behind_dense_when_for
     norm, so the Rand-k variance (ω = 99) cannot blow the step up as it does with gradient-scaled
     steps; it makes the direction noisy and training is far behind dense."""
     with pytest.raises(ConfigError, match="diverges at normal learning rates.*allow_plain"):
-        check_config(load_config("configs/shakespeare.yaml", worker.SHAKESPEARE + family("randk", "plain", 0.01)))
+        check_config(load_config(worker.CONFIG, worker.SHAKESPEARE + family("randk", "plain", 0.01)))
     plain, dense = shakespeare["randk1%+plain"], shakespeare["dense"]
     assert plain["diverged"] is None
     assert plain["val_loss"] > 1.1 * dense["val_loss"], (plain["val_loss"], dense["val_loss"])
