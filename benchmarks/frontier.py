@@ -96,11 +96,11 @@ SMALL_BOUND_SHAPES = ["{embed: 1, qk: 4, v: 1.5, o: 1.5, mlp_in: 1.5, mlp_out: 1
                       "{embed: 1, qk: 3, v: 1, o: 1, mlp_in: 1, mlp_out: 1, head: 20}"]
 
 
-def small_bound(layers, bounds) -> list[dict]:
+def small_bound(layers, bounds, shapes=SMALL_BOUND_SHAPES) -> list[dict]:
     """Exact caps at each target bound and shape, per-head Muon (lr 0.8, head ×0.5), at each depth."""
     return [point("exact_cap", None, 0.8, model__n_layers=n, optim__per_head="true", optim__lr_mult__head=0.5,
                   constraint__target_bound=b, constraint__caps=shape)
-            for n in layers for b in bounds for shape in SMALL_BOUND_SHAPES]
+            for n in layers for b in bounds for shape in shapes]
 
 
 GRIDS = {
@@ -125,6 +125,11 @@ GRIDS = {
                           "points": targets([10], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.5)
                           + constrained([1.0, 2.0, 3.0], [0.5, 2.0])
                           + baselines([0.02, 0.05, 0.1], [1e-3, 3e-3])},
+    # the paper's model at every target bound of the table, in the shape that won on the default
+    # model, at one layer and at its three; its own recipe (soft cap σmax 2) and the baselines
+    "shakespeare-small-bound": {"config": "configs/shakespeare.yaml", "set": ["train.steps=300"],
+                                "points": small_bound([1, 3], [2, 10, 100, 1000], SMALL_BOUND_SHAPES[:1])
+                                + [point("soft_cap", 2.0, 0.5)] + baselines([0.05], [3e-3])},
     # the paper's recipe at full length (a GPU's job)
     "shakespeare-full": {"config": "configs/shakespeare.yaml", "set": [],
                          "points": targets([2, 10, 100], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.5)
