@@ -8,11 +8,14 @@
 #   1. the 145M preset (configs/nanogpt-145m.yaml) on one GPU in bf16: $STEPS steps of $BATCH × 1024 tokens
 #      (8 per micro-batch) → tokens/s, MFU, step-time breakdown, peak memory against the memory model
 #      (distlip.memory), the exact-SVD audit of every matrix after training (`distlip certify`);
-#   2. the Shakespeare recipe (configs/shakespeare.yaml) end to end: validation loss, accuracy, certificate;
+#   2. the Shakespeare recipe certified ≤ 10 (configs/shakespeare.yaml) end to end: loss, accuracy, certificate;
 #   3. the compressed exchange of the 145M gradients (benchmarks/compression_145m.py) over NCCL, one
 #      process per GPU. With one GPU, NCCL cannot pair two processes: that run times the codec on one rank;
 #   4. the fast path (docs/memory.md#fast-path: train.attention=flex, train.compile=true) against the eager
 #      path: run 1 again with it, and $CHECK_STEPS float32 steps each way to compare the losses step by step.
+#   5. the frontier sweep (benchmarks/frontier.py --grid shakespeare-small-bound: the paper's model at target
+#      bounds 2-1000, one and three layers, its soft-cap recipe and unconstrained baselines, 300 steps each),
+#      given FRONTIER_S seconds (120); the points finished by then are tabulated, the rest run on a later call.
 # Tables: OUT/tables.md (and OUT/report.json); logs and runs beside them. Knobs: STEPS (200), BATCH (128
 # sequences per step), MICRO (8 per micro-batch, as the preset), PEAK_TFLOPS (989, dense bf16 of an
 # H100/H200 SXM) for the MFU, CHECK_STEPS (6 float32 steps of 8 sequences each way for the fast path's
@@ -124,6 +127,18 @@ CHECK=(train.dtype=float32 train.steps="$CHECK_STEPS" train.batch_size="$CHECK_B
 say "fast path against eager in float32: $CHECK_STEPS steps × $CHECK_BATCH sequences each"
 step "$OUT/check_eager.log" train_145m check_eager "${CHECK[@]}"
 step "$OUT/check_fast.log" fast_145m check_fast "${CHECK[@]}" "${FAST[@]}"
+
+# 5. The frontier sweep, for the time left to it; a later call resumes it (finished points are kept).
+say "frontier sweep (shakespeare-small-bound) on $DEVICE"
+if [[ $DRY == 1 ]]; then
+  step "$OUT/frontier.log" "$PY" benchmarks/frontier.py --dry-run --out "$OUT/frontier" --results "$OUT/frontier.md" \
+    --plot "$OUT/frontier.png"
+else
+  FRONTIER=(benchmarks/frontier.py --grid shakespeare-small-bound --device "$DEVICE" --out "$OUT/frontier")
+  timeout "${FRONTIER_S:-120}" "$PY" "${FRONTIER[@]}" > "$OUT/frontier_runs.log" 2>&1 \
+    || say "frontier sweep stopped after ${FRONTIER_S:-120}s (status $?): its finished points are tabulated"
+  step "$OUT/frontier.log" "$PY" "${FRONTIER[@]}" --report-only --results "$OUT/frontier.md" --plot "$OUT/frontier.png"
+fi
 
 "$PY" benchmarks/gpu_report.py "$OUT" --peak-tflops "${PEAK_TFLOPS:-989}" --nproc "$NPROC"
 say "done: $OUT/tables.md"

@@ -30,6 +30,15 @@ def run_config(run: Path) -> dict | None:
     return json.loads(path.read_text())["config"] if path.is_file() else None
 
 
+def embedded(path: Path) -> str | None:
+    """The first section of a benchmark's markdown file without its heading (this report gives its own)."""
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    body = text[text.index("\n## ") + 1:] if "\n## " in text else text
+    return body.split("\n", 1)[1].strip()
+
+
 def throughput(run: Path, peak_tflops: float) -> dict | None:
     """Means over the logged windows after the first (which holds start-up and warm-up)."""
     recs = records(run)
@@ -143,17 +152,18 @@ def main() -> None:
                             ("max_cap_ratio", "{:.4f}"), ("certified", "{}"), ("train_seconds", "{:.1f}")])
     parts.append(section("Shakespeare recipe", body, "no final record in shakespeare/ (see shakespeare.log)"))
 
-    comp = out / "compression.md"
-    body = None
-    if comp.is_file():
-        text = comp.read_text()
-        body = text[text.index("\n## ") + 1:] if "\n## " in text else text
-        body = body.split("\n", 1)[1].strip()  # its own heading is replaced by this section's
+    body = embedded(out / "compression.md")
+    if body is not None:
         if args.nproc == 1:
             body = ("One process: NCCL takes one process per GPU, so this times the codec alone (no collective "
                     "crosses a link).\n\n" + body)
     report["compression"] = body
     parts.append(section("Compressed exchange of the 145M gradients", body, "compression.md (see compression.log)"))
+
+    body = embedded(out / "frontier.md")
+    report["frontier"] = body
+    parts.append(section("Frontier sweep (Shakespeare model, small certified bounds)", body,
+                         "frontier.md (see frontier.log)"))
 
     fast = fast_path(out, args.peak_tflops)
     report["fast_path"] = fast[0] if fast else None

@@ -39,7 +39,7 @@ CASES = {
     "wide-vocab": ("configs/nanogpt-145m.yaml", [*BPE, "model.n_layers=2", "model.d_model=256", "model.n_heads=2",
                                                  "model.context=256", "train.batch_size=8", "train.grad_accum=1",
                                                  "optim.embed=colnorm", "data.document_mask=false"], True),
-    "deep": ("configs/shakespeare.yaml", ["model.n_layers=8", "model.d_model=512", "model.n_heads=4",
+    "deep": ("configs/shakespeare-paper.yaml", ["model.n_layers=8", "model.d_model=512", "model.n_heads=4",
                                           "model.context=512", "train.batch_size=8"], False),
     "doc-mask-adam": ("configs/nanogpt-145m.yaml", [*BPE, "model.n_layers=2", "train.batch_size=2",
                                                     "train.grad_accum=1", "train.logits_chunk_mib=64"], True),

@@ -39,7 +39,7 @@ def main() -> None:
     for method in args.methods:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            records = train(Path(tmp) / "run", "configs/shakespeare.yaml", [
+            records = train(Path(tmp) / "run", "configs/shakespeare-paper.yaml", [
                 "data.source=text", f"data.path={args.text}", f"constraint.method={method}",
                 f"constraint.sigma_max={args.sigma_max}", f"train.steps={args.steps}", f"train.device={args.device}",
                 "train.eval_every=0", *args.set])

@@ -29,7 +29,7 @@ def mfu(record: dict, n_params: int, cfg: dict, peak_tflops: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="configs/shakespeare.yaml")
+    ap.add_argument("--preset", default="configs/shakespeare-paper.yaml")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--device", default="cpu")

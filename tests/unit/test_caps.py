@@ -119,10 +119,12 @@ def test_bound_at_caps_increases_in_every_cap_and_whole_matrix_caps_cost_sqrt_he
     assert bound_at_caps(caps, cfg, per_head=False) > base
 
 
-def test_the_certified_preset_reaches_its_target_with_the_shape_of_its_caps():
-    """configs/certified.yaml: the allocation scales its caps table by one factor to a certificate
-    at caps just under the target (so every step of the run is certified ≤ 100)."""
-    cfg = load_config("configs/certified.yaml", ["model.vocab_size=65"])
+@pytest.mark.parametrize("preset", ["configs/certified.yaml", "configs/shakespeare.yaml"])
+def test_the_certified_presets_reach_their_target_with_the_shape_of_their_caps(preset):
+    """The presets with a target bound (certified ≤ 100, the Shakespeare recipe ≤ 10): the
+    allocation scales the caps table by one factor to a certificate at caps just under the target
+    (so every step of the run is certified within it)."""
+    cfg = load_config(preset, ["model.vocab_size=65"])
     caps = allocate(cfg)
     assert 0.99 * cfg.constraint.target_bound <= bound_at_caps(caps, cfg.model) <= cfg.constraint.target_bound
     factors = {g: caps[g] / cfg.constraint.caps[g] for g in GROUPS if g != "embed"}
