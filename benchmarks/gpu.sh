@@ -134,9 +134,10 @@ if [[ $DRY == 1 ]]; then
   step "$OUT/frontier.log" "$PY" benchmarks/frontier.py --dry-run --out "$OUT/frontier" --results "$OUT/frontier.md" \
     --plot "$OUT/frontier.png"
 else
+  FRONTIER_S="${FRONTIER_S:-120}"
   FRONTIER=(benchmarks/frontier.py --grid shakespeare-small-bound --device "$DEVICE" --out "$OUT/frontier")
-  timeout "${FRONTIER_S:-120}" "$PY" "${FRONTIER[@]}" > "$OUT/frontier_runs.log" 2>&1 \
-    || say "frontier sweep stopped after ${FRONTIER_S:-120}s (status $?): its finished points are tabulated"
+  timeout "$FRONTIER_S" "$PY" "${FRONTIER[@]}" > "$OUT/frontier_runs.log" 2>&1 \
+    || say "frontier sweep stopped after ${FRONTIER_S}s (status $?): its finished points are tabulated"
   step "$OUT/frontier.log" "$PY" "${FRONTIER[@]}" --report-only --results "$OUT/frontier.md" --plot "$OUT/frontier.png"
 fi
 
