@@ -80,9 +80,17 @@ def targets(bounds, ratios, lr: float, method: str = "exact_cap") -> list[dict]:
     return [point(method, None, lr, constraint__target_bound=b, constraint__caps=r) for b in bounds for r in ratios]
 
 
-def baselines(muon_lrs, adamw_lrs) -> list[dict]:
+def baselines(muon_lrs, adamw_lrs, adamw_warmup_lrs=(), warmup: int = 30) -> list[dict]:
+    """Unconstrained runs of the grid's size: Muon and AdamW at each rate, and AdamW with a linear
+    warm-up of `warmup` steps at each of `adamw_warmup_lrs` (a model without norms is most fragile
+    in its first steps)."""
     return ([point("none", None, lr) for lr in muon_lrs]
-            + [point("none", None, lr, optim="adamw") for lr in adamw_lrs])
+            + [point("none", None, lr, optim="adamw") for lr in adamw_lrs]
+            + [point("none", None, lr, optim="adamw", optim__warmup_steps=warmup) for lr in adamw_warmup_lrs])
+
+
+# The baselines' sweep: the rates of every unconstrained run in the frontier tables.
+BASELINE_SWEEP = baselines([0.02, 0.05, 0.1, 0.2, 0.4, 0.8], [1e-3, 3e-3, 1e-2, 3e-2], [3e-3, 1e-2, 3e-2, 0.1])
 
 
 # Per-group caps that spend a small certified budget where the 300-step ablations found accuracy
@@ -120,7 +128,7 @@ GRIDS = {
                     "points": small_bound([1, 4], [10, 100])
                     + [point("soft_cap", 3.0, 0.8, optim__per_head="true"),
                        point("soft_cap", 3.0, 0.8, optim__per_head="true", model__n_layers=1)]
-                    + baselines([0.05], [3e-3])},
+                    + BASELINE_SWEEP},
     # the paper's model (256×3, context 256, batch 64) for 300 steps
     "shakespeare-proxy": {"config": "configs/shakespeare-paper.yaml", "set": ["train.steps=300"],
                           "points": targets([10], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.5)
@@ -131,7 +139,7 @@ GRIDS = {
     "shakespeare-small-bound": {"config": "configs/shakespeare-paper.yaml", "set": ["train.steps=300"],
                                 "points": small_bound([1], [2, 10, 100, 1000], SMALL_BOUND_SHAPES[:1])
                                 + small_bound([3], [10], SMALL_BOUND_SHAPES[:1])
-                                + [point("soft_cap", 2.0, 0.5)] + baselines([0.05], [3e-3])},
+                                + [point("soft_cap", 2.0, 0.5)] + BASELINE_SWEEP},
     # the paper's recipe at full length (a GPU's job)
     "shakespeare-full": {"config": "configs/shakespeare-paper.yaml", "set": [],
                          "points": targets([2, 10, 100], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.5)
@@ -181,7 +189,8 @@ def run_point(p: dict, grid: dict, args, out: Path) -> dict:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     minutes = (time.perf_counter() - start) / 60
-    row = {k: p[k] for k in ("id", "method", "optim", "lr", "sigma_max")} | {"minutes": minutes, "command": cmd[3:]}
+    row = {k: p[k] for k in ("id", "method", "optim", "lr", "sigma_max")} | {
+        "minutes": minutes, "command": cmd[3:], "threads": args.threads, "jobs": args.jobs}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
         if (run_dir / "metrics.jsonl").is_file() else []
     final = next((r for r in reversed(records) if r.get("event") == "final"), None)
@@ -255,6 +264,17 @@ def runs_table(rows: list[dict]) -> str:
     return table(shown, [("run", "{}"), ("status", "{}"), ("steps", "{}"), ("val_acc", "{:.2f}"),
                          ("paper_acc", "{:.2f}"), ("val_loss", "{:.4f}"), ("certified bound", "{:.4g}"),
                          ("minutes", "{:.1f}")])
+
+
+def how_run(rows: list[dict]) -> str:
+    """How the points were run, from their own records (a grid is often spread over sittings; records
+    written before `jobs` was kept say only their threads, in their command)."""
+    def span(values) -> str:
+        seen = sorted(set(values))
+        return f"{seen[0]}" if len(seen) == 1 else f"{seen[0]}–{seen[-1]}"
+    threads = [int(a.split("=")[1]) for r in rows for a in r.get("command", []) if a.startswith("train.threads=")]
+    jobs = [r["jobs"] for r in rows if "jobs" in r]
+    return (f"at {span(threads)} thread(s)" if threads else "") + (f", {span(jobs)} at a time" if jobs else "")
 
 
 def plot(rows: list[dict], path: Path, title: str, config: str) -> None:
@@ -351,8 +371,8 @@ def main() -> None:
         heading = f"## Lipschitz–accuracy frontier: {name}{where}"
         command = "python benchmarks/frontier.py " + " ".join(sys.argv[1:])
         note = (f"{provenance()}. Command: `{command}`. Grid: `{grid['config']}` with `{' '.join(grid['set'])}`, "
-                f"text: {text_name}; each point a separate `distlip train` at {args.threads} thread(s), {args.jobs} "
-                "at a time. Accuracy on the whole validation split (the headline); `paper_acc` by the paper's protocol "
+                f"text: {text_name}; each point a separate `distlip train` {how_run(rows)}. "
+                "Accuracy on the whole validation split (the headline); `paper_acc` by the paper's protocol "
                 "(20 batches × 64 stride-1 windows from the start of the split). Bound: `distlip certify` (exact SVD) "
                 f"on each exported model. Plot: `{png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}`.")
         write_section(Path(args.results), heading, f"{heading}\n\n{note}\n\nBest whole-split accuracy at each "
