@@ -354,7 +354,8 @@ class Trainer:
                 paper = self.paper_protocol()
             violations = final.violations(self.caps)
             summary = {"step": self.step, "loss": loss, "lipschitz_bound": final.bound, "val_loss": vl, "val_acc": va,
-                       "max_cap_ratio": final.max_cap_ratio, "certified": not violations, "exact": True, **paper,
+                       "max_cap_ratio": final.max_cap_ratio, "certified": not violations, "exact": True,
+                       "capped": cfg.constraint.method in CAPPED_METHODS, **paper,
                        "train_seconds": train_time, "val_tokens": self.data.val_y.numel(), **self.wire.log_fields()}
             logger.log({"event": "final", **summary})
             weights = self.engine.master_weights()
@@ -371,9 +372,10 @@ class Trainer:
 
 def print_summary(summary: dict, out: Path) -> None:
     ok = "certified" if summary["certified"] else "CAP VIOLATED"
+    caps = f"max ‖W‖/cap {summary['max_cap_ratio']:.4f}" if summary.get("capped", True) else "no caps"
     print(f"final: val_loss {summary['val_loss']:.4f}  val_acc {summary['val_acc']:.2%}  "
-          f"lipschitz_bound {summary['lipschitz_bound']:.4g} ({ok}, exact SVD; max ‖W‖/cap "
-          f"{summary['max_cap_ratio']:.4f})  train time {format_duration(summary['train_seconds'])}")
+          f"lipschitz_bound {summary['lipschitz_bound']:.4g} ({ok}, exact SVD; {caps})  "
+          f"train time {format_duration(summary['train_seconds'])}")
     if "paper_val_acc" in summary:
         print(f"       {summary['paper_protocol']}: val_loss {summary['paper_val_loss']:.4f}  "
               f"val_acc {summary['paper_val_acc']:.2%}  (the whole split above is the headline)")
