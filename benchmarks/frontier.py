@@ -190,7 +190,7 @@ def run_point(p: dict, grid: dict, args, out: Path) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     minutes = (time.perf_counter() - start) / 60
     row = {k: p[k] for k in ("id", "method", "optim", "lr", "sigma_max")} | {
-        "minutes": minutes, "command": cmd[3:], "threads": args.threads, "jobs": args.jobs}
+        "minutes": minutes, "command": cmd[3:], "jobs": args.jobs}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
         if (run_dir / "metrics.jsonl").is_file() else []
     final = next((r for r in reversed(records) if r.get("event") == "final"), None)
@@ -267,8 +267,8 @@ def runs_table(rows: list[dict]) -> str:
 
 
 def how_run(rows: list[dict]) -> str:
-    """How the points were run, from their own records (a grid is often spread over sittings; records
-    written before `jobs` was kept say only their threads, in their command)."""
+    """How the points were run, from their own records (a grid is often spread over sittings): the
+    threads from each command, the points at a time where the record kept them."""
     def span(values) -> str:
         seen = sorted(set(values))
         return f"{seen[0]}" if len(seen) == 1 else f"{seen[0]}–{seen[-1]}"

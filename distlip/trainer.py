@@ -372,7 +372,7 @@ class Trainer:
 
 def print_summary(summary: dict, out: Path) -> None:
     ok = "certified" if summary["certified"] else "CAP VIOLATED"
-    caps = f"max ‖W‖/cap {summary['max_cap_ratio']:.4f}" if summary.get("capped", True) else "no caps"
+    caps = f"max ‖W‖/cap {summary['max_cap_ratio']:.4f}" if summary["capped"] else "no caps"
     print(f"final: val_loss {summary['val_loss']:.4f}  val_acc {summary['val_acc']:.2%}  "
           f"lipschitz_bound {summary['lipschitz_bound']:.4g} ({ok}, exact SVD; {caps})  "
           f"train time {format_duration(summary['train_seconds'])}")
