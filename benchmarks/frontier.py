@@ -112,6 +112,22 @@ def small_bound(layers, bounds, shapes=SMALL_BOUND_SHAPES) -> list[dict]:
             for n in layers for b in bounds for shape in shapes]
 
 
+# Other shapes of the certified model's caps (its own: qk 4, v/o/MLP 1.5, head 4.7), scaled to its target.
+LEVER_SHAPES = ["{embed: 1, qk: 4, v: 1.5, o: 1.5, mlp_in: 1.5, mlp_out: 1.5, head: 8}",
+                "{embed: 1, qk: 4, v: 2, o: 2, mlp_in: 1, mlp_out: 1, head: 4.7}",
+                "{embed: 1, qk: 6, v: 1.5, o: 1.5, mlp_in: 1.5, mlp_out: 1.5, head: 4.7}",
+                "{embed: 1, qk: 4, v: 1, o: 1, mlp_in: 2, mlp_out: 2, head: 4.7}"]
+
+
+def levers(variations: list[dict]) -> list[dict]:
+    """The grid config's own point (exact caps, per-head Muon lr 0.8) and one variation of it per
+    entry of `variations` (overrides as `point` takes them; "method" and "lr" set the constraint and
+    the learning rate)."""
+    return [point("exact_cap", None, 0.8)] + [point(v.get("method", "exact_cap"), None, v.get("lr", 0.8),
+                                                    **{k: x for k, x in v.items() if k not in ("method", "lr")})
+                                              for v in variations]
+
+
 GRIDS = {
     # the `make train` model (128×4, context 128, batch 32) for 300 steps
     "default-proxy": {"config": "configs/default.yaml", "set": ["train.steps=300"],
@@ -128,6 +144,11 @@ GRIDS = {
                     "points": small_bound([1, 4], [10, 100])
                     + [point("soft_cap", 3.0, 0.8, optim__per_head="true"),
                        point("soft_cap", 3.0, 0.8, optim__per_head="true", model__n_layers=1)]
+                    # the paper's way to a small bound: whole matrices (not head blocks) normalised to
+                    # σmax 1 after large Muon steps; a head block may then reach √H, and the certificate
+                    # with every matrix at σmax 1 and every block at √H is 5.4
+                    + [point("spectral_normalize", 1.0, lr, constraint__per_head="false", optim__per_head="false")
+                       for lr in (0.8, 3.0, 9.0)]
                     + BASELINE_SWEEP},
     # the paper's model (256×3, context 256, batch 64) for 300 steps
     "shakespeare-proxy": {"config": "configs/shakespeare-paper.yaml", "set": ["train.steps=300"],
@@ -147,6 +168,25 @@ GRIDS = {
                          + [point("exact_cap", None, lr, optim__per_head="true", constraint__caps=caps)
                             for caps in SMALL_BOUND_CAPS for lr in (0.5, 1.0, 3.0)]
                          + baselines([0.02, 0.05, 0.1, 0.2], [3e-4, 1e-3, 3e-3])},
+    # `configs/certified.yaml` (one layer, certified ≤ 100) for 300 steps, one setting changed at a
+    # time: the seed, the optimiser's per-group rates, momentum, schedule, width, context, batch, depth
+    # and the caps' shape
+    "certified-levers": {"config": "configs/certified.yaml", "set": ["train.steps=300"],
+                         "points": levers([
+                             {"train__seed": 1}, {"train__seed": 2},  # the noise between seeds
+                             # weights kept at their caps in every direction: large steps then a
+                             # projection (spectral normalisation, Stiefel)
+                             {"lr": 3.0}, {"method": "spectral_normalize"}, {"method": "spectral_normalize", "lr": 3.0},
+                             {"method": "spectral_normalize", "lr": 9.0}, {"method": "stiefel"},
+                             {"method": "stiefel", "lr": 3.0},
+                             {"optim__embed": "colnorm"}, {"optim__lr_mult__embed": 0.02},
+                             {"optim__lr_mult__embed": 0.15}, {"optim__lr_mult__head": 0.25},
+                             {"optim__lr_mult__head": 1.0}, {"optim__lr_mult__qkv": 0.45},
+                             {"optim__lr_mult__out": 0.6}, {"optim__lr_mult__mlp": 0.6},
+                             {"optim__momentum": 0.95}, {"optim__nesterov": "true"}, {"optim__decay_start": 0.5},
+                             {"lr": 0.5}, {"model__rotary_fraction": 0.5}, {"model__context": 256},
+                             {"train__batch_size": 64}, {"model__d_model": 256}, {"model__n_layers": 2},
+                         ] + [{"constraint__caps": caps} for caps in LEVER_SHAPES])},
     # the smoke model for a few steps: the dry run
     "smoke": {"config": "configs/smoke.yaml", "set": ["train.steps=6", "train.log_every=3"],
               "points": [point("soft_cap", 1.0, 0.2), point("hard_cap", 2.0, 0.5),
