@@ -325,9 +325,11 @@ def plot(rows: list[dict], path: Path, title: str, config: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if r["status"] == "ok" and r["bound"] > 0 and math.isfinite(r["bound"])]
+    if ok and max(r["bound"] for r in ok) < 1.01 * min(r["bound"] for r in ok):
+        return plot_levers(ok, path, title)
     fig, ax = plt.subplots(figsize=(8, 5.2))
     colours = {"soft_cap": "tab:blue", "hard_cap": "tab:orange", "spectral_normalize": "tab:green",
-               "exact_cap": "tab:cyan"}
+               "exact_cap": "tab:cyan", "stiefel": "tab:brown"}
     for key in sorted({(r["method"], r["optim"]) for r in ok}):
         pts = [r for r in ok if (r["method"], r["optim"]) == key]
         colour = colours.get(key[0], "tab:red" if key[1] == "muon" else "tab:purple")
@@ -358,6 +360,32 @@ def plot(rows: list[dict], path: Path, title: str, config: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_levers(ok: list[dict], path: Path, title: str) -> None:
+    """A grid whose points share one certified bound (settings changed at one target): whole-split
+    accuracy per run as bars, best at the top, with the spread between seeds of the same run shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = sorted(ok, key=lambda r: r["val_acc"])
+    acc = [100 * r["val_acc"] for r in ok]
+    seeded = {re.sub(r"-seed\d+$", "", r["id"]) for r in ok if re.search(r"-seed\d+$", r["id"])}
+    spread = [a for a, r in zip(acc, ok) if re.sub(r"-seed\d+$", "", r["id"]) in seeded]
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(ok) + 1.4))
+    ax.barh(range(len(ok)), acc, color="tab:cyan")
+    if len(spread) > 1:
+        ax.axvspan(min(spread), max(spread), color="grey", alpha=0.3, label="spread between seeds")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_yticks(range(len(ok)), [r["id"] for r in ok], fontsize=6)
+    ax.set_xlim(min(acc) - 1, max(acc) + 0.5)
+    ax.set_xlabel(f"validation accuracy, % (whole split); every run certified at {ok[0]['bound']:.4g}")
+    fig.suptitle(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

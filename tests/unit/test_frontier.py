@@ -200,3 +200,20 @@ def test_certify_shows_both_protocols_of_an_exported_run(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     whole = next(i for i, line in enumerate(lines) if line.startswith("validation at export, whole split"))
     assert "paper protocol" in lines[whole + 1]
+
+
+def test_a_grid_at_one_bound_is_drawn_as_bars_and_others_as_the_frontier(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import frontier
+
+    rows = [{"id": i, "status": "ok", "bound": 99.99, "val_acc": a, "method": "exact_cap", "optim": "muon"}
+            for i, a in (("base", 0.41), ("base-seed1", 0.42), ("other", 0.40))]
+    frontier.plot_levers(rows, tmp_path / "bars.png", "one bound")
+    assert (tmp_path / "bars.png").stat().st_size > 0
+    drawn = []
+    monkeypatch.setattr(frontier, "plot_levers", lambda ok, path, title: drawn.append(path))
+    frontier.plot(rows, tmp_path / "one.png", "one bound", "configs/certified.yaml")
+    assert drawn == [tmp_path / "one.png"]
+    rows[2]["bound"] = 10.0  # two bounds: the accuracy–bound scatter
+    frontier.plot(rows, tmp_path / "two.png", "two bounds", "configs/certified.yaml")
+    assert drawn == [tmp_path / "one.png"] and (tmp_path / "two.png").stat().st_size > 0
