@@ -4,8 +4,8 @@ The certificate (docs/certificate.md) bounds each factor by products of operator
 sharper per-layer quantities are sound and cheap, and each would shrink the bound if trained
 weights left room between it and the product it replaces:
 
-- MLP: σ₁(W_out·W_in) against σ₁(W_out)·σ₁(W_in). GELU'/1.1289 lies in [−0.151, 1], so
-  the MLP's Jacobian is W_out·(c·I + E)·W_in with c = 0.425 and ‖E‖ ≤ 0.575: a product norm
+- MLP: σ₁(W_out·W_in) against σ₁(W_out)·σ₁(W_in). GELU'/1.1289 lies in [−0.114, 1], so
+  the MLP's Jacobian is W_out·(c·I + E)·W_in with c = 0.443 and ‖E‖ ≤ 0.557: a product norm
   below the product of norms would cut L_mlp and the magnitude gain.
 - Attention logits: max over rotary offsets Δ of σ₁(W_q^hᵀ·R_Δ·W_k^h) against σ₁(W_q^h)·σ₁(W_k^h):
   the logit is a bilinear form in the two tokens, and its norm is what the qk term needs.
