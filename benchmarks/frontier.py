@@ -112,6 +112,14 @@ WHOLE_MATRIX_SIGMA1 = [point("spectral_normalize", 1.0, lr, constraint__per_head
                        for lr in (0.8, 3.0, 9.0)]
 
 
+# The same σmax-1 body with a larger head: the head is the one factor the body's bound is multiplied
+# by once, so a cap there buys logit range (sharper predictions) at a known price; the head's rate
+# is raised so that it can reach its cap within a short run.
+WHOLE_MATRIX_SIGMA1_HEAD = [point("spectral_normalize", 1.0, 0.8, constraint__per_head="false",
+                                  optim__per_head="false", constraint__caps=f"{{head: {h}}}", optim__lr_mult__head=1.0)
+                            for h in (10, 30, 100)]
+
+
 def small_bound(layers, bounds, shapes=SMALL_BOUND_SHAPES) -> list[dict]:
     """Exact caps at each target bound and shape, per-head Muon (lr 0.8, head ×0.5), at each depth."""
     return [point("exact_cap", None, 0.8, model__n_layers=n, optim__per_head="true", optim__lr_mult__head=0.5,
@@ -135,6 +143,22 @@ def levers(variations: list[dict]) -> list[dict]:
                                               for v in variations]
 
 
+# Positional heads (model.lookback): head h reads the token h+1 back at no cost in the certificate,
+# so the budget sharp content attention would take (the qk cap) goes to the value path, the MLP and
+# the head instead.
+LOOKBACK = {"model__lookback": "[1,2,3,4]"}
+QK_SMALL = ["{embed: 1, qk: 0.5, v: 1.5, o: 1.5, mlp_in: 1.5, mlp_out: 1.5, head: 4.7}",
+            "{embed: 1, qk: 0.1, v: 1.5, o: 1.5, mlp_in: 1.5, mlp_out: 1.5, head: 4.7}"]
+LOOKBACK_VARIATIONS = (
+    [LOOKBACK] + [{**LOOKBACK, "constraint__caps": caps} for caps in QK_SMALL]
+    + [{**LOOKBACK, "constraint__caps": QK_SMALL[1], "model__n_layers": n} for n in (2, 3)]
+    + [{**LOOKBACK, "constraint__caps": QK_SMALL[1], "model__lookback_bias": 16},
+       {"model__n_heads": 8, "model__lookback": "[1,2,3,4,5,6,7,8]", "constraint__caps": QK_SMALL[1]},
+       {"constraint__target_bound": 10}]
+    + [{**LOOKBACK, "constraint__caps": caps, "constraint__target_bound": 10} for caps in QK_SMALL]
+    + [{**LOOKBACK, "constraint__caps": QK_SMALL[0], "constraint__target_bound": 10, "model__n_layers": 2}])
+
+
 GRIDS = {
     # the `make train` model (128×4, context 128, batch 32) for 300 steps
     "default-proxy": {"config": "configs/default.yaml", "set": ["train.steps=300"],
@@ -151,7 +175,7 @@ GRIDS = {
                     "points": small_bound([1, 4], [10, 100])
                     + [point("soft_cap", 3.0, 0.8, optim__per_head="true"),
                        point("soft_cap", 3.0, 0.8, optim__per_head="true", model__n_layers=1)]
-                    + WHOLE_MATRIX_SIGMA1 + BASELINE_SWEEP},
+                    + WHOLE_MATRIX_SIGMA1 + WHOLE_MATRIX_SIGMA1_HEAD + BASELINE_SWEEP},
     # the paper's model (256×3, context 256, batch 64) for 300 steps
     "shakespeare-proxy": {"config": "configs/shakespeare-paper.yaml", "set": ["train.steps=300"],
                           "points": targets([10], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.5)
@@ -162,7 +186,10 @@ GRIDS = {
     "shakespeare-small-bound": {"config": "configs/shakespeare-paper.yaml", "set": ["train.steps=300"],
                                 "points": small_bound([1], [2, 10, 100, 1000], SMALL_BOUND_SHAPES[:1])
                                 + small_bound([3], [10], SMALL_BOUND_SHAPES[:1])
-                                + [point("soft_cap", 2.0, 0.5)] + WHOLE_MATRIX_SIGMA1 + BASELINE_SWEEP},
+                                + [point("soft_cap", 2.0, 0.5)] + WHOLE_MATRIX_SIGMA1 + BASELINE_SWEEP
+                                + [point("exact_cap", None, 0.8, optim__per_head="true", optim__lr_mult__head=0.5,
+                                         constraint__target_bound=b, constraint__caps=QK_SMALL[1], model__n_layers=n,
+                                         **LOOKBACK) for b, n in ((10, 1), (100, 2))]},
     # the paper's recipe at full length (a GPU's job)
     "shakespeare-full": {"config": "configs/shakespeare-paper.yaml", "set": [],
                          "points": targets([2, 10, 100], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.5)
@@ -170,10 +197,10 @@ GRIDS = {
                          + [point("exact_cap", None, lr, optim__per_head="true", constraint__caps=caps)
                             for caps in SMALL_BOUND_CAPS for lr in (0.5, 1.0, 3.0)]
                          + baselines([0.02, 0.05, 0.1, 0.2], [3e-4, 1e-3, 3e-3])},
-    # `configs/certified.yaml` (one layer, certified ≤ 100) for 300 steps, one setting changed at a
+    # `configs/certified-one-layer.yaml` (certified ≤ 100) for 300 steps, one setting changed at a
     # time: the seed, the optimiser's per-group rates, momentum, schedule, width, context, batch, depth
     # and the caps' shape
-    "certified-levers": {"config": "configs/certified.yaml", "set": ["train.steps=300"],
+    "certified-levers": {"config": "configs/certified-one-layer.yaml", "set": ["train.steps=300"],
                          "points": levers([
                              {"train__seed": 1}, {"train__seed": 2},  # the noise between seeds
                              # weights kept at their caps in every direction: large steps then a
@@ -189,6 +216,10 @@ GRIDS = {
                              {"lr": 0.5}, {"model__rotary_fraction": 0.5}, {"model__context": 256},
                              {"train__batch_size": 64}, {"model__d_model": 256}, {"model__n_layers": 2},
                          ] + [{"constraint__caps": caps} for caps in LEVER_SHAPES])},
+    # `configs/certified-one-layer.yaml` (≤ 100) for 300 steps with positional heads: cap shapes,
+    # depth, the bias, eight heads, and the same at ≤ 10
+    "lookback": {"config": "configs/certified-one-layer.yaml", "set": ["train.steps=300"],
+                 "points": levers(LOOKBACK_VARIATIONS)},
     # the smoke model for a few steps: the dry run
     "smoke": {"config": "configs/smoke.yaml", "set": ["train.steps=6", "train.log_every=3"],
               "points": [point("soft_cap", 1.0, 0.2), point("hard_cap", 2.0, 0.5),

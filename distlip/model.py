@@ -56,7 +56,8 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    """(1/3)·W_o·softmax(s·QKᵀ/d_head + causal mask)·V with rotary q, k. (B, T, d) → (B, T, d)."""
+    """(1/3)·W_o·softmax(s·QKᵀ/d_head + B + causal mask)·V with rotary q, k and the positional
+    bias B of `positional_bias` (zero unless `model.lookback` is set). (B, T, d) → (B, T, d)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -68,13 +69,30 @@ class Attention(nn.Module):
         self.v = nn.Linear(d, d, bias=False)
         self.o = nn.Linear(d, d, bias=False)
         self.rotary = Rotary(self.d_head, cfg.rotary_fraction, cfg.rotary_base, cfg.context)
+        back = list(cfg.lookback) + [0] * (self.n_heads - len(cfg.lookback))
+        self.register_buffer("lookback", torch.tensor(back) if any(back) else None, persistent=False)
+        self.lookback_bias = cfg.lookback_bias
+
+    def positional_bias(self, T: int, dtype: torch.dtype) -> torch.Tensor:
+        """(H, T, T) additive scores: `lookback_bias` where key j = query i − lookback[h] (heads
+        with lookback 0 get none), −∞ above the diagonal (causal). It does not depend on the input."""
+        i = torch.arange(T, device=self.lookback.device)
+        offset = i[:, None] - i[None, :]
+        hit = (offset == self.lookback[:, None, None]) & (self.lookback[:, None, None] > 0)
+        bias = torch.where(hit, self.lookback_bias, 0.0).to(dtype)
+        return bias.masked_fill(offset < 0, -math.inf)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         B, T, d = x.shape
         heads = lambda t: t.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # noqa: E731
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         q, k = self.rotary(q), self.rotary(k)
-        if isinstance(attn_mask, BlockMask):
+        if self.lookback is not None:  # checks.validate keeps FlexAttention's block masks away
+            bias = self.positional_bias(T, q.dtype)
+            if attn_mask is not None:
+                bias = bias.masked_fill(~attn_mask, -math.inf)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        elif isinstance(attn_mask, BlockMask):
             y = flex_attention(q, k, v, block_mask=attn_mask, scale=self.scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,

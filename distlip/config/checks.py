@@ -84,6 +84,12 @@ def validate(cfg: Config) -> None:
              f"model.rotary_fraction={m.rotary_fraction} must give an even number of rotating dims per head "
              f"(d_head={d_head})")
     _require(m.context > 0, "model.context must be positive")
+    _require(len(m.lookback) <= m.n_heads and all(isinstance(b, int) and 0 <= b < m.context for b in m.lookback),
+             f"model.lookback={m.lookback} must list at most model.n_heads={m.n_heads} whole numbers of tokens back, "
+             f"each in [0, model.context={m.context}) (0: no positional bias for that head)")
+    _require(m.lookback_bias > 0 and math.isfinite(m.lookback_bias),
+             f"model.lookback_bias={m.lookback_bias} must be a positive finite score (8 puts ≈ 95% of a query's "
+             "weight on its key among a hundred others)")
     _require(m.pad_vocab_to >= 1, "model.pad_vocab_to must be ≥ 1")
     check_method(c.method)
     _require(c.sigma_max > 0, f"constraint.sigma_max={c.sigma_max} must be > 0 (it is the cap on each matrix)")
@@ -114,6 +120,8 @@ def validate(cfg: Config) -> None:
     _require(t.dtype in ("float32", "bfloat16"), f"train.dtype='{t.dtype}' is unknown; use float32 or bfloat16")
     _require(t.attention in ATTENTION, f"train.attention='{t.attention}' is unknown"
              f"{did_you_mean(t.attention, ATTENTION)}; use sdpa (the default) or flex")
+    _require(not (t.attention == "flex" and any(cfg.model.lookback)),
+             "model.lookback's positional bias runs through SDPA only; set train.attention=sdpa or drop model.lookback")
     _require(cfg.dist.timeout > 0,
              f"dist.timeout={cfg.dist.timeout} must be a positive number of seconds (default 300)")
     _require(cfg.dist.zero_stage in (0, 1, 2, 3),

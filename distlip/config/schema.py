@@ -23,6 +23,10 @@ class ModelConfig:
     rotary_fraction: float = 1.0  # fraction of each head's dimensions that rotate
     attn_scale: float = 1.0  # s: logits are s·q·k/d_head
     logit_scale: float = 1.0  # final scale on the head's output
+    # Positional heads: head h adds `lookback_bias` to its score for the key `lookback[h]` tokens
+    # back (0 or no entry: none). Input-independent, so it costs nothing in the certificate.
+    lookback: list = field(default_factory=list)
+    lookback_bias: float = 8.0
 
 
 @dataclass

@@ -141,7 +141,7 @@ class Certificate:
         return [n for n, c in caps.items() if c is not None and self.norms.get(n, 0.0) > c * (1 + CAP_RTOL)]
 
 
-def _head_norms(norms: dict[str, float], name: str, H: int) -> list[float]:
+def head_norms(norms: dict[str, float], name: str, H: int) -> list[float]:
     """Per-head RMS→RMS norms of `name`'s row blocks; √H·‖W‖ for each when the table lacks them
     (a (d/H, d) row block of a (d, d) matrix has σ₁ ≤ σ₁(W), so its norm is ≤ √H·‖W‖)."""
     keys = [block_key(name, h) for h in range(H)]
@@ -164,7 +164,7 @@ def certify(norms: dict[str, float], embed: float, cfg: ModelConfig,
     r, log_net, blocks = r0, 0.0, []
     for i in range(cfg.n_layers):
         name = lambda key, i=i: f"blocks.{i}.{key}.weight"  # noqa: E731
-        a, b, c = (_head_norms(norms, name(k), H) for k in ("attn.q", "attn.k", "attn.v"))
+        a, b, c = (head_norms(norms, name(k), H) for k in ("attn.q", "attn.k", "attn.v"))
         wo, w_in, w_out = norms[name("attn.o")], norms[name("mlp.fc_in")], norms[name("mlp.fc_out")]
         per_head = [ch * (1 + 2 * s * r * r * ah * bh) for ah, bh, ch in zip(a, b, c)]
         l_att = ATTN_OUT_SCALE * wo * math.sqrt(sum(x * x for x in per_head) / H)

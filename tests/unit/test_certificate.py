@@ -17,9 +17,9 @@ from distlip.model import ATTN_OUT_SCALE, Attention, LipschitzTransformer, block
 torch.set_num_threads(1)
 
 
-def attention(H: int, d: int, s: float = 1.0, seed: int = 0) -> Attention:
+def attention(H: int, d: int, s: float = 1.0, seed: int = 0, **model) -> Attention:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=10, d_model=d, n_heads=H, context=8, attn_scale=s, rotary_fraction=0.0)
+    cfg = ModelConfig(vocab_size=10, d_model=d, n_heads=H, context=8, attn_scale=s, rotary_fraction=0.0, **model)
     return Attention(cfg).double()
 
 
@@ -83,10 +83,14 @@ def exact_cap_per_head(layer: Attention, caps: dict[str, float]) -> None:
             getattr(layer, k).weight.copy_(w)
 
 
-@pytest.mark.parametrize("H, s", [(1, 1.0), (2, 2.0), (4, 1.0), (8, 4.0)])
-def test_attacks_never_beat_the_attention_bound(H, s):
+# The last cases add a positional bias (model.lookback): it does not depend on the input, so the
+# bound is the same; a moderate bias keeps the softmax where it is most sensitive.
+@pytest.mark.parametrize("H, s, model", [(1, 1.0, {}), (2, 2.0, {}), (4, 1.0, {}), (8, 4.0, {}),
+                                         (4, 1.0, {"lookback": [1, 2, 0, 1], "lookback_bias": 1.5}),
+                                         (2, 2.0, {"lookback": [1, 2], "lookback_bias": 8.0})])
+def test_attacks_never_beat_the_attention_bound(H, s, model):
     d, T = 16, 3
-    layer = attention(H, d, s, seed=H)
+    layer = attention(H, d, s, seed=H, **model)
     with torch.no_grad():  # spread the weights so every head block sits at its cap after capping
         for k in "qkvo":
             getattr(layer, k).weight.mul_(8.0)
@@ -101,9 +105,9 @@ def test_attacks_never_beat_the_attention_bound(H, s):
     assert 0 < max(pair, jac) <= bound
 
 
-def tiny_network(H: int, cap: float, seed: int = 0, layers: int = 2, d: int = 16):
+def tiny_network(H: int, cap: float, seed: int = 0, layers: int = 2, d: int = 16, **model):
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=11, d_model=d, n_layers=layers, n_heads=H, context=8, attn_scale=2.0)
+    cfg = ModelConfig(vocab_size=11, d_model=d, n_layers=layers, n_heads=H, context=8, attn_scale=2.0, **model)
     model = LipschitzTransformer(cfg).double()
     names = matrix_names(model)
     params = dict(model.named_parameters())
@@ -118,9 +122,9 @@ def tiny_network(H: int, cap: float, seed: int = 0, layers: int = 2, d: int = 16
     return model, cfg, norms
 
 
-@pytest.mark.parametrize("H", [1, 4, 8])
-def test_attacks_never_beat_the_network_certificate(H):
-    model, cfg, norms = tiny_network(H, cap=1.5, seed=H)
+@pytest.mark.parametrize("H, model", [(1, {}), (4, {}), (8, {}), (4, {"lookback": [1, 2, 3], "lookback_bias": 2.0})])
+def test_attacks_never_beat_the_network_certificate(H, model):
+    model, cfg, norms = tiny_network(H, cap=1.5, seed=H, **model)
     cert = certify(norms, 1.0, cfg)
     assert all(norms[block_key("blocks.0.attn.q.weight", h)] == pytest.approx(1.5, rel=1e-4) for h in range(H) if H > 1)
     f = lambda h: model.head(model.hidden(h)) * cfg.logit_scale  # noqa: E731  float64, embeddings → logits

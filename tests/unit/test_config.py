@@ -37,6 +37,10 @@ def test_overrides_are_typed():
     (["train.steps"], "section.key=value"),
     (["optim.lr=1.0", "constraint.sigma_max=2"], "lower optim.lr to"),
     (["data.seq_len=64"], "data.seq_len=64 is longer than model.context=32"),
+    (["model.lookback=[1, 2, 3]"], "at most model.n_heads=2"),
+    (["model.lookback=[1, 40]"], "each in [0, model.context=32)"),
+    (["model.lookback=[1]", "model.lookback_bias=0"], "positive finite score"),
+    (["model.lookback=[1]", "train.attention=flex"], "set train.attention=sdpa or drop model.lookback"),
 ])
 def test_bad_config_is_one_clear_error(override, fragment):
     with pytest.raises(ConfigError) as err:  # at load, or in the preflight's config checks

@@ -73,6 +73,27 @@ def test_attention_scale_is_one_over_d_head_and_matches_reference():
     torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_lookback_heads_read_the_token_that_many_back_and_stay_causal():
+    model = tiny(n_heads=4, lookback=[2, 0, 1], lookback_bias=40.0, rotary_fraction=0.0)
+    attn = model.blocks[0].attn
+    with torch.no_grad():  # no content scores: what a head reads is its positional bias alone
+        attn.q.weight.zero_()
+        attn.o.weight.copy_(torch.eye(32) * 3)  # undo the 1/3: the output is the heads' values
+    x = torch.randn(1, 8, 32)
+    v = attn.v(x).view(1, 8, attn.n_heads, attn.d_head)
+    y = attn(x).view(1, 8, attn.n_heads, attn.d_head)
+    torch.testing.assert_close(y[0, 2:, 0], v[0, :-2, 0], atol=1e-5, rtol=1e-5)  # head 0: two back
+    torch.testing.assert_close(y[0, 1:, 2], v[0, :-1, 2], atol=1e-5, rtol=1e-5)  # head 2: one back
+    causal_mean = v[0, :, 1].cumsum(0) / torch.arange(1, 9)[:, None]
+    torch.testing.assert_close(y[0, :, 1], causal_mean, atol=1e-5, rtol=1e-5)  # head 1: no bias, uniform
+    torch.testing.assert_close(y[0, :2, 0], v[0, :2, 0].cumsum(0) / torch.arange(1, 3)[:, None],
+                               atol=1e-5, rtol=1e-5)  # no key two back yet: uniform over what is visible
+    bias = attn.positional_bias(8, torch.float32)
+    future = torch.ones(8, 8, dtype=torch.bool).triu(1)
+    assert bias.shape == (4, 8, 8) and torch.isinf(bias[:, future]).all()
+    assert bias[0].diagonal(-2).eq(40).all() and bias[:, ~future].count_nonzero() == 6 + 7  # heads 0 and 2 only
+
+
 def test_rotary_rotates_only_the_configured_fraction_and_preserves_norm():
     model = tiny(rotary_fraction=0.5)
     rot = model.blocks[0].attn.rotary
