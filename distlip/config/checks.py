@@ -88,7 +88,7 @@ def validate(cfg: Config) -> None:
              f"model.lookback={m.lookback} must list at most model.n_heads={m.n_heads} whole numbers of tokens back, "
              f"each in [0, model.context={m.context}) (0: no positional bias for that head)")
     _require(m.lookback_bias > 0 and math.isfinite(m.lookback_bias),
-             f"model.lookback_bias={m.lookback_bias} must be a positive finite score (8 puts ≈ 95% of a query's "
+             f"model.lookback_bias={m.lookback_bias} must be a positive finite score (8 puts ≈ 97% of a query's "
              "weight on its key among a hundred others)")
     _require(m.pad_vocab_to >= 1, "model.pad_vocab_to must be ≥ 1")
     check_method(c.method)
