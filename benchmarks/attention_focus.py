@@ -14,7 +14,6 @@ attention entropy), against uniform attention over the same keys.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -29,14 +28,13 @@ from distlip.robustness_report import validation_windows  # noqa: E402
 
 
 def layer_focus(attn, x: torch.Tensor) -> dict:
-    """Scores and attention weights of one attention layer on its input x (n, T, d), float64."""
-    n, T, d = x.shape
-    H, dh = attn.n_heads, attn.d_head
-    heads = lambda t: t.view(n, T, H, dh).transpose(1, 2)  # noqa: E731
-    q, k = attn.rotary(heads(attn.q(x))), attn.rotary(heads(attn.k(x)))
-    scores = attn.scale * q @ k.transpose(-1, -2)  # (n, H, T, T)
+    """Scores and attention weights of one attention layer on its input x (n, T, d), float64: the
+    content scores (what the certificate charges for) and the weights they make with the layer's
+    positional bias, if any."""
+    T = x.shape[1]
+    scores = attn.content_scores(x)  # (n, H, T, T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    p = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
+    p = torch.softmax(scores + attn.positional_bias(T, x.dtype), dim=-1)
     late = slice(T // 2, T)  # queries that see at least T/2 keys
     entropy = -(p * p.clamp_min(1e-300).log()).sum(-1)[..., late]
     visible = torch.arange(1, T + 1, dtype=x.dtype)[late]

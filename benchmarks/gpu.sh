@@ -63,8 +63,8 @@ if [[ $DRY == 1 ]]; then
   say "dry run on the CPU at tiny sizes: it checks the script and its tables, it measures nothing"
   MODEL=(model.vocab_size=0 model.d_model=32 model.n_layers=1 model.n_heads=2 model.context=64 train.dtype=float32
     train.threads=1)
-  STEPS=2; BATCH=2; VAL=4097; VOCAB=300; MAX_CHARS=100000; SK=(train.steps=2 model.d_model=32 model.n_heads=2 "model.lookback=[1,2]" train.batch_size=4
-    train.eval_every=0 train.threads=1 model.context=32)
+  STEPS=2; BATCH=2; VAL=4097; VOCAB=300; MAX_CHARS=100000; SK=(train.steps=2 model.d_model=32 model.n_heads=2
+    "model.lookback=[1,2]" train.batch_size=4 train.eval_every=0 train.threads=1 model.context=32)
   CHECK_STEPS=2; CHECK_BATCH=2; FAST=(train.compile=true)
   COMPRESSION_PRESET="$OUT/compression-preset.yaml"
   printf 'model: {vocab_size: 300, pad_vocab_to: 64, d_model: 32, n_layers: 1, n_heads: 2, context: 64}\n' \

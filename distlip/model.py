@@ -75,18 +75,32 @@ class Attention(nn.Module):
 
     def positional_bias(self, T: int, dtype: torch.dtype) -> torch.Tensor:
         """(H, T, T) additive scores: `lookback_bias` where key j = query i − lookback[h] (heads
-        with lookback 0 get none), −∞ above the diagonal (causal). It does not depend on the input."""
-        i = torch.arange(T, device=self.lookback.device)
+        with lookback 0 get none; (1, T, T) zeros without `model.lookback`), −∞ above the diagonal
+        (causal). It does not depend on the input."""
+        i = torch.arange(T, device=self.q.weight.device)
         offset = i[:, None] - i[None, :]
-        hit = (offset == self.lookback[:, None, None]) & (self.lookback[:, None, None] > 0)
-        bias = torch.where(hit, self.lookback_bias, 0.0).to(dtype)
+        if self.lookback is None:
+            bias = torch.zeros(1, T, T, dtype=dtype, device=i.device)
+        else:
+            hit = (offset == self.lookback[:, None, None]) & (self.lookback[:, None, None] > 0)
+            bias = torch.where(hit, self.lookback_bias, 0.0).to(dtype)
         return bias.masked_fill(offset < 0, -math.inf)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, d) → q, k, v (B, H, T, d_head), q and k rotated."""
+        B, T, _ = x.shape
+        split = lambda t: t.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # noqa: E731
+        return self.rotary(split(self.q(x))), self.rotary(split(self.k(x))), split(self.v(x))
+
+    def content_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """s·q·kᵀ/d_head (B, H, T, T) before any bias or mask: the part of the scores that depends on
+        the input (for inspection; `forward` computes the same inside SDPA)."""
+        q, k, _ = self.heads(x)
+        return self.scale * q @ k.transpose(-1, -2)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         B, T, d = x.shape
-        heads = lambda t: t.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # noqa: E731
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        q, k = self.rotary(q), self.rotary(k)
+        q, k, v = self.heads(x)
         if self.lookback is not None:  # checks.validate keeps FlexAttention's block masks away
             bias = self.positional_bias(T, q.dtype)
             if attn_mask is not None:

@@ -41,3 +41,12 @@ def test_large_scores_on_one_key_read_one_key():
     f = layer_focus(attn, x)
     assert f["top_weight"] > 0.99 and f["keys_read"] < 1.1
     assert math.isclose(f["max_score"], 4.0 * 4.0 * 60 / attn.d_head, rel_tol=1e-12)  # q_3·k_3 / d_head
+
+
+@torch.no_grad()
+def test_positional_heads_are_measured_with_their_bias():
+    attn = attention(lookback=[1, 2], lookback_bias=40.0)
+    attn.q.weight.zero_()  # no content scores: only the positional bias decides where a head reads
+    f = layer_focus(attn, torch.randn(2, 16, 8, dtype=torch.float64))
+    assert f["max_score"] == 0
+    assert f["top_weight"] > 0.99 and f["keys_read"] < 1.1
