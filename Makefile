@@ -11,15 +11,21 @@ export TORCH_COMPILE_DISABLE ?= 1
 
 .PHONY: install ci-deps train test test-fast test-convergence lint bench clean
 
+# `make train` installs what training on one process needs; the tests, the linter, the benchmarks'
+# plots and multi-process launches (DeepSpeed, accelerate) add the `dist` and `dev` extras.
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# A machine with no torch gets the CPU build, not the multi-GB CUDA default.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(BIN)/.installed-dev: $(BIN)/.installed
 	$(BIN)/python -m pip install -q -e ".[dist,dev]"
 	touch $@
 
-install: $(BIN)/.installed
+install: $(BIN)/.installed-dev
 
 # System packages of the fault tests: a real one-node SLURM (munge, slurmctld, slurmd) and
 # iproute2 for the two-host network namespaces. Debian/Ubuntu, as root; skipped when present.
@@ -34,7 +40,7 @@ ci-deps:
 	  echo "ci-deps: cannot install $(CI_PACKAGES) (needs root and apt-get); the SLURM and two-host tests will be skipped"; \
 	fi
 
-train: install
+train: $(BIN)/.installed
 	$(BIN)/distlip train --config $(CONFIG) --resume auto
 
 # Lint first (seconds), then every test but the convergence tier; the slowest 15 are listed.

@@ -161,7 +161,7 @@ LOOKBACK_VARIATIONS = (
 
 GRIDS = {
     # the `make train` model (128×4, context 128, batch 32) for 300 steps
-    "default-proxy": {"config": "configs/default.yaml", "set": ["train.steps=300"],
+    "default-proxy": {"config": "configs/soft-cap.yaml", "set": ["train.steps=300"],
                       "points": targets([10, 100], ["{head: 8}", "{qk: 0.7, head: 5}"], 0.4)
                       + constrained([1.5, 2.0, 3.0], [0.4, 0.8, 2.0])
                       + [point("soft_cap", 3.0, 0.8, optim__depth_lr_decay=0.5)]
@@ -171,7 +171,7 @@ GRIDS = {
                       + baselines([0.02, 0.05, 0.1, 0.2], [1e-3, 3e-3, 1e-2])},
     # the same model at small certified bounds, at its depth and at one layer (fewer factors in the
     # certificate's product, and a residual weight 1/2 instead of 1/8 for each branch)
-    "small-bound": {"config": "configs/default.yaml", "set": ["train.steps=300"],
+    "small-bound": {"config": "configs/soft-cap.yaml", "set": ["train.steps=300"],
                     "points": small_bound([1, 4], [10, 100])
                     + [point("soft_cap", 3.0, 0.8, optim__per_head="true"),
                        point("soft_cap", 3.0, 0.8, optim__per_head="true", model__n_layers=1)]

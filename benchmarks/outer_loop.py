@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import final, provenance, table, train, write_section
 
-CONFIG = "configs/default.yaml"
+CONFIG = "configs/soft-cap.yaml"
 MODEL = ["optim.embed=colnorm", "train.threads=1", "train.log_every=10", "train.eval_every=0",
          "train.certify_every=10", "compression.warmup_steps=0"]
 COLUMNS = [("method", "{}"), ("H", "{}"), ("bytes/rank MB", "{:.2f}"), ("÷ dense", "{:.1f}"),

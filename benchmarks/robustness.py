@@ -43,7 +43,7 @@ LABELS = {"default": "default (soft cap σ 3)", "tight": "tight (hard cap, targe
 def train(out: Path, overrides: list[str], steps: int, text: str | None) -> None:
     """`distlip train` on one process and one thread."""
     data = ["data.source=text", f"data.path={text}"] if text else []
-    cmd = [sys.executable, "-m", "distlip", "train", "--config", "configs/default.yaml", "--out", str(out),
+    cmd = [sys.executable, "-m", "distlip", "train", "--config", "configs/soft-cap.yaml", "--out", str(out),
            f"train.steps={steps}", "train.threads=1", "train.eval_every=0", "train.progress=false",
            "train.tensorboard=false", *data, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "TORCH_COMPILE_DISABLE": "1"},

@@ -104,7 +104,11 @@ def _robustness(args: argparse.Namespace) -> int:
                       steps=args.steps, restarts=args.restarts, loss=args.loss)
     print(format_table([result]))
     if args.png:
-        print(f"plot: {plot([result], args.png)}")
+        try:
+            print(f"plot: {plot([result], args.png)}")
+        except ImportError:  # `make train` installs no plotting; the table above is the result
+            print("plot: skipped, matplotlib is not installed (`make install` or `pip install matplotlib`; "
+                  "--png '' for none)", file=sys.stderr)
     return 0
 
 

@@ -31,7 +31,7 @@ from distlip.divergence import DivergenceGuard
 from distlip.errors import ConfigError, DistlipError
 from distlip.evaluation import evaluate
 from distlip.lipschitz.budget import apply_target
-from distlip.lipschitz.caps import CAPPED_METHODS, EMBED, cap_of, matrix_caps, row_blocks, unit_caps
+from distlip.lipschitz.caps import CAPPED_METHODS, EMBED, cap_of, constraint_summary, matrix_caps, row_blocks, unit_caps
 from distlip.lipschitz.certificate import Certificate, SigmaEstimator, certify, exact_norms, norm_keys
 from distlip.lipschitz.constrainer import Constrainer
 from distlip.lipschitz.constraints import embed_cap
@@ -308,8 +308,7 @@ class Trainer:
                     "zero_stage": cfg.dist.zero_stage if self.engine.ds is not None else 0,
                     "deepspeed": self.engine.ds is not None, "params": n_params,
                     "device": str(self.device), "dtype": t.dtype, "constraint": cfg.constraint.method})
-        progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {cfg.constraint.method} "
-                       f"σmax={cfg.constraint.sigma_max}, "
+        progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {constraint_summary(cfg.constraint)}, "
                        f"{t.steps} steps × {tokens_per_step} tokens on {self.device}")
         start = last_time = time.perf_counter()
         last_step, cert, loss = self.step, init_cert, float("nan")

@@ -35,6 +35,18 @@ def group_caps(constraint) -> dict[str, float]:
     return {g: float(constraint.caps.get(g, 1.0 if g == "embed" else constraint.sigma_max)) for g in GROUPS}
 
 
+def constraint_summary(constraint) -> str:
+    """One line for the start-up banner: the method and where its caps come from."""
+    c = constraint
+    if c.method not in CAPPED_METHODS:
+        return c.method
+    if c.target_bound > 0:
+        return f"{c.method}, caps chosen for a certified bound ≤ {c.target_bound:g}"
+    if c.caps:
+        return f"{c.method}, per-group caps " + " ".join(f"{g} {v:g}" for g, v in group_caps(c).items())
+    return f"{c.method} σmax={c.sigma_max:g}"
+
+
 def cap_of(name: str, constraint) -> float:
     """The cap of parameter `name` (its group's), RMS→RMS units; the embedding's is a token RMS."""
     return group_caps(constraint)[group_of(name)]

@@ -118,23 +118,23 @@ def hard_cap(W: Tensor, sigma_max: float | Tensor, sigma_est: float | Tensor) ->
 
 
 def exact_cap(W: Tensor, sigma_max: float | Tensor) -> Tensor:
-    """U·min(Σ, σmax)·Vᵀ by SVD in float64: the reference (oracle) cap.
+    """U·min(Σ, σmax)·Vᵀ, exactly (float64): the reference (oracle) cap.
 
-    A capped matrix has many singular values equal to σmax, and float32 SVD (LAPACK gesdd) can
-    fail to converge on such repeated values; float64 rarely does, and when it does the same map
-    is taken from the eigendecomposition of WᵀW (W·V·diag(min(1, σmax/σ))·Vᵀ), which always converges.
+    Computed from the eigendecomposition of the Gram matrix on the smaller side, G = XᵀX with
+    X = W or Wᵀ (n×n, n = min(d_out, d_in)): X·V·diag(min(1, σmax/σ))·Vᵀ with σ = √λ(G). A
+    symmetric eigensolver always converges, where LAPACK's SVD can fail on the many equal singular
+    values a capped matrix has, and it is about 3× faster than float64 SVD at the model's shapes.
+    Squaring loses relative accuracy only on singular values far below σmax, and those are
+    multiplied by 1 (V is orthogonal to float64 precision), so they come back unchanged.
     """
     cap = _per_matrix(sigma_max, W)[..., 0].double()
-    X = W.double()
-    try:
-        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-        out = (U * torch.minimum(S, cap).unsqueeze(-2)) @ Vh
-    except torch.linalg.LinAlgError:
-        lam, V = torch.linalg.eigh(X.mT @ X)
-        sigma = lam.clamp(min=0).sqrt()
-        scale = torch.where(sigma > cap, cap / sigma.clamp(min=torch.finfo(X.dtype).tiny), torch.ones_like(sigma))
-        out = X @ (V * scale.unsqueeze(-2)) @ V.mT
-    return out.to(W.dtype)
+    wide = W.shape[-2] < W.shape[-1]
+    X = W.double().mT if wide else W.double()
+    lam, V = torch.linalg.eigh(X.mT @ X)
+    sigma = lam.clamp(min=0).sqrt()
+    scale = torch.where(sigma > cap, cap / sigma.clamp(min=torch.finfo(X.dtype).tiny), torch.ones_like(sigma))
+    out = X @ (V * scale.unsqueeze(-2)) @ V.mT
+    return (out.mT if wide else out).to(W.dtype)
 
 
 def rounding_margin(dtype: torch.dtype) -> float:

@@ -119,7 +119,7 @@ def test_bound_at_caps_increases_in_every_cap_and_whole_matrix_caps_cost_sqrt_he
     assert bound_at_caps(caps, cfg, per_head=False) > base
 
 
-@pytest.mark.parametrize("preset", ["configs/certified.yaml", "configs/shakespeare.yaml"])
+@pytest.mark.parametrize("preset", ["configs/default.yaml", "configs/shakespeare.yaml"])
 def test_the_certified_presets_reach_their_target_with_the_shape_of_their_caps(preset):
     """The presets with a target bound (certified ≤ 100, the Shakespeare recipe ≤ 10): the
     allocation scales the caps table by one factor to a certificate at caps just under the target

@@ -395,19 +395,21 @@ def test_power_iteration_start_vectors_are_one_derivation_the_same_in_every_proc
     assert torch.equal(SigmaEstimator(seed=3)._init(key, 5, "cpu"), v)
 
 
-def test_exact_cap_survives_svd_failure(monkeypatch):
-    """A capped matrix has many equal singular values, on which LAPACK's SVD can fail to converge
-    (seen in training under the exact cap); the eigendecomposition fallback gives the same map."""
+@pytest.mark.parametrize("shape", [(4, 32, 96), (3, 96, 32), (2, 64, 64)])
+def test_exact_cap_is_the_svd_cap(shape):
+    """exact_cap (Gram eigendecomposition) against U·min(Σ, c)·Vᵀ from float64 SVD: tall, wide and
+    square batches, one matrix already at the cap (many equal σ), one below it (left unchanged)."""
     g = torch.Generator().manual_seed(3)
-    W = torch.randn(4, 32, 96, generator=g)
+    W = torch.randn(*shape, generator=g)
     W[1] = exact_cap(W[1], 0.5)  # repeated σ at the cap
-    expected = exact_cap(W, 0.7)
-
-    def fail(*args, **kwargs):
-        raise torch.linalg.LinAlgError("The algorithm failed to converge")
-
-    monkeypatch.setattr(torch.linalg, "svd", fail)
+    W[-1] = W[-1] / torch.linalg.matrix_norm(W[-1], ord=2) * 0.6  # below the cap: kept
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    expected = ((U * S.clamp(max=0.7).unsqueeze(-2)) @ Vh).float()
     got = exact_cap(W, 0.7)
     assert got.dtype == W.dtype
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[-1], W[-1], rtol=1e-6, atol=1e-7)
     assert torch.linalg.matrix_norm(got.double(), ord=2).max() <= 0.7 * (1 + 1e-6)
+    # a matrix below the new cap keeps its singular values, the repeated ones at 0.5 included
+    torch.testing.assert_close(torch.linalg.svdvals(got[1].double()), torch.linalg.svdvals(W[1].double()),
+                               rtol=0, atol=1e-6)

@@ -212,10 +212,10 @@ def test_a_grid_at_one_bound_is_drawn_as_bars_and_others_as_the_frontier(tmp_pat
     assert (tmp_path / "bars.png").stat().st_size > 0
     drawn = []
     monkeypatch.setattr(frontier, "plot_levers", lambda ok, path, title: drawn.append(path))
-    frontier.plot(rows, tmp_path / "one.png", "one bound", "configs/certified.yaml")
+    frontier.plot(rows, tmp_path / "one.png", "one bound", "configs/default.yaml")
     assert drawn == [tmp_path / "one.png"]
     rows[2]["bound"] = 10.0  # two bounds: the accuracy–bound scatter
-    frontier.plot(rows, tmp_path / "two.png", "two bounds", "configs/certified.yaml")
+    frontier.plot(rows, tmp_path / "two.png", "two bounds", "configs/default.yaml")
     assert drawn == [tmp_path / "one.png"] and (tmp_path / "two.png").stat().st_size > 0
 
 
