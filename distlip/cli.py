@@ -30,15 +30,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _certify(args: argparse.Namespace) -> int:
     from distlip.checkpoint.state import open_model
-    from distlip.lipschitz.caps import group_caps, group_of
+    from distlip.lipschitz.caps import caps_text, group_of
     from distlip.lipschitz.certificate import CAP_RTOL, certify_weights
     from distlip.model import matrix_of
 
     model, cfg, tok, _ = open_model(args.path)
     params = {n: p.detach() for n, p in model.named_parameters()}
     cert, caps = certify_weights(params, cfg)
-    print("caps: " + "  ".join(f"{g} {c:.4g}" for g, c in group_caps(cfg.constraint).items())
-          + f"  (per head: {'yes' if cfg.constraint.per_head else 'no'})")
+    print(f"caps: {caps_text(cfg.constraint)}  (per head: {'yes' if cfg.constraint.per_head else 'no'})")
     print(f"{'matrix (head block)':<30}{'group':>8}{'shape':>12}{'‖W‖ rms→rms':>14}{'cap':>9}{'ratio':>9}")
     for key, value in cert.norms.items():
         cap = caps.get(key)

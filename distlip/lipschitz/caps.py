@@ -35,6 +35,11 @@ def group_caps(constraint) -> dict[str, float]:
     return {g: float(constraint.caps.get(g, 1.0 if g == "embed" else constraint.sigma_max)) for g in GROUPS}
 
 
+def caps_text(constraint) -> str:
+    """Every group's cap on one line, `embed 1  qk 0.1721  v 2.581 …` (start-up banner, certify)."""
+    return "  ".join(f"{g} {c:.4g}" for g, c in group_caps(constraint).items())
+
+
 def constraint_summary(constraint) -> str:
     """One line for the start-up banner: the method and where its caps come from."""
     c = constraint
@@ -43,7 +48,7 @@ def constraint_summary(constraint) -> str:
     if c.target_bound > 0:
         return f"{c.method}, caps chosen for a certified bound ≤ {c.target_bound:g}"
     if c.caps:
-        return f"{c.method}, per-group caps " + " ".join(f"{g} {v:g}" for g, v in group_caps(c).items())
+        return f"{c.method}, per-group caps {caps_text(c)}"
     return f"{c.method} σmax={c.sigma_max:g}"
 
 

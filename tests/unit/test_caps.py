@@ -9,7 +9,7 @@ from distlip.config import load_config
 from distlip.config.choices import GROUPS
 from distlip.errors import ConfigError
 from distlip.lipschitz.budget import allocate, bound_at_caps, soft_cap_floors
-from distlip.lipschitz.caps import CAPPED_METHODS, group_caps, group_of
+from distlip.lipschitz.caps import CAPPED_METHODS, constraint_summary, group_caps, group_of
 from distlip.lipschitz.certificate import CAP_RTOL, certify_weights, exact_norms
 from distlip.model import block_key
 from distlip.preflight import check_config
@@ -171,3 +171,15 @@ def test_attacks_never_beat_a_target_bound_model(tmp_path):
     found = max(jacobian_attack(f, x, iters=15), pair_attack(f, x * 0.8, 0.2, steps=20, restarts=2))
     assert cert.bound <= 2 * (1 + 1e-6)
     assert 0.01 < found <= cert.network_bound, f"attack {found} vs certificate {cert.network_bound}"
+
+
+def test_the_start_up_line_says_where_the_caps_come_from():
+    """A target bound is named as such (its caps are chosen, sigma_max is not used); explicit caps
+    are listed per group; a method that caps nothing has no σmax to show."""
+    target = load_config("configs/default.yaml").constraint
+    assert constraint_summary(target) == "exact_cap, caps chosen for a certified bound ≤ 100"
+    soft = load_config("configs/soft-cap.yaml").constraint
+    assert constraint_summary(soft) == "soft_cap σmax=3"
+    explicit = load_config("configs/smoke.yaml", ["constraint.method=hard_cap", "constraint.caps={qk: 2}"]).constraint
+    assert constraint_summary(explicit).startswith("hard_cap, per-group caps embed 1  qk 2  v ")
+    assert constraint_summary(load_config("configs/smoke.yaml", ["constraint.method=none"]).constraint) == "none"
