@@ -2,7 +2,8 @@
 rate, plus unconstrained Muon and AdamW baselines of the same size), each a separate
 `distlip train` process with its own run directory, and per run the final whole-split
 validation accuracy and loss, the paper-protocol accuracy, the certified bound (exact SVD, by
-`distlip certify` on the exported model), the steps and the minutes.
+`distlip certify` on the exported model), the median certified radius of its correct predictions,
+the steps and the minutes.
 
     python benchmarks/frontier.py --grid default-proxy [--jobs 2] [--match soft_cap] \
         [--text PATH] [--results benchmarks/RESULTS.md]
@@ -39,6 +40,7 @@ from common import ROOT, provenance, table, write_section
 PAPER_SIGMA_ROWS = [(1.0, 46.7), (1.2, 54.3), (2.6, 61.5), (2.8, 61.7), (3.0, 61.0)]
 PAPER_HEADLINE = (2.0, 60.0)  # "2-Lipschitz, ≈60%": its own (older) bound formula, its protocol
 THRESHOLDS = [2, 10, 100, 1000, math.inf]
+RADIUS_WINDOWS = 16  # validation windows behind each run's median certified radius
 SOFT_CAP_LR = 0.3 / (0.9 * 1.14502 * 1.05)  # largest lr per unit σmax the soft cap allows for QKV (lr_mult 0.9)
 
 
@@ -282,12 +284,27 @@ def run_point(p: dict, grid: dict, args, out: Path) -> dict:
     return row
 
 
+def median_radius(run_dir: Path) -> float | None:
+    """Median certified radius of the correct predictions on RADIUS_WINDOWS evenly spaced
+    validation windows (per-token RMS of the embedding change, `distlip robustness`'s figure);
+    None for a run with no certificate. A rescaled head changes the bound, never this."""
+    sys.path.insert(0, str(ROOT))
+    from distlip.checkpoint.state import open_model
+    from distlip.robustness_report import evaluate, validation_windows
+
+    model, cfg, tok, _ = open_model(run_dir)
+    x, y = validation_windows(cfg, tok, RADIUS_WINDOWS)
+    return evaluate(run_dir.name, model, cfg, tok, x, y, [], progress=False).median_radius
+
+
 def with_bound(row: dict, out: Path, version: str) -> dict:
-    """Attach the bound of the current certificate (recomputed when distlip changed)."""
+    """Attach the bound of the current certificate and the median certified radius (both
+    recomputed when distlip changed)."""
     if row["status"] != "ok":
         return row
-    if row.get("bound_version") != version:
+    if row.get("bound_version") != version or "radius" not in row:
         row["bound"] = certify(out / row["id"])
+        row["radius"] = median_radius(out / row["id"])
         row["bound_version"] = version
         (out / row["id"] / "result.json").write_text(json.dumps(row, indent=1))
     return row
@@ -317,7 +334,7 @@ def best_table(rows: list[dict]) -> str:
     lines += [{"bound": f"baseline {name} (no constraint)", **(_show(b) if b else {"run": "no run"})}
               for name, b in (("Muon", _best(rows, "muon")), ("AdamW", _best(rows, "adamw")))]
     return table(lines, [("bound", "{}"), ("run", "{}"), ("val_acc", "{:.2f}"), ("paper_acc", "{:.2f}"),
-                         ("val_loss", "{:.4f}"), ("certified bound", "{:.4g}")])
+                         ("val_loss", "{:.4f}"), ("certified bound", "{:.4g}"), ("median radius", "{:.3g}")])
 
 
 def _best(rows, optim):
@@ -327,7 +344,8 @@ def _best(rows, optim):
 
 def _show(r: dict) -> dict:
     return {"run": r["id"], "val_acc": 100 * r["val_acc"], "val_loss": r["val_loss"], "certified bound": r["bound"],
-            "paper_acc": None if r.get("paper_val_acc") is None else 100 * r["paper_val_acc"]}
+            "paper_acc": None if r.get("paper_val_acc") is None else 100 * r["paper_val_acc"],
+            "median radius": r.get("radius")}
 
 
 def runs_table(rows: list[dict]) -> str:
@@ -336,7 +354,7 @@ def runs_table(rows: list[dict]) -> str:
              for r in sorted(rows, key=lambda r: (r["status"] != "ok", r.get("bound", 0)))]
     return table(shown, [("run", "{}"), ("status", "{}"), ("steps", "{}"), ("val_acc", "{:.2f}"),
                          ("paper_acc", "{:.2f}"), ("val_loss", "{:.4f}"), ("certified bound", "{:.4g}"),
-                         ("minutes", "{:.1f}")])
+                         ("median radius", "{:.3g}"), ("minutes", "{:.1f}")])
 
 
 def how_run(rows: list[dict]) -> str:
@@ -486,7 +504,9 @@ def main() -> None:
                 f"text: {text_name}; each point a separate `distlip train` {how_run(rows)}. "
                 "Accuracy on the whole validation split (the headline); `paper_acc` by the paper's protocol "
                 "(20 batches × 64 stride-1 windows from the start of the split). Bound: `distlip certify` (exact SVD) "
-                f"on each exported model. Plot: `{png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}`.")
+                f"on each exported model; median radius: the median certified radius of the correct predictions on "
+                f"{RADIUS_WINDOWS} validation windows (`distlip robustness`), which a rescaled head cannot change. "
+                f"Plot: `{png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}`.")
         write_section(Path(args.results), heading, f"{heading}\n\n{note}\n\nBest whole-split accuracy at each "
                       f"certified bound:\n\n{best}\n\nEvery run:\n\n{runs}\n")
 

@@ -1,16 +1,23 @@
-"""What the certificate buys: certified vs empirical robust accuracy, constrained vs unconstrained.
+"""What the certificate buys: certified vs empirical robust accuracy, for two suites of models.
 
-Trains (or reuses, when OUT/NAME/model.safetensors exists; evaluations too, from
-OUT/NAME/robustness.json when the settings match) three models of the default size
-(128×4, context 128) for the same number of steps: the default recipe (soft cap σmax 3), a
-tightly certified one (hard cap with a target bound of 10) and an unconstrained AdamW baseline
-(no caps, no embedding cap). For each it reports clean accuracy, the certified bound of
-embeddings → logits, the certificate's looseness (bound over the largest ratio the probe
-finds), and certified and empirical robust accuracy at several ε, as a table, a PNG and a
-section of benchmarks/RESULTS.md.
+`--suite constraints` (the default) trains three models of the 128×4 size (context 128) for the
+same number of steps: the soft-cap recipe (σmax 3), a tightly certified one (hard cap with a
+target bound of 10) and an unconstrained AdamW baseline (no caps, no embedding cap).
+`--suite temperature` trains the Shakespeare recipe certified ≤ 10 (`configs/shakespeare.yaml`)
+with the cross-entropy on τ·logits for τ = 1, 3, 10, the same recipe with two layers certified
+≤ 100, and that two-layer model's caps with the head's cap and rate divided by 10 under τ = 10:
+certified ≤ 10 after every step, and the same function as the ≤ 100 model up to the factor 10
+(docs/frontier.md#the-logits-scale-what-accuracy-at-a-bound-does-not-say).
+
+Runs are reused when OUT/NAME/model.safetensors exists, evaluations when OUT/NAME/robustness.json
+holds the same settings. For each model: clean accuracy, the certified bound of embeddings →
+logits, the certificate's looseness (bound over the largest ratio the probe finds), certified
+and empirical robust accuracy at several ε, and the median certified radius, as a table, a PNG
+and a section of benchmarks/RESULTS.md.
 
     python benchmarks/robustness.py                      # packaged plays, 300 steps each
     python benchmarks/robustness.py --text PATH --steps 600 --windows 64
+    python benchmarks/robustness.py --suite temperature --text tinyshakespeare.txt --windows 64
 """
 
 from __future__ import annotations
@@ -18,64 +25,88 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import ROOT, provenance, write_section
+from common import ROOT, final, provenance, table, train, write_section
 
 from distlip.checkpoint.state import open_model
+from distlip.config import load_config
+from distlip.lipschitz.budget import allocate
 from distlip.robustness_report import Robustness, evaluate, format_table, plot, probe, validation_windows
 
-MODELS = {
-    "default": ["constraint.method=soft_cap", "constraint.sigma_max=3"],
-    "tight": ["constraint.method=hard_cap", "constraint.target_bound=10", "optim.lr=2"],
-    "adamw": ["constraint.method=none", "constraint.embed_cap=false", "optim.name=adamw", "optim.lr_mult={}"],
-}
-LABELS = {"default": "default (soft cap σ 3)", "tight": "tight (hard cap, target bound 10)",
-          "adamw": "unconstrained (AdamW {lr:g})"}
+SHAKESPEARE = "configs/shakespeare.yaml"
+TWO_LAYERS_100 = ["model.n_layers=2", "constraint.target_bound=100"]
 
 
-def train(out: Path, overrides: list[str], steps: int, text: str | None) -> None:
-    """`distlip train` on one process and one thread."""
-    data = ["data.source=text", f"data.path={text}"] if text else []
-    cmd = [sys.executable, "-m", "distlip", "train", "--config", "configs/soft-cap.yaml", "--out", str(out),
-           f"train.steps={steps}", "train.threads=1", "train.eval_every=0", "train.progress=false",
-           "train.tensorboard=false", *data, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "TORCH_COMPILE_DISABLE": "1"},
-                          capture_output=True, text=True)
-    if proc.returncode not in (0, 1):  # 1: trained, but the run is not certified (no caps)
-        raise RuntimeError(f"training {out.name} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+def tempered_two_layers(tau: float) -> list[str]:
+    """The two-layer ≤ 100 model's caps with the head's cap and Muon rate divided by τ, trained
+    on τ·logits: the same training as that model, certified τ times lower."""
+    cfg = load_config(ROOT / SHAKESPEARE, TWO_LAYERS_100)
+    caps = allocate(cfg)
+    caps["head"] /= tau
+    return ["model.n_layers=2", "constraint.target_bound=0",
+            "constraint.caps={" + ", ".join(f"{g}: {c!r}" for g, c in caps.items()) + "}",
+            f"train.loss_temperature={tau:g}", f"optim.lr_mult.head={cfg.optim.lr_mult['head'] / tau!r}"]
+
+
+def suite(name: str, adamw_lr: float) -> tuple[str, list[tuple[str, str, list[str]]], str, str]:
+    """(config, [(run name, label, overrides)], RESULTS section title, default PNG) of a suite."""
+    if name == "constraints":
+        return "configs/soft-cap.yaml", [
+            ("default", "default (soft cap σ 3)", ["constraint.method=soft_cap", "constraint.sigma_max=3"]),
+            ("tight", "tight (hard cap, target bound 10)",
+             ["constraint.method=hard_cap", "constraint.target_bound=10", "optim.lr=2"]),
+            (f"adamw-lr{adamw_lr:g}", f"unconstrained (AdamW {adamw_lr:g})",
+             ["constraint.method=none", "constraint.embed_cap=false", "optim.name=adamw", "optim.lr_mult={}",
+              f"optim.lr={adamw_lr:g}"]),
+        ], "## Certified vs empirical robustness", "benchmarks/robustness.png"
+    return SHAKESPEARE, [
+        ("tau1", "≤ 10, τ 1 (the recipe)", []),
+        ("tau3", "≤ 10, τ 3", ["train.loss_temperature=3"]),
+        ("tau10", "≤ 10, τ 10", ["train.loss_temperature=10"]),
+        ("two-layers-100", "2 layers ≤ 100, τ 1", TWO_LAYERS_100),
+        ("two-layers-10-tau10", "2 layers ≤ 10, τ 10 (head ÷ 10)", tempered_two_layers(10.0)),
+    ], "## The logits' scale: accuracy, certified radius and the loss temperature", \
+        "benchmarks/robustness_temperature.png"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/robustness", help="run directories (default: %(default)s)")
+    ap.add_argument("--suite", choices=["constraints", "temperature"], default="constraints")
+    ap.add_argument("--out", default=None, help="run directories (default: runs/robustness[-SUITE])")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--text", default=None, help="train on this text file instead of the packaged plays")
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=None, help="run names of the suite to include (default: all)")
     ap.add_argument("--adamw-lr", type=float, default=0.003, help="the unconstrained baseline's learning rate")
     ap.add_argument("--eps", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3, 1.0])
     ap.add_argument("--windows", type=int, default=32, help="validation windows evaluated per model")
     ap.add_argument("--probe-windows", type=int, default=2)
     ap.add_argument("--steps-attack", type=int, default=10)
-    ap.add_argument("--png", default="benchmarks/robustness.png")
+    ap.add_argument("--png", default=None, help="plot path (default: the suite's)")
     ap.add_argument("--results", default="benchmarks/RESULTS.md", help="'' to skip writing it")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    out = ROOT / args.out
-    results = []
-    for name in args.models:
-        overrides, label, run = MODELS[name], LABELS[name].format(lr=args.adamw_lr), out / name
-        if name == "adamw":
-            overrides, run = overrides + [f"optim.lr={args.adamw_lr:g}"], out / f"adamw-lr{args.adamw_lr:g}"
+    config, models, title, png_default = suite(args.suite, args.adamw_lr)
+    chosen = [m for m in models if args.models is None or m[0] in args.models]
+    if not chosen:
+        sys.exit(f"--models {' '.join(args.models)} names no model of suite {args.suite}; "
+                 f"choose from {', '.join(m[0] for m in models)}")
+    out = ROOT / (args.out or ("runs/robustness" if args.suite == "constraints" else f"runs/robustness-{args.suite}"))
+    data = ["data.source=text", f"data.path={args.text}"] if args.text else []
+    results, whole = [], []
+    for name, label, overrides in chosen:
+        run = out / name
         if not (run / "model.safetensors").is_file():
             print(f"training {run.name} ({args.steps} steps) ...", flush=True)
-            train(run, overrides, args.steps, args.text)
+            train(run, config, [f"train.steps={args.steps}", "train.threads=1", "train.eval_every=0", *data,
+                                *overrides])
+        end = final([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
+        whole.append({"model": label, "acc": 100 * end["val_acc"], "loss": end["val_loss"],
+                      "bound": end["lipschitz_bound"]})
         model, cfg, tok, _ = open_model(run)
         settings = {"eps": args.eps, "windows": args.windows, "steps_attack": args.steps_attack,
                     "probe_windows": args.probe_windows}
@@ -91,18 +122,22 @@ def main() -> None:
         print(f"{run.name}: evaluated in {time.time() - start:.0f} s", flush=True)
         saved.write_text(json.dumps({"settings": settings, "result": dataclasses.asdict(r)}))
         results.append(r)
-    table = format_table(results)
-    print(table)
-    png = plot(results, ROOT / args.png)
+    summary = table(whole, [("model", "{}"), ("acc", "{:.2f}"), ("loss", "{:.4f}"), ("bound", "{:.4g}")])
+    report = format_table(results)
+    print(summary, report, sep="\n\n")
+    png_path = args.png or png_default
+    png = plot(results, ROOT / png_path)
     print(f"plot: {png}")
     if args.results:
         cmd = "python benchmarks/robustness.py " + " ".join(sys.argv[1:])
-        section = (f"## Certified vs empirical robustness\n\n{provenance()}. Command: `{cmd.strip()}` "
+        section = (f"{title}\n\n{provenance()}. Command: `{cmd.strip()}` "
                    f"({args.steps} training steps per model, one thread; {args.windows} evenly spaced validation "
                    f"windows of {cfg.seq_len()} tokens; attack: {args.steps_attack} steps × 2 restarts on the margin; "
-                   f"probe: {args.probe_windows} windows).\n\n```\n{table}\n```\n\n"
-                   f"![robustness]({Path(args.png).name})\n")
-        write_section(ROOT / args.results, "## Certified vs empirical robustness", section)
+                   f"probe: {args.probe_windows} windows). Whole validation split at the end of training "
+                   f"(accuracy %, loss of the model's own logits, certified bound):\n\n{summary}\n\n"
+                   f"```\n{report}\n```\n\n"
+                   f"![robustness]({Path(png_path).name})\n")
+        write_section(ROOT / args.results, title, section)
 
 
 if __name__ == "__main__":

@@ -211,7 +211,11 @@ def plot(results: list[Robustness], path: str | Path) -> Path:
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, max(max(r.clean for r in results) * 1.1, 0.05))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if len(results) > 3:  # the legend would hide the curves: beside the axes instead
+        fig.set_size_inches(10.5, 4.2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

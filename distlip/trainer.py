@@ -229,10 +229,11 @@ class Trainer:
 
     def _micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; its loss."""
-        m = self.cfg.model
+        m, t = self.cfg.model, self.cfg.train
         with self.timer.phase("forward"), self.autocast:
-            loss = head_cross_entropy(self.engine.hidden(x), self.model.head.weight, y, m.logit_scale, m.vocab_size,
-                                      chunk_tokens(self.cfg.train.logits_chunk_mib, m.vocab_size))
+            loss = head_cross_entropy(self.engine.hidden(x), self.model.head.weight, y,
+                                      m.logit_scale * t.loss_temperature, m.vocab_size,
+                                      chunk_tokens(t.logits_chunk_mib, m.vocab_size))
         with self.timer.phase("backward"):
             self.engine.backward(loss, last_micro=last)
         return loss.detach()
@@ -308,7 +309,8 @@ class Trainer:
                     "zero_stage": cfg.dist.zero_stage if self.engine.ds is not None else 0,
                     "deepspeed": self.engine.ds is not None, "params": n_params,
                     "device": str(self.device), "dtype": t.dtype, "constraint": cfg.constraint.method})
-        progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {constraint_summary(cfg.constraint)}, "
+        tempered = f", loss on {t.loss_temperature:g}·logits" if t.loss_temperature != 1 else ""
+        progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {constraint_summary(cfg.constraint)}{tempered}, "
                        f"{t.steps} steps × {tokens_per_step} tokens on {self.device}")
         start = last_time = time.perf_counter()
         last_step, cert, loss = self.step, init_cert, float("nan")

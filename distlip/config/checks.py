@@ -128,6 +128,9 @@ def validate(cfg: Config) -> None:
              f"dist.zero_stage={cfg.dist.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     _require(t.diverge_patience >= 0 and t.diverge_grace >= 0,
              "train.diverge_patience and train.diverge_grace must be ≥ 0")
+    _require(t.loss_temperature > 0 and math.isfinite(t.loss_temperature),
+             f"train.loss_temperature={t.loss_temperature} must be a positive finite factor on the logits "
+             f"in the training loss (1: the plain cross-entropy)")
     _require(t.log_every > 0 and t.eval_every >= 0 and t.certify_every >= 0,
              "train.log_every must be > 0; eval_every and certify_every ≥ 0")
     _require(0 <= cfg.data.seq_len <= cfg.model.context,

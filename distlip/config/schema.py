@@ -126,6 +126,9 @@ class TrainConfig:
     progress: bool = True
     diverge_patience: int = 4  # stop after this many consecutive logged losses above ln(vocab) (0: never)
     diverge_grace: int = 50  # ... counted only after this many steps
+    # τ: training minimises the cross-entropy of τ·logits. The model, its certificate and its
+    # evaluation do not see τ; τ > 1 trades the logits' scale (loss) for their order (accuracy).
+    loss_temperature: float = 1.0
 
 
 @dataclass

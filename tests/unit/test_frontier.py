@@ -180,6 +180,7 @@ def test_frontier_dry_run(tmp_path):
     for row in rows:
         assert 0 <= row["val_acc"] <= 1 and 0 <= row["paper_val_acc"] <= 1 and row["steps"] > 0
         assert row["bound"] > 0 or row["method"] == "none"
+        assert (row["radius"] is None) == (row["method"] == "none") and (row["radius"] is None or row["radius"] > 0)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "≤ 10" in text and "unbounded" in text and (tmp_path / "frontier.png").is_file()
     # a second call finds every point finished and runs nothing

@@ -125,3 +125,34 @@ def test_schedules():
     assert lr_at(cfg, 100, 101) == pytest.approx(0.1)
     assert lr_at(cfg, 80, 101) == pytest.approx(0.55)
     assert momentum_at(cfg, 0) == 0.85 and momentum_at(cfg, 150) == pytest.approx(0.9) and momentum_at(cfg, 300) == 0.95
+
+
+def test_a_loss_temperature_is_a_larger_head_in_disguise(tmp_path):
+    """Cross-entropy of τ·logits with the head's cap and rate divided by τ trains the same
+    function as the plain loss with the larger head, step for step: the predictions are those of
+    the larger head and the certified bound is τ times smaller. This is why a bound alone says
+    nothing of accuracy (docs/frontier.md#the-logits-scale)."""
+    tau = 10.0
+    common = ["constraint.method=exact_cap", "constraint.sigma_max=1.5", "optim.lr=0.3", "model.n_layers=1"]
+    plain = make_trainer(tmp_path / "plain", *common, "constraint.caps={embed: 1, head: 4}")
+    head_rate = plain.cfg.optim.lr_mult["head"]
+    tempered = make_trainer(tmp_path / "tempered", *common, f"constraint.caps={{embed: 1, head: {4 / tau}}}",
+                            f"train.loss_temperature={tau}", f"optim.lr_mult.head={head_rate / tau}")
+    for _ in range(8):
+        loss_plain, _ = plain.train_step()
+        loss_tempered, _ = tempered.train_step()
+        assert loss_tempered == pytest.approx(loss_plain, rel=1e-4)
+    x, _ = plain.data.train.next_batch()
+    with torch.no_grad():
+        big, small = plain.model(x), tempered.model(x)
+    assert torch.allclose(small * tau, big, rtol=1e-3, atol=1e-4)
+    assert torch.equal(small.argmax(-1), big.argmax(-1))
+    assert plain.model.head.weight.abs().max() > 0.05, "the head did not train"
+    b_plain, b_tempered = plain.certificate(exact=True).bound, tempered.certificate(exact=True).bound
+    assert b_tempered == pytest.approx(b_plain / tau, rel=1e-4)
+
+
+def test_loss_temperature_must_be_positive():
+    from distlip.errors import ConfigError
+    with pytest.raises(ConfigError, match="train.loss_temperature=0"):
+        load_config(SMOKE, ["train.loss_temperature=0"])
