@@ -53,25 +53,27 @@ def tempered_two_layers(tau: float) -> list[str]:
             f"train.loss_temperature={tau:g}", f"optim.lr_mult.head={cfg.optim.lr_mult['head'] / tau!r}"]
 
 
-def suite(name: str, adamw_lr: float) -> tuple[str, list[tuple[str, str, list[str]]], str, str]:
-    """(config, [(run name, label, overrides)], RESULTS section title, default PNG) of a suite."""
+def suite(name: str, adamw_lr: float) -> tuple[str, list[tuple[str, str, str, list[str]]], str, str]:
+    """(config, [(model, run directory, label, overrides)], RESULTS section title, default PNG)."""
     if name == "constraints":
-        return "configs/soft-cap.yaml", [
-            ("default", "default (soft cap σ 3)", ["constraint.method=soft_cap", "constraint.sigma_max=3"]),
-            ("tight", "tight (hard cap, target bound 10)",
+        models = [
+            ("default", "default", "default (soft cap σ 3)", ["constraint.method=soft_cap", "constraint.sigma_max=3"]),
+            ("tight", "tight", "tight (hard cap, target bound 10)",
              ["constraint.method=hard_cap", "constraint.target_bound=10", "optim.lr=2"]),
-            (f"adamw-lr{adamw_lr:g}", f"unconstrained (AdamW {adamw_lr:g})",
+            ("adamw", f"adamw-lr{adamw_lr:g}", f"unconstrained (AdamW {adamw_lr:g})",
              ["constraint.method=none", "constraint.embed_cap=false", "optim.name=adamw", "optim.lr_mult={}",
               f"optim.lr={adamw_lr:g}"]),
-        ], "## Certified vs empirical robustness", "benchmarks/robustness.png"
-    return SHAKESPEARE, [
-        ("tau1", "≤ 10, τ 1 (the recipe)", []),
-        ("tau3", "≤ 10, τ 3", ["train.loss_temperature=3"]),
-        ("tau10", "≤ 10, τ 10", ["train.loss_temperature=10"]),
-        ("two-layers-100", "2 layers ≤ 100, τ 1", TWO_LAYERS_100),
-        ("two-layers-10-tau10", "2 layers ≤ 10, τ 10 (head ÷ 10)", tempered_two_layers(10.0)),
-    ], "## The logits' scale: accuracy, certified radius and the loss temperature", \
-        "benchmarks/robustness_temperature.png"
+        ]
+        return "configs/soft-cap.yaml", models, "## Certified vs empirical robustness", "benchmarks/robustness.png"
+    models = [
+        ("tau1", "tau1", "≤ 10, τ 1 (the recipe)", []),
+        ("tau3", "tau3", "≤ 10, τ 3", ["train.loss_temperature=3"]),
+        ("tau10", "tau10", "≤ 10, τ 10", ["train.loss_temperature=10"]),
+        ("two-layers-100", "two-layers-100", "2 layers ≤ 100, τ 1", TWO_LAYERS_100),
+        ("two-layers-10-tau10", "two-layers-10-tau10", "2 layers ≤ 10, τ 10 (head ÷ 10)", tempered_two_layers(10.0)),
+    ]
+    return (SHAKESPEARE, models, "## The logits' scale: accuracy, certified radius and the loss temperature",
+            "benchmarks/robustness_temperature.png")
 
 
 def main() -> None:
@@ -80,7 +82,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="run directories (default: runs/robustness[-SUITE])")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--text", default=None, help="train on this text file instead of the packaged plays")
-    ap.add_argument("--models", nargs="+", default=None, help="run names of the suite to include (default: all)")
+    ap.add_argument("--models", nargs="+", default=None, help="the suite's models to include (default: all)")
     ap.add_argument("--adamw-lr", type=float, default=0.003, help="the unconstrained baseline's learning rate")
     ap.add_argument("--eps", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3, 1.0])
     ap.add_argument("--windows", type=int, default=32, help="validation windows evaluated per model")
@@ -94,11 +96,11 @@ def main() -> None:
     chosen = [m for m in models if args.models is None or m[0] in args.models]
     if not chosen:
         sys.exit(f"--models {' '.join(args.models)} names no model of suite {args.suite}; "
-                 f"choose from {', '.join(m[0] for m in models)}")
+                 f"choose from {' '.join(m[0] for m in models)}")
     out = ROOT / (args.out or ("runs/robustness" if args.suite == "constraints" else f"runs/robustness-{args.suite}"))
     data = ["data.source=text", f"data.path={args.text}"] if args.text else []
     results, whole = [], []
-    for name, label, overrides in chosen:
+    for _, name, label, overrides in chosen:
         run = out / name
         if not (run / "model.safetensors").is_file():
             print(f"training {run.name} ({args.steps} steps) ...", flush=True)
