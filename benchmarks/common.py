@@ -26,7 +26,12 @@ def train(out: Path, config: str, overrides: list[str], nproc: int = 1, port: in
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode not in (0, 1):  # 1: finished but a cap was exceeded; still report it
         raise RuntimeError(f"training failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics(out)
+
+
+def metrics(run: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def final(records: list[dict]) -> dict:

@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import ROOT, provenance, table, write_section
+from common import ROOT, metrics, provenance, table, write_section
 
 # The paper's published Shakespeare points (Newhouse et al. 2025, arXiv 2507.13338): spectral
 # normalisation, Muon lr 9.0, measured on its own protocol (the first 1,535 validation characters).
@@ -266,8 +266,7 @@ def run_point(p: dict, grid: dict, args, out: Path) -> dict:
     minutes = (time.perf_counter() - start) / 60
     row = {k: p[k] for k in ("id", "method", "optim", "lr", "sigma_max")} | {
         "minutes": minutes, "command": cmd[3:], "jobs": args.jobs}
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    records = metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
     final = next((r for r in reversed(records) if r.get("event") == "final"), None)
     if final is None:
         last = next((r for r in reversed(records) if isinstance(r.get("loss"), float)), {})

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, final, provenance, table, train, write_section
+from common import ROOT, final, metrics, provenance, table, train, write_section
 
 from distlip.checkpoint.state import open_model
 from distlip.config import load_config
@@ -106,7 +106,7 @@ def main() -> None:
             print(f"training {run.name} ({args.steps} steps) ...", flush=True)
             train(run, config, [f"train.steps={args.steps}", "train.threads=1", "train.eval_every=0", *data,
                                 *overrides])
-        end = final([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
+        end = final(metrics(run))
         whole.append({"model": label, "acc": 100 * end["val_acc"], "loss": end["val_loss"],
                       "bound": end["lipschitz_bound"]})
         model, cfg, tok, _ = open_model(run)

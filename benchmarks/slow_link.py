@@ -11,14 +11,13 @@ to 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, metrics
 
 NAMESPACES = ("dlbench0", "dlbench1")
 VETHS = ("dlveth0", "dlveth1")
@@ -78,4 +77,4 @@ def train_two_nodes(out: Path, config: str, overrides: list[str], port: int = 29
     """`distlip train` as a 2-node job over the slow link (inside `slow_link()`); metrics records."""
     args = ["--config", config, "--out", str(out), "train.progress=false", "train.tensorboard=false", *overrides]
     two_nodes(["-m", "distlip", "train", *args], port, timeout)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return metrics(out)

@@ -131,7 +131,7 @@ def test_a_loss_temperature_is_a_larger_head_in_disguise(tmp_path):
     """Cross-entropy of τ·logits with the head's cap and rate divided by τ trains the same
     function as the plain loss with the larger head, step for step: the predictions are those of
     the larger head and the certified bound is τ times smaller. This is why a bound alone says
-    nothing of accuracy (docs/frontier.md#the-logits-scale)."""
+    nothing of accuracy (docs/frontier.md, "The logits' scale")."""
     tau = 10.0
     common = ["constraint.method=exact_cap", "constraint.sigma_max=1.5", "optim.lr=0.3", "model.n_layers=1"]
     plain = make_trainer(tmp_path / "plain", *common, "constraint.caps={embed: 1, head: 4}")
