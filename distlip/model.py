@@ -128,11 +128,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Two convex residuals: x ← (1−α)x + α·attn(x); x ← (1−α)x + α·mlp(x)."""
+    """Two convex residuals: x ← (1−α)x + α·attn(x); x ← (1−α)x + α·mlp(x). In training mode each
+    branch's output passes through dropout (`model.dropout`); in eval mode, the certified map, not."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.alpha = 1.0 / (2 * cfg.n_layers)
+        self.dropout = cfg.dropout
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
 
@@ -140,8 +142,11 @@ class Block(nn.Module):
         a = self.alpha
         # Under bf16 autocast the branches return bf16; the residual stream stays in its own
         # dtype (lerp refuses mixed dtypes, and a float32 stream keeps the small α-steps exact).
-        x = torch.lerp(x, self.attn(x, attn_mask).to(x.dtype), a)
-        return torch.lerp(x, self.mlp(x).to(x.dtype), a)
+        x = torch.lerp(x, self.drop(self.attn(x, attn_mask)).to(x.dtype), a)
+        return torch.lerp(x, self.drop(self.mlp(x)).to(x.dtype), a)
+
+    def drop(self, y: torch.Tensor) -> torch.Tensor:
+        return F.dropout(y, self.dropout, self.training) if self.dropout else y
 
 
 class LipschitzTransformer(nn.Module):

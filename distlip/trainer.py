@@ -310,7 +310,9 @@ class Trainer:
                     "deepspeed": self.engine.ds is not None, "params": n_params,
                     "device": str(self.device), "dtype": t.dtype, "constraint": cfg.constraint.method})
         tempered = f", loss on {t.loss_temperature:g}·logits" if t.loss_temperature != 1 else ""
-        progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {constraint_summary(cfg.constraint)}{tempered}, "
+        dropped = f", dropout {cfg.model.dropout:g} in training" if cfg.model.dropout else ""
+        progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {constraint_summary(cfg.constraint)}{tempered}"
+                       f"{dropped}, "
                        f"{t.steps} steps × {tokens_per_step} tokens on {self.device}")
         start = last_time = time.perf_counter()
         last_step, cert, loss = self.step, init_cert, float("nan")

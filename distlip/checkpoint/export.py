@@ -42,7 +42,8 @@ def save_model(out_dir: Path, weights: dict[str, torch.Tensor], cfg: Config, tok
 
 
 def load_model(path: str | Path) -> tuple[LipschitzTransformer, Config, object, dict]:
-    """A directory with model.safetensors + config.json → (model on CPU, config, tokenizer, caps)."""
+    """A directory with model.safetensors + config.json → (model on CPU in eval mode, config,
+    tokenizer, caps)."""
     d = Path(path)
     weights, meta_file = d / "model.safetensors", d / "config.json"
     if not weights.is_file() or not meta_file.is_file():
@@ -64,7 +65,7 @@ def load_model(path: str | Path) -> tuple[LipschitzTransformer, Config, object, 
                               f"{_REEXPORT}") from None
     model = LipschitzTransformer(cfg.model)
     load_weights(model, state, f"'{weights}'", _REEXPORT)
-    return model, cfg, tokenizer_from_dict(meta["tokenizer"]), meta.get("caps", {})
+    return model.eval(), cfg, tokenizer_from_dict(meta["tokenizer"]), meta.get("caps", {})
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, fix: str) -> None:

@@ -170,14 +170,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, 
 
 def open_model(path: str | Path) -> tuple[LipschitzTransformer, Config, object, dict]:
     """An exported model directory, a checkpoint, or a run directory's newest checkpoint →
-    (model on CPU, config, tokenizer, caps), as `export.load_model`."""
+    (model on CPU in eval mode, config, tokenizer, caps), as `export.load_model`."""
     d = Path(path)
     if (d / "model.safetensors").exists():
         return load_model(d)
     weights, cfg, tok, ckpt = read_checkpoint(d)
     model = LipschitzTransformer(cfg.model)
     load_weights(model, weights, str(ckpt.path), "the checkpoint is inconsistent; use another checkpoint of the run")
-    return model, cfg, tok, unit_caps(cfg, matrix_names(model))
+    return model.eval(), cfg, tok, unit_caps(cfg, matrix_names(model))
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> tuple[Checkpoint, Certificate]:

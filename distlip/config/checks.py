@@ -90,6 +90,8 @@ def validate(cfg: Config) -> None:
     _require(m.lookback_bias > 0 and math.isfinite(m.lookback_bias),
              f"model.lookback_bias={m.lookback_bias} must be a positive finite score (8 puts ≈ 97% of a query's "
              "weight on its key among a hundred others)")
+    _require(0.0 <= m.dropout < 1.0,
+             f"model.dropout={m.dropout} must be a probability in [0, 1) (0: no dropout; 0.1–0.2 against overfitting)")
     _require(m.pad_vocab_to >= 1, "model.pad_vocab_to must be ≥ 1")
     check_method(c.method)
     _require(c.sigma_max > 0, f"constraint.sigma_max={c.sigma_max} must be > 0 (it is the cap on each matrix)")

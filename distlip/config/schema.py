@@ -27,6 +27,9 @@ class ModelConfig:
     # back (0 or no entry: none). Input-independent, so it costs nothing in the certificate.
     lookback: list = field(default_factory=list)
     lookback_bias: float = 8.0
+    # Training only: each residual branch's output is dropped with this probability (inverted
+    # dropout). Evaluation, export and the certificate see the network without it.
+    dropout: float = 0.0
 
 
 @dataclass

@@ -34,9 +34,10 @@ def make_trainer(out, *overrides) -> Trainer:
 
 
 @pytest.mark.parametrize("mode", [["optim.embed=adam"], ["optim.embed=colnorm"],
-                                  ["optim.name=adamw", "optim.lr=0.01"]])
+                                  ["optim.name=adamw", "optim.lr=0.01"], ["model.dropout=0.2"]])
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, mode):
-    # spectral_normalize keeps power-iteration vectors, so they must be restored too
+    # spectral_normalize keeps power-iteration vectors, so they must be restored too; dropout's
+    # masks come from the RNG, so its state must be too
     extra = [*mode, "constraint.method=spectral_normalize"]
     whole = make_trainer(tmp_path / "whole", *extra)
     reference = [whole.train_step()[0] for _ in range(10)]

@@ -41,6 +41,7 @@ def test_overrides_are_typed():
     (["model.lookback=[1, 40]"], "each in [0, model.context=32)"),
     (["model.lookback=[1]", "model.lookback_bias=0"], "positive finite score"),
     (["model.lookback=[1]", "train.attention=flex"], "set train.attention=sdpa or drop model.lookback"),
+    (["model.dropout=1"], "model.dropout=1.0 must be a probability in [0, 1)"),
 ])
 def test_bad_config_is_one_clear_error(override, fragment):
     with pytest.raises(ConfigError) as err:  # at load, or in the preflight's config checks

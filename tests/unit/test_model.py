@@ -56,6 +56,19 @@ def test_residuals_are_convex_with_alpha_one_over_twice_layers():
     torch.testing.assert_close(model.hidden(h), h * (1 - 1 / 6) ** 6)
 
 
+def test_dropout_drops_branch_outputs_in_training_mode_only():
+    plain, dropped = tiny(), tiny(dropout=0.5)
+    with torch.no_grad():  # output projections start at zero, which would hide the branches
+        for p, q in zip(plain.parameters(), dropped.parameters()):
+            p.normal_(0, 0.2)
+            q.copy_(p)
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        assert not torch.equal(dropped(idx), dropped(idx))
+        torch.testing.assert_close(plain(idx), plain(idx))
+        torch.testing.assert_close(dropped.eval()(idx), plain(idx))
+
+
 def test_attention_scale_is_one_over_d_head_and_matches_reference():
     torch.manual_seed(1)
     model = tiny(attn_scale=3.0, rotary_fraction=0.5)

@@ -152,6 +152,27 @@ def test_a_loss_temperature_is_a_larger_head_in_disguise(tmp_path):
     assert b_tempered == pytest.approx(b_plain / tau, rel=1e-4)
 
 
+def test_dropout_acts_in_training_only_and_the_saved_model_is_the_certified_map(tmp_path):
+    """`model.dropout` perturbs training steps; the model read back from a checkpoint is in eval
+    mode, deterministic, equal to the trainer's model in eval mode, and under its certificate."""
+    from distlip.checkpoint.state import open_model
+    trainer = make_trainer(tmp_path, "model.dropout=0.3", "constraint.method=exact_cap", "constraint.sigma_max=1.5",
+                           "optim.lr=0.3")
+    for _ in range(4):
+        assert math.isfinite(trainer.train_step()[0])
+    x, _ = trainer.data.train.next_batch()
+    with torch.no_grad():
+        assert not torch.equal(trainer.model(x), trainer.model(x)), "dropout drew nothing in training mode"
+        trainer.save()
+        model, cfg, _, _ = open_model(tmp_path)
+        assert cfg.model.dropout == 0.3 and not model.training
+        once, again = model(x), model(x)
+        assert torch.equal(once, again)
+        torch.testing.assert_close(once, trainer.model.eval()(x))
+    bound = trainer.certificate(exact=True).bound
+    assert empirical_lipschitz(model, cfg.model.d_model) <= bound
+
+
 def test_loss_temperature_must_be_positive():
     from distlip.errors import ConfigError
     with pytest.raises(ConfigError, match="train.loss_temperature=0"):
