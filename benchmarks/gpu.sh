@@ -16,6 +16,8 @@
 #   5. the frontier sweep (benchmarks/frontier.py --grid shakespeare-small-bound: the paper's model at target
 #      bounds 2-1000, one and three layers, its soft-cap recipe and unconstrained baselines, 300 steps each),
 #      given FRONTIER_S seconds (120); the points finished by then are tabulated, the rest run on a later call.
+#      FRONTIER_GRID picks another grid (e.g. shakespeare-depth: the recipe at full length, two and three
+#      layers certified ≤ 100, with and without dropout).
 # Tables: OUT/tables.md (and OUT/report.json); logs and runs beside them. Knobs: STEPS (200), BATCH (128
 # sequences per step), MICRO (8 per micro-batch, as the preset), PEAK_TFLOPS (989, dense bf16 of an
 # H100/H200 SXM) for the MFU, CHECK_STEPS (6 float32 steps of 8 sequences each way for the fast path's
@@ -129,13 +131,14 @@ step "$OUT/check_eager.log" train_145m check_eager "${CHECK[@]}"
 step "$OUT/check_fast.log" fast_145m check_fast "${CHECK[@]}" "${FAST[@]}"
 
 # 5. The frontier sweep, for the time left to it; a later call resumes it (finished points are kept).
-say "frontier sweep (shakespeare-small-bound) on $DEVICE"
+GRID="${FRONTIER_GRID:-shakespeare-small-bound}"
+say "frontier sweep ($GRID) on $DEVICE"
 if [[ $DRY == 1 ]]; then
   step "$OUT/frontier.log" "$PY" benchmarks/frontier.py --dry-run --out "$OUT/frontier" --results "$OUT/frontier.md" \
     --plot "$OUT/frontier.png"
 else
   FRONTIER_S="${FRONTIER_S:-120}"
-  FRONTIER=(benchmarks/frontier.py --grid shakespeare-small-bound --device "$DEVICE" --out "$OUT/frontier")
+  FRONTIER=(benchmarks/frontier.py --grid "$GRID" --device "$DEVICE" --out "$OUT/frontier")
   timeout "$FRONTIER_S" "$PY" "${FRONTIER[@]}" > "$OUT/frontier_runs.log" 2>&1 \
     || say "frontier sweep stopped after ${FRONTIER_S}s (status $?): its finished points are tabulated"
   step "$OUT/frontier.log" "$PY" "${FRONTIER[@]}" --report-only --results "$OUT/frontier.md" --plot "$OUT/frontier.png"

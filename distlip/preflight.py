@@ -7,6 +7,7 @@ size, a user DeepSpeed JSON, devices). `config.checks.validate` has already run 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol
 
 import torch
@@ -54,6 +55,12 @@ def check_config(cfg: Config) -> None:
     check_compression(cfg)
 
 
+def round_down(x: float, digits: int = 3) -> float:
+    """x > 0 rounded down to `digits` significant digits: a limit quoted in an error must pass."""
+    unit = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.floor(x / unit) * unit
+
+
 def check_soft_cap_step(cfg: Config) -> None:
     """With Muon, the soft cap's coupling needs the largest update norm μ = lr·mult·1.14502·margin
     to stay ≤ 0.3·cap for every group (beyond that the composite overshoots the cap)."""
@@ -63,8 +70,8 @@ def check_soft_cap_step(cfg: Config) -> None:
         _require(caps[group] >= floor,
                  f"soft cap: the {group} matrices' Muon step (lr·mult·1.145·margin = {floor * SOFT_CAP_MAX_MU:.3g}) "
                  f"exceeds {SOFT_CAP_MAX_MU}·cap = {SOFT_CAP_MAX_MU * caps[group]:.3g}, so the cap would overshoot; "
-                 f"lower optim.lr to ≤ {o.lr * caps[group] / floor:.3g}, raise the cap (constraint.caps.{group} or "
-                 "constraint.sigma_max), or use constraint.method=hard_cap")
+                 f"lower optim.lr to ≤ {round_down(o.lr * caps[group] / floor):.3g}, raise the cap "
+                 f"(constraint.caps.{group} or constraint.sigma_max), or use constraint.method=hard_cap")
 
 
 def check_compression(cfg: Config) -> None:

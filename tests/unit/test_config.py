@@ -1,5 +1,7 @@
 """Config loading: presets, dotted overrides, and one-line errors for bad input."""
 
+import re
+
 import pytest
 
 from distlip.config import load_config
@@ -48,6 +50,15 @@ def test_bad_config_is_one_clear_error(override, fragment):
         check_config(load_config(CONFIGS / "smoke.yaml", override))
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("sigma", [1.5, 2.0, 3.0])
+def test_the_soft_cap_limit_quoted_in_a_refusal_is_accepted(sigma):
+    over = [f"constraint.sigma_max={sigma}", "optim.lr=5"]
+    with pytest.raises(ConfigError) as err:
+        check_config(load_config(CONFIGS / "smoke.yaml", over))
+    limit = re.search(r"lower optim.lr to ≤ ([0-9.]+)", str(err.value)).group(1)
+    check_config(load_config(CONFIGS / "smoke.yaml", [*over, f"optim.lr={limit}"]))
 
 
 def test_missing_config_file():

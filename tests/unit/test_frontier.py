@@ -170,6 +170,18 @@ def test_trainer_passes_the_depth_to_the_optimiser(tmp_path):
 
 # ---- the frontier benchmark ----------------------------------------------------------------------
 
+def test_every_grid_point_is_a_valid_config():
+    """A typo in a grid's overrides would otherwise surface hours into a sweep, or on a lent GPU."""
+    from distlip.preflight import check_config
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from frontier import GRIDS
+    for name, grid in GRIDS.items():
+        for pt in grid["points"]:
+            cfg = load_config(ROOT / grid["config"], [*grid["set"], *pt["overrides"]])
+            check_config(cfg)
+            assert cfg.constraint.method == pt["method"] and cfg.optim.lr == pt["lr"], (name, pt["id"])
+
+
 def test_frontier_dry_run(tmp_path):
     res = subprocess.run([sys.executable, "benchmarks/frontier.py", "--dry-run", "--out", str(tmp_path),
                           "--results", str(tmp_path / "RESULTS.md")],
