@@ -119,9 +119,10 @@ def test_bound_at_caps_increases_in_every_cap_and_whole_matrix_caps_cost_sqrt_he
     assert bound_at_caps(caps, cfg, per_head=False) > base
 
 
-@pytest.mark.parametrize("preset", ["configs/default.yaml", "configs/shakespeare.yaml"])
+@pytest.mark.parametrize("preset", ["configs/default.yaml", "configs/shakespeare.yaml",
+                                    "configs/shakespeare-one-layer.yaml"])
 def test_the_certified_presets_reach_their_target_with_the_shape_of_their_caps(preset):
-    """The presets with a target bound (certified ≤ 100, the Shakespeare recipe ≤ 10): the
+    """The presets with a target bound (certified ≤ 100, the Shakespeare recipes ≤ 10): the
     allocation scales the caps table by one factor to a certificate at caps just under the target
     (so every step of the run is certified within it)."""
     cfg = load_config(preset, ["model.vocab_size=65"])
@@ -183,3 +184,26 @@ def test_the_start_up_line_says_where_the_caps_come_from():
     explicit = load_config("configs/smoke.yaml", ["constraint.method=hard_cap", "constraint.caps={qk: 2}"]).constraint
     assert constraint_summary(explicit).startswith("hard_cap, per-group caps embed 1  qk 2  v ")
     assert constraint_summary(load_config("configs/smoke.yaml", ["constraint.method=none"]).constraint) == "none"
+
+
+
+def test_the_shakespeare_recipe_is_the_two_layer_model_certified_100_at_a_tenth_of_its_scale():
+    """`configs/shakespeare.yaml` is the one-layer recipe with two layers certified ≤ 10·τ, trained on
+    τ·logits with the head's cap and rate divided by τ: the same training up to the factor τ on the
+    logits (docs/frontier.md, the logits' scale), every other setting equal."""
+    recipe = load_config("configs/shakespeare.yaml", ["model.vocab_size=65"])
+    tau, bound = recipe.train.loss_temperature, recipe.constraint.target_bound
+    assert tau > 1
+    plain = load_config("configs/shakespeare-one-layer.yaml", [
+        "model.vocab_size=65", "model.n_layers=2", f"constraint.target_bound={bound * tau}",
+        f"optim.lr={recipe.optim.lr}"])
+    small, large = allocate(recipe), allocate(plain)
+    for g in GROUPS:
+        assert small[g] == pytest.approx(large[g] / (tau if g == "head" else 1), rel=1e-9), g
+    assert bound_at_caps(small, recipe.model) == pytest.approx(bound_at_caps(large, plain.model) / tau, rel=1e-9)
+    a, b = recipe.to_dict(), plain.to_dict()
+    assert a["optim"]["lr_mult"].pop("head") == pytest.approx(b["optim"]["lr_mult"].pop("head") / tau)
+    for d in (a, b):
+        d["constraint"].pop("caps"), d["constraint"].pop("target_bound")
+        d["train"].pop("loss_temperature"), d["train"].pop("out")
+    assert a == b
