@@ -231,6 +231,15 @@ GRIDS = {
                                            model__dropout=p)
                                      for n in (2, 3) for lr, p in ((0.8, 0), (0.8, 0.1), (0.8, 0.2), (0.3, 0),
                                                                    (0.15, 0))]},
+    # the scale of the blocks' caps: the recipe's model certified at larger bounds with the caps'
+    # shape kept, for 300 steps and at full length. `configs/shakespeare.yaml` is one of these
+    # models with its head divided by its loss temperature, so each point's accuracy is what the
+    # recipe would reach certified ≤ 10 at τ = bound / 10 (tests/unit/test_caps.py); full-length
+    # points take 1.5–3 hours each on a 2-core machine
+    "shakespeare-scale": {"config": "configs/shakespeare-one-layer.yaml", "set": [],
+                          "points": [point("exact_cap", None, 0.3, model__n_layers=n, constraint__target_bound=b,
+                                           train__steps=steps)
+                                     for steps in (300, 2000) for n in (2, 3) for b in (100, 300, 1000, 3000, 10000)]},
     # the smoke model for a few steps: the dry run
     "smoke": {"config": "configs/smoke.yaml", "set": ["train.steps=6", "train.log_every=3"],
               "points": [point("soft_cap", 1.0, 0.2), point("hard_cap", 2.0, 0.5),

@@ -187,10 +187,10 @@ def test_the_start_up_line_says_where_the_caps_come_from():
 
 
 
-def test_the_shakespeare_recipe_is_the_two_layer_model_certified_100_at_a_tenth_of_its_scale():
-    """`configs/shakespeare.yaml` is the one-layer recipe with two layers certified ≤ 10·τ, trained on
-    τ·logits with the head's cap and rate divided by τ: the same training up to the factor τ on the
-    logits (docs/frontier.md, the logits' scale), every other setting equal."""
+def test_the_shakespeare_recipe_is_the_two_layer_model_at_a_larger_bound_scaled_down_by_its_temperature():
+    """`configs/shakespeare.yaml` is the one-layer recipe with two layers certified ≤ bound·τ, trained
+    on τ·logits with the head's cap and rate divided by τ: the same training up to the factor τ on
+    the logits (docs/frontier.md, the logits' scale), every other setting equal."""
     recipe = load_config("configs/shakespeare.yaml", ["model.vocab_size=65"])
     tau, bound = recipe.train.loss_temperature, recipe.constraint.target_bound
     assert tau > 1
