@@ -186,7 +186,6 @@ def test_the_start_up_line_says_where_the_caps_come_from():
     assert constraint_summary(load_config("configs/smoke.yaml", ["constraint.method=none"]).constraint) == "none"
 
 
-
 def test_the_shakespeare_recipe_is_the_two_layer_model_at_a_larger_bound_scaled_down_by_its_temperature():
     """`configs/shakespeare.yaml` is the one-layer recipe with two layers certified ≤ bound·τ, trained
     on τ·logits with the head's cap and rate divided by τ: the same training up to the factor τ on
