@@ -84,6 +84,15 @@ def _probe(args: argparse.Namespace, model, cfg, tok) -> int:
     return 0
 
 
+def _default_plot(path: str) -> Path:
+    """Where `distlip robustness PATH` draws by default: the run's directory for a checkpoint
+    (never inside a checkpoint, whose files are its manifest's), else PATH's own directory."""
+    from distlip.checkpoint.files import step_of
+
+    d = Path(path)
+    return (d.parent if step_of(d.name) is not None else d) / "robustness.png"
+
+
 def _robustness(args: argparse.Namespace) -> int:
     from distlip.checkpoint.state import open_model
     from distlip.robustness_report import evaluate, format_table, plot, validation_windows
@@ -102,9 +111,10 @@ def _robustness(args: argparse.Namespace) -> int:
     result = evaluate(args.path, model, cfg, tok, x, y, sorted(args.eps), batch=args.batch,
                       steps=args.steps, restarts=args.restarts, loss=args.loss)
     print(format_table([result]))
-    if args.png:
+    png = _default_plot(args.path) if args.png is None else args.png
+    if png:
         try:
-            print(f"plot: {plot([result], args.png)}")
+            print(f"plot: {plot([result], png)}")
         except ImportError:  # `make train` installs no plotting; the table above is the result
             print("plot: skipped, matplotlib is not installed (`make install` or `pip install matplotlib`; "
                   "--png '' for none)", file=sys.stderr)
@@ -177,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--restarts", type=int, default=2, help="attack restarts (default: %(default)s)")
     rob.add_argument("--loss", choices=("margin", "ce"), default="margin",
                      help="attack objective (default: %(default)s)")
-    rob.add_argument("--png", default="robustness.png", help="plot path, '' for none (default: %(default)s)")
+    rob.add_argument("--png", default=None,
+                     help="plot path, '' for none (default: robustness.png in the run's directory, or in "
+                          "the exported model's)")
     rob.set_defaults(func=_robustness)
 
     export = sub.add_parser("export", help="consolidate a checkpoint into model.safetensors + config.json")

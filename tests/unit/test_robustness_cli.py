@@ -1,13 +1,14 @@
 """`distlip robustness` and `distlip certify --probe` on a tiny exported model."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from test_robustness import cap_weights
 
 from distlip.checkpoint.export import save_model
-from distlip.cli import main
+from distlip.cli import _default_plot, main
 from distlip.config import load_config
 from distlip.data.in_memory import load_char_corpus
 from distlip.model import LipschitzTransformer
@@ -55,6 +56,21 @@ def test_robustness_prints_a_table_and_writes_a_plot(tmp_path, capsys):
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0.01", "1 "))]
     assert len(rows) == 2 and all(r[1].endswith("%") and r[2].endswith("%") for r in rows)
     assert png.is_file() and png.stat().st_size > 1000
+
+
+def test_the_plot_goes_beside_the_model_not_into_the_working_directory(tmp_path, capsys, monkeypatch):
+    path = export_tiny(tmp_path)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(["robustness", str(path), "--windows", "2", "--eps", "0.5", "--steps", "1"]) == 0
+    assert (path / "robustness.png").is_file() and not any(cwd.iterdir())
+    assert f"plot: {path / 'robustness.png'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("given", "plot"), [("run/step_000400", "run"), ("run", "run"), ("model", "model")])
+def test_a_checkpoint_plot_goes_to_its_run_directory_not_into_the_checkpoint(given, plot):
+    assert _default_plot(given) == Path(plot) / "robustness.png"
 
 
 def test_an_unconstrained_model_is_attacked_but_not_certified(tmp_path, capsys):
