@@ -18,7 +18,8 @@
 #      given FRONTIER_S seconds (120); the points finished by then are tabulated, the rest run on a later call.
 #      FRONTIER_GRID picks another grid (e.g. shakespeare-depth: the recipe at full length, two and three
 #      layers certified ≤ 100, with and without dropout; shakespeare-scale: two and three layers
-#      certified ≤ 100…10⁴, which the recipe equals at ≤ 10 with a loss temperature).
+#      certified ≤ 100…10⁴, which the recipe equals at ≤ 10 with a loss temperature; shakespeare-recipe:
+#      the recipe itself at three seeds, and with the MLP twice as wide).
 # Tables: OUT/tables.md (and OUT/report.json); logs and runs beside them. Knobs: STEPS (200), BATCH (128
 # sequences per step), MICRO (8 per micro-batch, as the preset), PEAK_TFLOPS (989, dense bf16 of an
 # H100/H200 SXM) for the MFU, CHECK_STEPS (6 float32 steps of 8 sequences each way for the fast path's

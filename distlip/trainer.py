@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from distlip.checkpoint.average import average_checkpoints, averaged_steps
 from distlip.checkpoint.export import save_model
 from distlip.checkpoint.files import Checkpoint
 from distlip.checkpoint.state import load_checkpoint, save_checkpoint
@@ -32,7 +33,7 @@ from distlip.errors import ConfigError, DistlipError
 from distlip.evaluation import evaluate
 from distlip.lipschitz.budget import apply_target
 from distlip.lipschitz.caps import CAPPED_METHODS, EMBED, cap_of, constraint_summary, matrix_caps, row_blocks, unit_caps
-from distlip.lipschitz.certificate import Certificate, SigmaEstimator, certify, exact_norms, norm_keys
+from distlip.lipschitz.certificate import Certificate, SigmaEstimator, certify, certify_weights, exact_norms, norm_keys
 from distlip.lipschitz.constrainer import Constrainer
 from distlip.lipschitz.constraints import embed_cap
 from distlip.loss import chunk_tokens, head_cross_entropy, head_loss_and_correct
@@ -294,6 +295,23 @@ class Trainer:
         return {"paper_val_loss": loss_sum / count, "paper_val_acc": acc_sum / count,
                 "paper_protocol": describe(self.cfg.seq_len())}
 
+    def _average(self, last: Certificate) -> tuple[dict[str, torch.Tensor], Certificate, dict]:
+        """Put the mean of the weights at the run's last `train.average_last` checkpoints into the
+        engine for the final evaluation and export (collective). Returns (those weights, their
+        exact certificate, the summary's fields: the steps averaged and the last step's figures)."""
+        t = self.cfg.train
+        with self.wire.category("eval"):
+            last_loss, last_acc = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast)
+        weights, found = average_checkpoints(self.out, averaged_steps(t.steps, t.save_every, t.average_last))
+        if len(found) < t.average_last and self.env.is_main:
+            print(f"distlip: warning: train.average_last={t.average_last} found {len(found)} of its checkpoints "
+                  f"(steps {', '.join(map(str, found))}; the others were rotated out): averaging those",
+                  file=sys.stderr, flush=True)
+        self.engine.load_weights(weights)
+        cert, _ = certify_weights(weights, self.cfg)
+        return weights, cert, {"averaged_steps": found, "last_val_loss": last_loss, "last_val_acc": last_acc,
+                               "last_lipschitz_bound": last.bound}
+
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -352,20 +370,23 @@ class Trainer:
                     exit_for_requeue()
             train_time = time.perf_counter() - start
             final = self.certificate(exact=True)
+            weights, averaged = self.engine.master_weights(), {}
+            if t.average_last > 1:
+                weights, final, averaged = self._average(final)
             with self.wire.category("eval"):
                 vl, va = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast)
                 paper = self.paper_protocol()
             violations = final.violations(self.caps)
             summary = {"step": self.step, "loss": loss, "lipschitz_bound": final.bound, "val_loss": vl, "val_acc": va,
                        "max_cap_ratio": final.max_cap_ratio, "certified": not violations, "exact": True,
-                       "capped": cfg.constraint.method in CAPPED_METHODS, **paper,
+                       "capped": cfg.constraint.method in CAPPED_METHODS, **paper, **averaged,
                        "train_seconds": train_time, "val_tokens": self.data.val_y.numel(), **self.wire.log_fields()}
             logger.log({"event": "final", **summary})
-            weights = self.engine.master_weights()
             if main:
                 save_model(self.out, weights, cfg, self.data.tokenizer,
                            {"certificate": {"lipschitz_bound": final.bound, "log10_bound": final.log10_bound},
-                            "validation": {k: summary[k] for k in ("val_loss", "val_acc", "val_tokens", *paper)}})
+                            "validation": {k: summary[k] for k in ("val_loss", "val_acc", "val_tokens", *paper)},
+                            **({"averaged_steps": averaged["averaged_steps"]} if averaged else {})})
         finally:
             preemption.close()
             progress.close()
@@ -379,6 +400,11 @@ def print_summary(summary: dict, out: Path) -> None:
     print(f"final: val_loss {summary['val_loss']:.4f}  val_acc {summary['val_acc']:.2%}  "
           f"lipschitz_bound {summary['lipschitz_bound']:.4g} ({ok}, exact SVD; {caps})  "
           f"train time {format_duration(summary['train_seconds'])}")
+    if "averaged_steps" in summary:
+        steps = summary["averaged_steps"]
+        print(f"       the mean of the weights at {len(steps)} checkpoints (steps {steps[0]}…{steps[-1]}); the last "
+              f"step's alone: val_loss {summary['last_val_loss']:.4f}  val_acc {summary['last_val_acc']:.2%}  "
+              f"lipschitz_bound {summary['last_lipschitz_bound']:.4g}")
     if "paper_val_acc" in summary:
         print(f"       {summary['paper_protocol']}: val_loss {summary['paper_val_loss']:.4f}  "
               f"val_acc {summary['paper_val_acc']:.2%}  (the whole split above is the headline)")

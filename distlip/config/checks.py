@@ -141,6 +141,23 @@ def validate(cfg: Config) -> None:
              "(0 uses model.context) or raise model.context")
     _require(t.save_every >= 0, f"train.save_every={t.save_every} must be ≥ 0 (0: checkpoint at the end only)")
     _require(t.keep_last >= 1, f"train.keep_last={t.keep_last}: keep at least 1 checkpoint")
+    _check_average(t)
+
+
+def _check_average(t) -> None:
+    """train.average_last reads checkpoints the run writes and keeps: refused at start-up when it
+    would find fewer than it asks for at the end."""
+    k = t.average_last
+    _require(k >= 1, f"train.average_last={k} must be ≥ 1 (1: the last step's weights)")
+    if k == 1:
+        return
+    _require(t.save_every > 0, f"train.average_last={k} averages checkpoints, and train.save_every=0 writes one at "
+                               f"the end only: set train.save_every (e.g. {max(1, t.steps // (4 * k))})")
+    _require(t.keep_last >= k, f"train.average_last={k} needs the last {k} checkpoints, and train.keep_last="
+                               f"{t.keep_last} keeps fewer: set train.keep_last ≥ {k}")
+    _require((k - 1) * t.save_every < t.steps,
+             f"train.average_last={k} × train.save_every={t.save_every} reaches back past step 0 of "
+             f"train.steps={t.steps}: lower one of them")
 
 
 def check_output_dir(out: Path) -> None:

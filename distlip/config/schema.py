@@ -123,6 +123,9 @@ class TrainConfig:
     exact_certify_every: int = 0  # exact SVD certificate every N steps (0: end only)
     save_every: int = 0  # sharded checkpoint every N steps (0: end only)
     keep_last: int = 3
+    # K > 1: the model evaluated, certified and exported at the end is the mean of the weights at the
+    # run's last K checkpoints (every save_every steps up to the last); 1: the last step's weights
+    average_last: int = 1
     out: str = "runs/default"
     resume: str = ""  # "" fresh | auto | tag or path
     tensorboard: bool = True

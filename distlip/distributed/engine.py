@@ -348,14 +348,19 @@ class Engine:
                               if self.global_constrainer is not None else {}}
         return state
 
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Every parameter's full value by name into the module (and DeepSpeed's master of the
+        embedding) on this rank: what the next forward reads. Optimiser state is untouched."""
+        for name in matrix_names(self.model):
+            self.params[name].data.copy_(weights[name])
+        self.set_embedding(weights[EMBED].to(self.device))
+
     def load_state_dict(self, state: dict) -> None:
         """Restore from `state` merged by name (every weight; the optimiser and constrainer state of
         at least the tensors this rank owns; `compression` None when there is none to load)."""
-        weights, adam = state["weights"], state["adam"]
-        with torch.no_grad():
-            for name in matrix_names(self.model):
-                self.params[name].data.copy_(weights[name])
-            self.set_embedding(weights[EMBED].to(self.device))
+        adam = state["adam"]
+        self.load_weights(state["weights"])
         stepped = set(self.stepped)
         self.optim.load_state_dict({"momentum": state["momentum"], "adam": adam})
         if self.ds is not None and EMBED in adam:

@@ -37,6 +37,7 @@ from distlip.checkpoint.state import (
 from distlip.cli import main as cli
 from distlip.config import load_config
 from distlip.errors import CheckpointError
+from distlip.lipschitz.certificate import certify_weights
 from distlip.preemption import REQUEUE_EXIT_CODE, REQUEUE_FILE_ENV
 from distlip.slurm import FORWARDED_SIGNALS
 from distlip.trainer import Trainer
@@ -152,7 +153,7 @@ def runs(tmp_path_factory):
     """Every run, in three launches. Returns paths and what the test observed while interrupting."""
     tmp = tmp_path_factory.mktemp("resume")
     base = 29700 + os.getpid() % 200
-    names = ["one", "ref_adam", "ref_adam0", "one_to_two", "usr2", "kill", "stream", *SPLIT,
+    names = ["one", "ref_adam", "ref_adam0", "one_to_two", "usr2", "kill", "stream", "averaged", *SPLIT,
              *(f"ref_{n}" for n in SPLIT)]
     r = {name: tmp / name for name in names}
     corpus = write_corpus(tmp / "corpus")
@@ -169,6 +170,7 @@ def runs(tmp_path_factory):
                    *(train(r[n], *mode, "train.steps=10") for n, mode in SPLIT.items()),
                    train(r["one_to_two"], *ADAM_Z3, f"train.steps={STEPS}", "--resume", str(r["one"] / "step_000010")),
                    train(r["stream"], *COLNORM, *stream(corpus), "train.steps=10"),
+                   train(r["averaged"], *ADAM_Z3, f"train.steps={STEPS}", "train.average_last=3"),
                    train(r["usr2"], *ADAM_Z0, FOREVER)], log1, base, {REQUEUE_FILE_ENV: str(marker)})
     wait_until(lambda: last_step(r["usr2"]) >= 5, proc, log1)
     signalled_after = last_step(r["usr2"])
@@ -271,6 +273,23 @@ def test_two_to_one_process_matches_the_uninterrupted_run(runs, ref, mode, tmp_p
     for name, w in final.items():
         mine = trainer.params[name].data
         assert (mine - w).norm() <= WEIGHT_RTOL * w.norm(), name
+
+
+def test_two_rank_average_of_checkpoints_matches_the_single_process_run(runs):
+    # train.average_last=3 on 2 ranks (ZeRO-3 embedding): the model exported is the mean of the
+    # run's own checkpoints at steps 10, 20, 30, and that of the 1-process run's
+    steps = [10, 20, 30]
+    mean = lambda run: {n: sum(certified_weights(read_rank_files(find_checkpoint(run / f"step_{s:06d}")))[n].double()  # noqa: E731
+                               for s in steps) / 3 for n in exported}
+    exported = load_file(str(runs["averaged"] / "model.safetensors"))
+    own, single = mean(runs["averaged"]), mean(runs["one"])
+    for name, w in exported.items():
+        assert torch.allclose(w.double(), own[name], atol=1e-6), name
+        assert (w.double() - single[name]).norm() <= WEIGHT_RTOL * single[name].norm(), name
+    final = [r for r in records(runs["averaged"]) if r.get("event") == "final"][-1]
+    assert final["averaged_steps"] == steps and final["certified"]
+    cfg = load_config("configs/smoke.yaml", [*COMMON, *ADAM_Z3])
+    assert final["lipschitz_bound"] == pytest.approx(certify_weights(exported, cfg)[0].bound, rel=1e-9)
 
 
 def test_two_rank_checkpoint_exports_without_a_process_group(runs, tmp_path):
