@@ -16,7 +16,7 @@ from distlip.errors import ConfigError, print_error, run_command
 def _train(args: argparse.Namespace) -> int:
     from distlip.config import load_config
     from distlip.distributed.deepspeed import apply_launcher_zero_stage
-    from distlip.trainer import Trainer, print_summary
+    from distlip.trainer import Trainer
 
     overrides = args.overrides + ([f"train.resume={args.resume}"] if args.resume is not None else [])
     cfg = apply_launcher_zero_stage(load_config(args.config, overrides), overrides)
@@ -26,6 +26,28 @@ def _train(args: argparse.Namespace) -> int:
     if trainer.env.is_main:
         print_summary(summary, out)
     return 0 if summary["certified"] else 1
+
+
+def format_duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    ok = "certified" if summary["certified"] else "CAP VIOLATED"
+    caps = f"max ‖W‖/cap {summary['max_cap_ratio']:.4f}" if summary["capped"] else "no caps"
+    print(f"final: val_loss {summary['val_loss']:.4f}  val_acc {summary['val_acc']:.2%}  "
+          f"lipschitz_bound {summary['lipschitz_bound']:.4g} ({ok}, exact SVD; {caps})  "
+          f"train time {format_duration(summary['train_seconds'])}")
+    if "averaged_steps" in summary:
+        steps = summary["averaged_steps"]
+        print(f"       the mean of the weights at {len(steps)} checkpoints (steps {steps[0]}…{steps[-1]}); the last "
+              f"step's alone: val_loss {summary['last_val_loss']:.4f}  val_acc {summary['last_val_acc']:.2%}  "
+              f"lipschitz_bound {summary['last_lipschitz_bound']:.4g}")
+    if "paper_val_acc" in summary:
+        print(f"       {summary['paper_protocol']}: val_loss {summary['paper_val_loss']:.4f}  "
+              f"val_acc {summary['paper_val_acc']:.2%}  (the whole split above is the headline)")
+    print(f"saved: {out / 'model.safetensors'}, {out / 'config.json'}, {out / 'metrics.jsonl'}")
 
 
 def _certify(args: argparse.Namespace) -> int:

@@ -77,11 +77,6 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
     return Data(tok, train, vx, vy, train.held_out.tokens)
 
 
-def format_duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 class Trainer:
     """Training of the Lipschitz transformer on one process or many (torchrun / accelerate)."""
 
@@ -303,10 +298,6 @@ class Trainer:
         with self.wire.category("eval"):
             last_loss, last_acc = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast)
         weights, found = average_checkpoints(self.out, averaged_steps(t.steps, t.save_every, t.average_last))
-        if len(found) < t.average_last and self.env.is_main:
-            print(f"distlip: warning: train.average_last={t.average_last} found {len(found)} of its checkpoints "
-                  f"(steps {', '.join(map(str, found))}; the others were rotated out): averaging those",
-                  file=sys.stderr, flush=True)
         self.engine.load_weights(weights)
         cert, _ = certify_weights(weights, self.cfg)
         return weights, cert, {"averaged_steps": found, "last_val_loss": last_loss, "last_val_acc": last_acc,
@@ -370,9 +361,10 @@ class Trainer:
                     exit_for_requeue()
             train_time = time.perf_counter() - start
             final = self.certificate(exact=True)
-            weights, averaged = self.engine.master_weights(), {}
             if t.average_last > 1:
                 weights, final, averaged = self._average(final)
+            else:
+                weights, averaged = self.engine.master_weights(), {}
             with self.wire.category("eval"):
                 vl, va = evaluate(self.engine, self.data.val_x, self.data.val_y, self.autocast)
                 paper = self.paper_protocol()
@@ -393,19 +385,3 @@ class Trainer:
             logger.close()
         return summary
 
-
-def print_summary(summary: dict, out: Path) -> None:
-    ok = "certified" if summary["certified"] else "CAP VIOLATED"
-    caps = f"max ‖W‖/cap {summary['max_cap_ratio']:.4f}" if summary["capped"] else "no caps"
-    print(f"final: val_loss {summary['val_loss']:.4f}  val_acc {summary['val_acc']:.2%}  "
-          f"lipschitz_bound {summary['lipschitz_bound']:.4g} ({ok}, exact SVD; {caps})  "
-          f"train time {format_duration(summary['train_seconds'])}")
-    if "averaged_steps" in summary:
-        steps = summary["averaged_steps"]
-        print(f"       the mean of the weights at {len(steps)} checkpoints (steps {steps[0]}…{steps[-1]}); the last "
-              f"step's alone: val_loss {summary['last_val_loss']:.4f}  val_acc {summary['last_val_acc']:.2%}  "
-              f"lipschitz_bound {summary['last_lipschitz_bound']:.4g}")
-    if "paper_val_acc" in summary:
-        print(f"       {summary['paper_protocol']}: val_loss {summary['paper_val_loss']:.4f}  "
-              f"val_acc {summary['paper_val_acc']:.2%}  (the whole split above is the headline)")
-    print(f"saved: {out / 'model.safetensors'}, {out / 'config.json'}, {out / 'metrics.jsonl'}")

@@ -9,12 +9,13 @@ certified again by exact SVD like any other weights; it is usually inside its ca
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
-from distlip.checkpoint.files import tag_for
-from distlip.checkpoint.state import certified_weights, find_checkpoint, read_rank_files
+from distlip.checkpoint.files import CheckpointWarning, tag_for
+from distlip.checkpoint.state import read_checkpoint
 
 
 def averaged_steps(steps: int, save_every: int, k: int) -> list[int]:
@@ -30,11 +31,15 @@ def averaged_steps(steps: int, save_every: int, k: int) -> list[int]:
 def average_checkpoints(run_dir: str | Path, steps: list[int]) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Mean (float32, summed in float64) of the certified weights at the checkpoints of `run_dir`
     for `steps` that exist, and the steps found. A step whose checkpoint is gone (a preemption's
-    extra checkpoint rotated it out) is left out of the mean."""
-    found = [s for s in steps if (Path(run_dir) / tag_for(s)).is_dir()]
+    extra checkpoint rotated it out) is left out of the mean with a CheckpointWarning."""
+    paths = {s: Path(run_dir) / tag_for(s) for s in steps}
+    found = [s for s in steps if paths[s].is_dir()]
+    if len(found) < len(steps):
+        warnings.warn(f"averaging the checkpoints of steps {', '.join(map(str, found))}: those of steps "
+                      f"{', '.join(str(s) for s in steps if s not in found)} were rotated out", CheckpointWarning,
+                      stacklevel=2)
     total: dict[str, torch.Tensor] = {}
     for s in found:
-        weights = certified_weights(read_rank_files(find_checkpoint(Path(run_dir) / tag_for(s))))
-        for name, w in weights.items():
+        for name, w in read_checkpoint(paths[s])[0].items():
             total[name] = total[name] + w.double() if name in total else w.double()
     return {n: (t / len(found)).float() for n, t in total.items()}, found

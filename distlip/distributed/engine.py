@@ -348,28 +348,24 @@ class Engine:
                               if self.global_constrainer is not None else {}}
         return state
 
-    @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Every parameter's full value by name into the module (and DeepSpeed's master of the
-        embedding) on this rank: what the next forward reads. Optimiser state is untouched."""
+        """Every full weight by name into this rank's module (and DeepSpeed's embedding master)."""
         for name in matrix_names(self.model):
-            self.params[name].data.copy_(weights[name])
+            self.params[name].data.copy_(weights[name])  # .data: outside autograd
         self.set_embedding(weights[EMBED].to(self.device))
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from `state` merged by name (every weight; the optimiser and constrainer state of
         at least the tensors this rank owns; `compression` None when there is none to load)."""
-        adam = state["adam"]
         self.load_weights(state["weights"])
-        stepped = set(self.stepped)
+        adam, stepped = state["adam"], set(self.stepped)
         self.optim.load_state_dict({"momentum": state["momentum"], "adam": adam})
         if self.ds is not None and EMBED in adam:
             scatter_adam(self.ds, self.params[EMBED], adam[EMBED])
         self.constrainer.load_state_dict({n: v for n, v in state["constraint"].items() if matrix_of(n) in stepped})
         if state["compression"] is not None:
             self.load_compression_state_dict(state["compression"])
-        local = state.get("local")
-        if self.local_steps and local is not None:
+        if self.local_steps and (local := state.get("local")) is not None:
             self.optim.load_state_dict({"momentum": local["momentum"]})
             self.constrainer.load_state_dict(local["constraint"])
             if self.global_constrainer is not None:

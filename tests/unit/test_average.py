@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from distlip.checkpoint.average import average_checkpoints, averaged_steps
+from distlip.checkpoint.files import CheckpointWarning
 from distlip.checkpoint.state import read_checkpoint
 from distlip.cli import main as cli
 from distlip.config import load_config
@@ -82,6 +83,7 @@ def test_the_exported_model_is_the_mean_of_the_last_checkpoints_and_is_certified
     assert {"last_val_acc", "last_val_loss", "last_lipschitz_bound"} <= set(final)
     # the checkpoints keep the trained state: resuming continues from the last step, not the mean
     assert not torch.equal(read_checkpoint(tmp_path)[0]["head.weight"], exported["head.weight"])
-    # a checkpoint that is gone (rotated out by keep_last here) is left out of the mean
-    mean, found = average_checkpoints(tmp_path, [3, 6, 9, 10])
+    # a checkpoint that is gone (rotated out by keep_last here) is left out of the mean, with a warning
+    with pytest.warns(CheckpointWarning, match="steps 6, 9, 10: those of steps 3 were rotated out"):
+        mean, found = average_checkpoints(tmp_path, [3, 6, 9, 10])
     assert found == steps and all(torch.allclose(mean[n], exported[n], atol=1e-6) for n in exported)

@@ -109,7 +109,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("capped, shown", [(True, "max ‖W‖/cap 0.9990"), (False, "no caps")])
 def test_final_line_names_the_caps_only_when_there_are_caps(tmp_path, capsys, capped, shown):
-    from distlip.trainer import print_summary
+    from distlip.cli import print_summary
     summary = {"val_loss": 1.5, "val_acc": 0.5, "lipschitz_bound": 12.0, "certified": True,
                "max_cap_ratio": 0.999 if capped else 0.0, "capped": capped, "train_seconds": 3.0}
     print_summary(summary, tmp_path)
