@@ -247,7 +247,8 @@ GRIDS = {
     # `configs/shakespeare.yaml` itself at full length: the spread between seeds, the MLP twice as wide
     # (54.71% against 54.61% at seed 0), and the mean of the last quarter's checkpoints under schedules
     # that do not decay to zero (the mean adds 1–1.5 points mid-run and nothing at the end of the
-    # recipe's decay: benchmarks/RESULTS.md); 86 and 106 minutes a point at two threads on 2 cores
+    # recipe's decay; decaying to 0.3 and averaging ends at 54.18%: benchmarks/RESULTS.md); 86 and
+    # 106 minutes a point at two threads on 2 cores
     "shakespeare-recipe": {"config": "configs/shakespeare.yaml", "set": [],
                            "points": [point("exact_cap", None, 0.3, train__seed=seed, **wide)
                                       for wide in ({}, {"model__mlp_ratio": 8}) for seed in (0, 1, 2)]
