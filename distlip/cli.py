@@ -1,4 +1,4 @@
-"""The `distlip` command: train, certify, export, sample, and the tools around them.
+"""The `distlip` command: train, certify, export, sample, combine into ensembles, and the tools around them.
 
 Every user mistake surfaces as one `error: ...` line and exit code 2, never a traceback.
 """
@@ -52,10 +52,13 @@ def print_summary(summary: dict, out: Path) -> None:
 
 def _certify(args: argparse.Namespace) -> int:
     from distlip.checkpoint.state import open_model
+    from distlip.ensemble import is_ensemble
     from distlip.lipschitz.caps import caps_text, group_of
     from distlip.lipschitz.certificate import CAP_RTOL, certify_weights
     from distlip.model import matrix_of
 
+    if is_ensemble(args.path):
+        return _certify_ensemble(args)
     model, cfg, tok, _ = open_model(args.path)
     params = {n: p.detach() for n, p in model.named_parameters()}
     cert, caps = certify_weights(params, cfg)
@@ -82,6 +85,67 @@ def _certify(args: argparse.Namespace) -> int:
         print_error(f"{len(bad)} matrices exceed their cap: {', '.join(bad[:5])}")
         return 1
     return _probe(args, model, cfg, tok) if args.probe else 0
+
+
+def _print_ensemble(ens, validation: dict | None) -> None:
+    for m, w in zip(ens.members, ens.weights):
+        print(f"  {m.source}: weight {w:.4g} (loss temperature {m.cfg.train.loss_temperature:g}), "
+              f"lipschitz_bound {m.bound:.6g} (exact SVD, max ‖W‖/cap {m.max_cap_ratio:.4f})")
+    print(f"lipschitz_bound: {ens.bound:.6g} (Σ weight × member bound; token ids → logits)")
+    if validation:
+        print(f"validation, whole split ({validation['val_tokens']:,} targets): val_loss {validation['val_loss']:.4f} "
+              f"(of {ens.temperature:g}·logits)  val_acc {validation['val_acc']:.2%}")
+        if "paper_val_acc" in validation:
+            print(f"  {validation['paper_protocol']}: val_loss {validation['paper_val_loss']:.4f}  "
+                  f"val_acc {validation['paper_val_acc']:.2%}")
+
+
+def _certify_ensemble(args: argparse.Namespace) -> int:
+    from distlip.ensemble import load_ensemble
+
+    ens, meta = load_ensemble(args.path)
+    print(f"ensemble of {len(ens.members)} models, logits averaged with weights ∝ loss temperature:")
+    _print_ensemble(ens, meta.get("validation"))
+    return _probe_ensemble(args, ens) if args.probe else 0
+
+
+def _probe_ensemble(args: argparse.Namespace, ens) -> int:
+    import copy
+
+    from distlip.lipschitz.attack import token_pair_attack
+    from distlip.lipschitz.certificate import CAP_RTOL
+    from distlip.robustness_report import validation_windows
+
+    first = ens.members[0]
+    x, _ = validation_windows(first.cfg, first.tokenizer, args.probe_windows)
+    f = copy.deepcopy(ens).double().eval().requires_grad_(False)
+    found = max(token_pair_attack(f.soft_logits, x[i:i + 1], first.cfg.model.vocab_size, steps=30, restarts=2, seed=i)
+                for i in range(len(x)))
+    if found > ens.bound * (1 + CAP_RTOL):
+        print_error(f"the attack found the ratio {found:.6g} above the ensemble's certified bound {ens.bound:.6g}: "
+                    "the certificate is wrong for this ensemble (a bug)")
+        return 1
+    print(f"\nprobe on {len(x)} validation windows (float64, pairs of soft token sequences): largest ratio found "
+          f"{found:.6g}; certified bound {ens.bound:.6g}; looseness (bound / found) {ens.bound / found:.4g}")
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from distlip.ensemble import Ensemble, open_members, save_ensemble, validate
+
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be ≥ 1 (got {args.batch})")
+    ens = Ensemble(open_members(args.paths))
+    validation = None
+    if not args.no_eval:
+        print(f"evaluating the ensemble of {len(ens.members)} on {ens.members[0].source}'s validation split …",
+              file=sys.stderr)
+        validation = validate(ens, args.batch)
+    path = save_ensemble(args.out, ens, validation)
+    print(f"ensemble of {len(ens.members)} models, logits averaged with weights ∝ loss temperature:")
+    _print_ensemble(ens, validation)
+    print(f"saved: {path} and {len(ens.members)} members beside it")
+    return 0
 
 
 def _probe(args: argparse.Namespace, model, cfg, tok) -> int:
@@ -213,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="plot path, '' for none (default: robustness.png in the run's directory, or in "
                           "the exported model's)")
     rob.set_defaults(func=_robustness)
+
+    ens = sub.add_parser("ensemble", help="combine trained models into one certified ensemble (averaged logits)")
+    ens.add_argument("paths", nargs="+", help="two or more exported models, checkpoints or run directories, "
+                                              "trained with one tokenizer and context")
+    ens.add_argument("--out", required=True, help="new directory for the ensemble (its members are copied in)")
+    ens.add_argument("--batch", type=int, default=8,
+                     help="validation windows evaluated at a time (default: %(default)s)")
+    ens.add_argument("--no-eval", action="store_true", help="skip the validation split (certificate only)")
+    ens.set_defaults(func=_ensemble)
 
     export = sub.add_parser("export", help="consolidate a checkpoint into model.safetensors + config.json")
     export.add_argument("checkpoint", help="a checkpoint directory (step_NNNNNN) or a run directory (its newest)")

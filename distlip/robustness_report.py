@@ -15,6 +15,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distlip.errors import DataError
@@ -50,28 +51,36 @@ class Robustness:
     probe: dict = field(default_factory=dict)
 
 
-def validation_windows(cfg, tokenizer, windows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`windows` evenly spaced non-overlapping validation windows (0: all) of the run's data,
-    as (n, T) inputs and targets, T = the run's sequence length."""
-    from distlip.data.in_memory import load_char_corpus, val_windows
+def validation_ids(cfg, tokenizer) -> np.ndarray:
+    """The run's validation split as token ids (the text it was trained on, re-read and checked
+    against the model's character vocabulary, or the stream's held-out tokens)."""
+    from distlip.data.in_memory import load_char_corpus
 
-    d, T = cfg.data, cfg.seq_len()
+    d = cfg.data
     if d.source in ("shakespeare", "text") and d.tokenizer == "char":
         tok, _, ids = load_char_corpus(d.source, d.path, d.val_fraction)
         if tok.to_dict() != tokenizer.to_dict():
             raise DataError(f"the validation text ({d.source} {d.path}) no longer gives the model's character "
                             "vocabulary: point data.path at the text the model was trained on")
-    else:
-        from distlip.data.stream import hold_out
+        return ids
+    from distlip.data.stream import hold_out
 
-        if d.val_tokens <= 0:
-            raise DataError(f"data.source={d.source} streams its data and the run held out no validation tokens "
-                            "(data.val_tokens=0): nothing to evaluate")
-        ids = hold_out(d, tokenizer).tokens
-    return val_windows(ids, T, windows)
+    if d.val_tokens <= 0:
+        raise DataError(f"data.source={d.source} streams its data and the run held out no validation tokens "
+                        "(data.val_tokens=0): nothing to evaluate")
+    return hold_out(d, tokenizer).tokens
 
 
-def _mask(cfg, tokenizer, x: torch.Tensor) -> torch.Tensor | None:
+def validation_windows(cfg, tokenizer, windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`windows` evenly spaced non-overlapping validation windows (0: all) of the run's data,
+    as (n, T) inputs and targets, T = the run's sequence length."""
+    from distlip.data.in_memory import val_windows
+
+    return val_windows(validation_ids(cfg, tokenizer), cfg.seq_len(), windows)
+
+
+def attention_mask(cfg, tokenizer, x: torch.Tensor) -> torch.Tensor | None:
+    """The document-causal mask for windows `x` (B, T) when the run trained with one, else None."""
     if not cfg.data.document_mask:
         return None
     from distlip.data.packing import document_causal_mask
@@ -100,7 +109,7 @@ def evaluate(name: str, model: LipschitzTransformer, cfg, tokenizer, x: torch.Te
     bar = Progress(len(range(0, len(x), batch)), enabled=progress)
     for i, start in enumerate(range(0, len(x), batch)):
         xb, yb = x[start:start + batch], y[start:start + batch]
-        mask = _mask(cfg, tokenizer, xb)
+        mask = attention_mask(cfg, tokenizer, xb)
         f = lambda h, mask=mask: model.logits_from_embeddings(h, mask)  # noqa: E731
         h = model.embed(xb)
         with torch.no_grad():
@@ -147,7 +156,7 @@ def probe(name: str, model: LipschitzTransformer, cfg, tokenizer, x: torch.Tenso
     best: dict = {}  # (method, radius) → (largest ratio over windows, bound on that ball)
     for i in range(len(x)):
         xb = x[i:i + 1]
-        mask = _mask(cfg, tokenizer, xb)
+        mask = attention_mask(cfg, tokenizer, xb)
         f = lambda h, mask=mask: m.logits_from_embeddings(h, mask)  # noqa: E731
         h = m.embed(xb)
         trials = [("jacobian", 0.0, jacobian_attack(f, h, iters=iters, seed=i))]

@@ -21,6 +21,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # DeepSpeed's JIT build cache of this environment, as the Makefile sets it (pytest run directly).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    models run fastest so, and the machine's two cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TIER_MARKS = {"multiproc": ("slow",), "convergence": ("slow", "convergence")}
 
 

@@ -21,6 +21,7 @@ from distlip.lipschitz.caps import unit_caps
 from distlip.model import LipschitzTransformer
 
 FORMAT = 1  # config.json's "format"; files without one predate the marker and read as 1
+ENSEMBLE_FILE = "ensemble.json"  # marks a directory of exported members (`distlip.ensemble`)
 _REEXPORT = "export it again from its checkpoint with this version's `distlip export CHECKPOINT DIR`"
 
 

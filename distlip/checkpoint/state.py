@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from distlip.checkpoint.export import load_model, load_weights, save_model
+from distlip.checkpoint.export import ENSEMBLE_FILE, load_model, load_weights, save_model
 from distlip.checkpoint.files import MANIFEST, Checkpoint
 from distlip.checkpoint.store import CheckpointStore
 from distlip.config import Config, config_from_dict
@@ -174,6 +174,10 @@ def open_model(path: str | Path) -> tuple[LipschitzTransformer, Config, object, 
     d = Path(path)
     if (d / "model.safetensors").exists():
         return load_model(d)
+    if (d / ENSEMBLE_FILE).is_file():
+        raise CheckpointError(f"'{d}' is an ensemble of exported models, not one model: `distlip certify {d}` "
+                              f"certifies it; to sample from or attack one member give its directory, e.g. "
+                              f"'{d / 'member_0'}'")
     weights, cfg, tok, ckpt = read_checkpoint(d)
     model = LipschitzTransformer(cfg.model)
     load_weights(model, weights, str(ckpt.path), "the checkpoint is inconsistent; use another checkpoint of the run")

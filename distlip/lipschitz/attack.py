@@ -135,3 +135,48 @@ def jacobian_attack(f: Fn, x: Tensor, *, iters: int = 30, seed: int = 0) -> floa
         keep = norms[..., None] > 0  # tokens that do not reach t keep their direction
         u = torch.where(keep, w / token_rms(w).clamp_min(tiny), u)
     return best
+
+
+def token_pair_attack(f: Fn, tokens: Tensor, vocab: int, *, steps: int = 50, restarts: int = 4,
+                      seed: int = 0) -> float:
+    """Largest `max_rms(f(a) − f(b)) / max_t ‖a_t − b_t‖₁` found over pairs of soft token
+    sequences by gradient ascent: the attack on a certificate from token ids (one-hot inputs,
+    ℓ1 per token, e.g. `lipschitz_bound` or an ensemble's bound).
+
+    `f`: (B, T, V) → (B, T, V') maps sequences of probability vectors over the vocabulary (the
+    convex hull of one-hot tokens, where such a certificate holds: embedding a probability
+    vector mixes embedding rows) to logits; `tokens`: (B, T) ids the pairs start from, `vocab`:
+    V. a and b are softmaxes of free logits; restarts alternate between far pairs (a at the
+    tokens, b at other random tokens) and near pairs (b a small perturbation of a). Returns a
+    ratio some pair achieves, a lower bound on the constant, as a float.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch.float64
+    tiny = torch.finfo(dtype).tiny
+    one_hot = torch.nn.functional.one_hot(tokens, vocab).to(dtype)
+    best = 0.0
+
+    def ratio(za: Tensor, zb: Tensor) -> Tensor:
+        a, b = za.softmax(-1), zb.softmax(-1)
+        den = (a - b).abs().sum(-1).amax(-1)
+        return max_rms(f(a) - f(b)) / den.clamp_min(tiny)
+
+    for r in range(restarts):
+        za = 4.0 * one_hot + torch.randn(one_hot.shape, generator=gen, dtype=dtype)
+        if r % 2 == 0:
+            other = torch.randint(vocab, tokens.shape, generator=gen)
+            zb = 4.0 * torch.nn.functional.one_hot(other, vocab).to(dtype)
+            zb = zb + torch.randn(one_hot.shape, generator=gen, dtype=dtype)
+        else:
+            zb = za + 0.1 * torch.randn(one_hot.shape, generator=gen, dtype=dtype)
+        za, zb = za.to(tokens.device).requires_grad_(True), zb.to(tokens.device).requires_grad_(True)
+        opt = torch.optim.Adam([za, zb], lr=0.3 if r % 2 == 0 else 0.03)
+        for _ in range(steps):
+            value = ratio(za, zb)
+            best = max(best, value.max().item())
+            opt.zero_grad()
+            (-value.sum()).backward()
+            opt.step()
+        with torch.no_grad():
+            best = max(best, ratio(za, zb).max().item())
+    return best

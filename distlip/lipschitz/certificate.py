@@ -199,5 +199,14 @@ def certify_weights(weights: dict[str, torch.Tensor], cfg: Config) -> tuple[Cert
     return certify(norms, embed_rms_max(weights["embed.weight"]), cfg.model, caps), caps
 
 
+def weighted_bound(weights: list[float], bounds: list[float]) -> float:
+    """Certificate of Σ_i w_i·f_i for maps f_i on one input certified at `bounds` B_i:
+    ‖Σ w_i (f_i(x) − f_i(y))‖ ≤ Σ |w_i|·‖f_i(x) − f_i(y)‖ ≤ (Σ |w_i|·B_i)·d(x, y) (triangle
+    inequality in the output norm). An ensemble of models on the same token ids."""
+    if len(weights) != len(bounds):
+        raise ValueError(f"weighted_bound: {len(weights)} weights for {len(bounds)} bounds")
+    return sum(abs(w) * b for w, b in zip(weights, bounds))
+
+
 def _pow10(x: float) -> float:
     return 0.0 if x == -math.inf else (math.inf if x > 308 else 10.0 ** x)

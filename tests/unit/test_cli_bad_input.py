@@ -95,11 +95,12 @@ def step_dir(w: Path) -> Path:
     return rank_file(w).parent
 
 
-# ---- the commands reading a model: certify, sample, robustness ---------------------------------
+# ---- the commands reading a model: certify, sample, robustness, ensemble (as its first member) ------
 
 def reader_argv(cmd: str, path: Path) -> list[str]:
     extra = {"sample": ["--prompt", "a", "--tokens", "2"],
-             "robustness": ["--windows", "2", "--steps", "1", "--restarts", "1", "--png", ""]}.get(cmd, [])
+             "robustness": ["--windows", "2", "--steps", "1", "--restarts", "1", "--png", ""],
+             "ensemble": ["model", "--out", "ensemble", "--no-eval"]}.get(cmd, [])
     return [cmd, str(path), *extra]
 
 
@@ -168,7 +169,7 @@ def check_refusal(work: Path, capsys, argv: list[str], code: int, words: list[st
 
 
 @pytest.mark.parametrize("fault", list(MODEL_FAULTS))
-@pytest.mark.parametrize("cmd", ["certify", "sample", "robustness"])
+@pytest.mark.parametrize("cmd", ["certify", "sample", "robustness", "ensemble"])
 def test_model_readers_refuse_bad_input_in_one_line(work, capsys, cmd, fault):
     prepare, words = MODEL_FAULTS[fault]
     path = prepare(work)

@@ -72,13 +72,7 @@ def bounds(model):
     return norms, bounds_at(norms, model.cfg), embed_rms_max(params["embed.weight"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models run fastest on one thread, and the machine's cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=[1, 4], ids=["1head", "4heads"])

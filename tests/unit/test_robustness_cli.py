@@ -16,12 +16,7 @@ from distlip.model import LipschitzTransformer
 TEXT = "the cat sat on the mat. the dog ate the log. " * 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def export_tiny(tmp_path, method: str = "hard_cap"):
