@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from distlip.checkpoint.export import ENSEMBLE_FILE, save_model
 from distlip.checkpoint.state import open_model
+from distlip.config import Config
 from distlip.data.in_memory import val_windows
 from distlip.errors import CheckpointError, ConfigError
 from distlip.lipschitz.certificate import certify_weights, weighted_bound
@@ -45,7 +46,7 @@ class Member:
 
     source: str
     model: LipschitzTransformer
-    cfg: object
+    cfg: Config
     tokenizer: object
     bound: float
     max_cap_ratio: float
