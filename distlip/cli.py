@@ -110,20 +110,15 @@ def _certify_ensemble(args: argparse.Namespace) -> int:
 
 
 def _probe_ensemble(args: argparse.Namespace, ens) -> int:
-    import copy
-
-    from distlip.lipschitz.attack import token_pair_attack
-    from distlip.lipschitz.certificate import CAP_RTOL
-    from distlip.robustness_report import validation_windows
+    from distlip.ensemble import probe
+    from distlip.robustness_report import ProbeError, validation_windows
 
     first = ens.members[0]
     x, _ = validation_windows(first.cfg, first.tokenizer, args.probe_windows)
-    f = copy.deepcopy(ens).double().eval().requires_grad_(False)
-    found = max(token_pair_attack(f.soft_logits, x[i:i + 1], first.cfg.model.vocab_size, steps=30, restarts=2, seed=i)
-                for i in range(len(x)))
-    if found > ens.bound * (1 + CAP_RTOL):
-        print_error(f"the attack found the ratio {found:.6g} above the ensemble's certified bound {ens.bound:.6g}: "
-                    "the certificate is wrong for this ensemble (a bug)")
+    try:
+        found = probe(ens, x)
+    except ProbeError as exc:
+        print_error(exc)
         return 1
     print(f"\nprobe on {len(x)} validation windows (float64, pairs of soft token sequences): largest ratio found "
           f"{found:.6g}; certified bound {ens.bound:.6g}; looseness (bound / found) {ens.bound / found:.4g}")
@@ -131,10 +126,11 @@ def _probe_ensemble(args: argparse.Namespace, ens) -> int:
 
 
 def _ensemble(args: argparse.Namespace) -> int:
-    from distlip.ensemble import Ensemble, open_members, save_ensemble, validate
+    from distlip.ensemble import Ensemble, check_out, open_members, save_ensemble, validate
 
     if args.batch < 1:
         raise ConfigError(f"--batch must be ≥ 1 (got {args.batch})")
+    check_out(args.out)  # before minutes of loading and evaluation, not after
     ens = Ensemble(open_members(args.paths))
     validation = None
     if not args.no_eval:
@@ -181,6 +177,7 @@ def _default_plot(path: str) -> Path:
 
 def _robustness(args: argparse.Namespace) -> int:
     from distlip.checkpoint.state import open_model
+    from distlip.lipschitz.caps import has_caps
     from distlip.robustness_report import evaluate, format_table, plot, validation_windows
 
     bad = [e for e in args.eps if not e > 0]
@@ -191,7 +188,7 @@ def _robustness(args: argparse.Namespace) -> int:
         raise ConfigError("--windows must be ≥ 0 (0: every window) and --batch ≥ 1")
     model, cfg, tok, caps = open_model(args.path)
     x, y = validation_windows(cfg, tok, args.windows)
-    if not any(c is not None for c in caps.values()):
+    if not has_caps(caps):
         print(f"note: {args.path} has no certificate (constraint.method={cfg.constraint.method} caps no matrix): "
               "robustness is not certified; running the attack only", file=sys.stderr)
     result = evaluate(args.path, model, cfg, tok, x, y, sorted(args.eps), batch=args.batch,

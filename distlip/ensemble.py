@@ -19,6 +19,7 @@ DIR/member_0, DIR/member_1, … (each an exported model, `checkpoint.export`): s
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from distlip.checkpoint.export import ENSEMBLE_FILE, save_model
+from distlip.checkpoint.files import atomic_write
 from distlip.checkpoint.state import open_model
 from distlip.config import Config
 from distlip.data.in_memory import val_windows
 from distlip.errors import CheckpointError, ConfigError
-from distlip.lipschitz.certificate import certify_weights, weighted_bound
+from distlip.lipschitz.attack import token_pair_attack
+from distlip.lipschitz.caps import has_caps
+from distlip.lipschitz.certificate import CAP_RTOL, certify_weights, weighted_bound
 from distlip.model import LipschitzTransformer
 from distlip.paper_protocol import batch_scores, describe, protocol_windows
-from distlip.robustness_report import attention_mask, validation_ids
+from distlip.robustness_report import ProbeError, attention_mask, validation_ids
 
 FORMAT = 1
 
@@ -87,7 +91,7 @@ def open_members(paths: list[str]) -> list[Member]:
     for path in paths:
         model, cfg, tok, _ = open_model(path)
         cert, caps = certify_weights({n: p.detach() for n, p in model.named_parameters()}, cfg)
-        if not any(c is not None for c in caps.values()):
+        if not has_caps(caps):
             raise ConfigError(f"'{path}' has no certificate (constraint.method={cfg.constraint.method} caps no "
                               "matrix): an ensemble is certified only when every member is; leave it out")
         bad = cert.violations(caps)
@@ -119,6 +123,19 @@ def score(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, batch: int = 8) 
     return loss, hits
 
 
+def probe(ensemble: Ensemble, x: torch.Tensor, *, steps: int = 30, restarts: int = 2) -> float:
+    """Largest ratio `token_pair_attack` finds for the ensemble (in float64) from each window of
+    `x` (n, T); one above the certified bound raises ProbeError (the certificate would be wrong)."""
+    f = copy.deepcopy(ensemble).double().eval().requires_grad_(False)
+    vocab = ensemble.members[0].cfg.model.vocab_size
+    found = max(token_pair_attack(f.soft_logits, x[i:i + 1], vocab, steps=steps, restarts=restarts, seed=i)
+                for i in range(len(x)))
+    if found > ensemble.bound * (1 + CAP_RTOL):
+        raise ProbeError(f"the attack found the ratio {found:.6g} above the ensemble's certified bound "
+                         f"{ensemble.bound:.6g}: the certificate is wrong for this ensemble (a bug)")
+    return found
+
+
 def validate(ensemble: Ensemble, batch: int = 8) -> dict:
     """Whole validation split of the first member's data, and the Lipschitz-transformer paper's
     protocol beside it (`paper_protocol`) where the split is long enough."""
@@ -135,13 +152,19 @@ def validate(ensemble: Ensemble, batch: int = 8) -> dict:
     return out
 
 
-def save_ensemble(out: str | Path, ensemble: Ensemble, validation: dict | None = None) -> Path:
-    """Write OUT/member_K (exported models) and OUT/ensemble.json. OUT must be new or empty, so
-    nothing already there (a run, a member) is overwritten."""
+def check_out(out: str | Path) -> Path:
+    """OUT as a Path, or one ConfigError when it exists and is not an empty directory: nothing
+    already there (a run, a member) is ever overwritten."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"'{out}' already exists and is not an empty directory: give a new directory for the "
                           "ensemble (nothing was written)")
+    return out
+
+
+def save_ensemble(out: str | Path, ensemble: Ensemble, validation: dict | None = None) -> Path:
+    """Write OUT/member_K (exported models) and OUT/ensemble.json (OUT as `check_out` allows)."""
+    out = check_out(out)
     names = []
     for i, m in enumerate(ensemble.members):
         names.append(f"member_{i}")
@@ -151,9 +174,7 @@ def save_ensemble(out: str | Path, ensemble: Ensemble, validation: dict | None =
             "weights": ensemble.weights, "temperature": ensemble.temperature,
             "certificate": {"lipschitz_bound": ensemble.bound, "members": [m.bound for m in ensemble.members]},
             **({"validation": validation} if validation else {})}
-    tmp = out / (ENSEMBLE_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(out / ENSEMBLE_FILE)
+    atomic_write(out / ENSEMBLE_FILE, json.dumps(meta, indent=2))
     return out / ENSEMBLE_FILE
 
 

@@ -20,6 +20,7 @@ import torch
 
 from distlip.errors import DataError
 from distlip.lipschitz.adversarial import attack
+from distlip.lipschitz.caps import has_caps
 from distlip.lipschitz.certificate import CAP_RTOL, certify_weights
 from distlip.lipschitz.robustness import (
     bounds_at,
@@ -92,7 +93,7 @@ def model_bounds(model: LipschitzTransformer, cfg) -> tuple[float, object, objec
     """(network bound, embeddings → logits bound at input RMS R, → final residual bound at R,
     largest embedding RMS), by exact SVD; None when the run caps no matrix (no certificate)."""
     cert, caps = certify_weights({n: p.detach() for n, p in model.named_parameters()}, cfg)
-    if not any(c is not None for c in caps.values()):
+    if not has_caps(caps):
         return None
     net_at, body_at = bounds_at(cert.norms, model.cfg)
     return cert.network_bound, net_at, body_at, cert.embed

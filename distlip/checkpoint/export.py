@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from distlip.checkpoint.files import atomic_write
 from distlip.config import Config, config_from_dict
 from distlip.data.tokenizers import tokenizer_from_dict
 from distlip.errors import CheckpointError
@@ -37,9 +38,7 @@ def save_model(out_dir: Path, weights: dict[str, torch.Tensor], cfg: Config, tok
     save_file(tensors, str(out_dir / "model.safetensors"))
     meta = {"format": FORMAT, "config": cfg.to_dict(), "tokenizer": tokenizer.to_dict(),
             "caps": unit_caps(cfg, [n for n in weights if n != "embed.weight"]), **(extra or {})}
-    tmp = out_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(out_dir / "config.json")
+    atomic_write(out_dir / "config.json", json.dumps(meta, indent=2))
 
 
 def load_model(path: str | Path) -> tuple[LipschitzTransformer, Config, object, dict]:

@@ -82,3 +82,8 @@ def unit_caps(cfg, names: list[str]) -> dict[str, float | None]:
         keys = [block_key(n, h) for h in range(blocks[n])] if blocks[n] > 1 else [n]
         out.update({k: caps[n] if capped else None for k in keys})
     return out
+
+
+def has_caps(caps: dict[str, float | None]) -> bool:
+    """Whether a caps table (as `unit_caps`) caps anything, i.e. the run has a certificate."""
+    return any(c is not None for c in caps.values())

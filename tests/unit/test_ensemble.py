@@ -155,6 +155,9 @@ def test_bad_ensembles_are_refused_in_one_line_and_write_nothing(tmp_path, capsy
     assert main(["ensemble", a, b, "--out", a, "--no-eval"]) == 2
     assert "not an empty directory" in one_error_line(capsys)
     assert sorted(p.name for p in (tmp_path / "m0").iterdir()) == before
+    # checked first, before any member is opened or evaluated
+    assert main(["ensemble", a, str(tmp_path / "nope"), "--out", a]) == 2
+    assert "not an empty directory" in one_error_line(capsys)
 
     assert main(["ensemble", a, b, "--out", str(out), "--no-eval"]) == 0
     capsys.readouterr()
