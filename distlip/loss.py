@@ -41,13 +41,15 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, scale: float, vocab: int) ->
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `(h Wᵀ)·scale` (first `vocab` columns) against `targets`; both
-    gradients are computed chunk by chunk in the forward pass, for an upstream gradient of 1."""
+    """Mean cross-entropy of `(h Wᵀ)·scale` (first `vocab` columns) against the target
+    distribution (1 − α)·onehot(targets) + α·soft (α = 0 without `soft`); both gradients are
+    computed chunk by chunk in the forward pass, for an upstream gradient of 1."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, scale, vocab, chunk, dtype):
+    def forward(ctx, h, weight, targets, scale, vocab, chunk, dtype, soft, alpha):
         n = h.shape[0]
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        hard = 1.0 - alpha if soft is not None else 1.0
         w = weight.to(dtype)
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros_like(weight) if want_w else None
@@ -56,12 +58,17 @@ class _HeadCrossEntropy(torch.autograd.Function):
             for i in range(0, n, chunk):
                 hc, yc = h[i:i + chunk].to(dtype), targets[i:i + chunk]
                 logp = torch.log_softmax(_chunk_logits(hc, w, scale, vocab), dim=-1)
-                total += F.nll_loss(logp, yc, reduction="sum").double()
+                total += hard * F.nll_loss(logp, yc, reduction="sum").double()
+                if soft is not None:
+                    qc = soft[i:i + chunk].float()
+                    total -= alpha * (qc * logp).sum().double()
                 if not (want_h or want_w):
                     continue
-                # d(mean loss)/d(logits) = (softmax − onehot)/n, made in the log-probs' memory
+                # d(mean loss)/d(logits) = (softmax − target distribution)/n, made in the log-probs' memory
                 dlogits = logp.exp_()
-                dlogits[torch.arange(len(yc), device=h.device), yc] -= 1.0
+                dlogits[torch.arange(len(yc), device=h.device), yc] -= hard
+                if soft is not None:
+                    dlogits.sub_(qc, alpha=alpha)
                 dz = dlogits.mul_(scale / n).to(dtype)
                 del logp, dlogits
                 if want_h:
@@ -80,17 +87,22 @@ class _HeadCrossEntropy(torch.autograd.Function):
         for g in (grad_h, grad_w):
             if g is not None:
                 g.mul_(grad_out.to(g.dtype))
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float, vocab: int,
-                       chunk: int) -> torch.Tensor:
+                       chunk: int, soft: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
     """Mean next-token loss (scalar, float32) of the head `weight` (V_padded, d) applied to
     hidden states `h` (..., d), logits `× scale`, first `vocab` columns, against `targets` (...)
-    int64; `chunk` tokens at a time. Under autocast the matmuls run in its dtype."""
+    int64; `chunk` tokens at a time. Under autocast the matmuls run in its dtype.
+
+    With `soft` (..., vocab) probabilities (a teacher's, `distlip.teacher`) the target is the
+    mixture (1 − α)·onehot(targets) + α·soft: the loss is (1 − α)·CE(targets) + α·CE(soft)."""
     dtype = compute_dtype(h.device)
+    if soft is not None:
+        soft = soft.reshape(-1, soft.shape[-1])
     return _HeadCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), scale, vocab,
-                                   chunk, dtype)
+                                   chunk, dtype, soft, alpha)
 
 
 @torch.no_grad()

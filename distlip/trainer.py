@@ -43,6 +43,7 @@ from distlip.model import LipschitzTransformer, matrix_names, matrix_of
 from distlip.paper_protocol import BATCH_SIZE, batch_scores, describe, protocol_windows
 from distlip.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
 from distlip.preflight import check_lowrank_shapes, preflight
+from distlip.teacher import open_teacher, soft_targets
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Data:
     """What the trainer needs from the data layer."""
 
     tokenizer: object
-    train: object  # next_batch() -> (x, y) int64 (B, T); state_dict / load_state_dict
+    train: object  # next_batch() -> (x, y) int64 (B, T)[, teacher's (B, T, V)]; state_dict / load_state_dict
     val_x: torch.Tensor  # (n, T) int64
     val_y: torch.Tensor
     val_ids: object = None  # the validation tokens in order (1-D int array), for the paper's protocol
@@ -64,7 +65,14 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
     if d.source in ("shakespeare", "text") and d.tokenizer == "char":
         tok, train_ids, val_ids = load_char_corpus(d.source, d.path, d.val_fraction)
         vx, vy = val_windows(val_ids, T)
-        train = InMemoryBatches(train_ids, T, micro, t.seed, env.rank, env.world_size, t.grad_accum)
+        soft = None
+        if t.teacher:
+            predict, teacher_len = open_teacher(t.teacher, tok)
+            if env.rank == 0:
+                print(f"distlip: {t.teacher} predicts the {len(train_ids):,} training tokens "
+                      f"(windows of {teacher_len}) …", flush=True)
+            soft = soft_targets(predict, train_ids, teacher_len, tok.vocab_size)
+        train = InMemoryBatches(train_ids, T, micro, t.seed, env.rank, env.world_size, t.grad_accum, soft)
         return Data(tok, train, vx, vy, val_ids)
     from distlip.data.stream import StreamingBatches, load_stream_tokenizer
 
@@ -213,23 +221,24 @@ class Trainer:
         accum, total, batches = self.cfg.train.grad_accum, 0.0, []
         for i in range(accum):
             with self.timer.phase("data"):
-                x, y = self.data.train.next_batch()
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            total += self._micro_step(x, y, last=i == accum - 1).item()
-            batches.append((x, y))
+                batch = [b.to(self.device, non_blocking=True) for b in self.data.train.next_batch()]
+            total += self._micro_step(*batch, last=i == accum - 1).item()
+            batches.append(batch)
         if self.engine.needs_previous_gradients(self.step):
             with self.engine.at_previous_weights():
-                for x, y in batches:
-                    self._micro_step(x, y, last=False)
+                for batch in batches:
+                    self._micro_step(*batch, last=False)
         return self.engine.all_sum([total / accum])[0] / self.env.world_size
 
-    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
-        """Forward and backward of one micro-batch; its loss."""
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None = None, *,
+                    last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (with the teacher's distributions `soft`, if
+        distilling); its loss."""
         m, t = self.cfg.model, self.cfg.train
         with self.timer.phase("forward"), self.autocast:
             loss = head_cross_entropy(self.engine.hidden(x), self.model.head.weight, y,
                                       m.logit_scale * t.loss_temperature, m.vocab_size,
-                                      chunk_tokens(t.logits_chunk_mib, m.vocab_size))
+                                      chunk_tokens(t.logits_chunk_mib, m.vocab_size), soft, t.teacher_weight)
         with self.timer.phase("backward"):
             self.engine.backward(loss, last_micro=last)
         return loss.detach()
@@ -320,8 +329,9 @@ class Trainer:
                     "device": str(self.device), "dtype": t.dtype, "constraint": cfg.constraint.method})
         tempered = f", loss on {t.loss_temperature:g}·logits" if t.loss_temperature != 1 else ""
         dropped = f", dropout {cfg.model.dropout:g} in training" if cfg.model.dropout else ""
+        taught = f", distilled from {t.teacher} (weight {t.teacher_weight:g})" if t.teacher else ""
         progress.write(f"distlip: {n_params / 1e6:.2f}M parameters, {constraint_summary(cfg.constraint)}{tempered}"
-                       f"{dropped}, "
+                       f"{dropped}{taught}, "
                        f"{t.steps} steps × {tokens_per_step} tokens on {self.device}")
         start = last_time = time.perf_counter()
         last_step, cert, loss = self.step, init_cert, float("nan")

@@ -133,6 +133,15 @@ def validate(cfg: Config) -> None:
     _require(t.loss_temperature > 0 and math.isfinite(t.loss_temperature),
              f"train.loss_temperature={t.loss_temperature} must be a positive finite factor on the logits "
              f"in the training loss (1: the plain cross-entropy)")
+    _require(0 < t.teacher_weight <= 1, f"train.teacher_weight={t.teacher_weight} must be in (0, 1] (the weight of "
+             "the teacher's predictions in the loss; 1: the teacher's alone)")
+    _require(not t.teacher or (d.source in ("shakespeare", "text") and d.tokenizer == "char"),
+             f"train.teacher needs the in-memory character corpora (data.source shakespeare or text, "
+             f"data.tokenizer char), not data.source={d.source}: the teacher predicts the training split once, "
+             "before training")
+    _require(not t.teacher or Path(t.teacher).exists(),
+             f"train.teacher '{t.teacher}' does not exist; give a run directory, checkpoint, exported model or "
+             "ensemble directory")
     _require(t.log_every > 0 and t.eval_every >= 0 and t.certify_every >= 0,
              "train.log_every must be > 0; eval_every and certify_every ≥ 0")
     _require(0 <= cfg.data.seq_len <= cfg.model.context,

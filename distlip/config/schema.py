@@ -135,6 +135,10 @@ class TrainConfig:
     # τ: training minimises the cross-entropy of τ·logits. The model, its certificate and its
     # evaluation do not see τ; τ > 1 trades the logits' scale (loss) for their order (accuracy).
     loss_temperature: float = 1.0
+    # distillation (distlip.teacher): a trained model or ensemble directory whose predictions of the
+    # training text the loss also follows, with weight teacher_weight (α: (1 − α)·CE(text) + α·CE(teacher))
+    teacher: str = ""
+    teacher_weight: float = 0.5
 
 
 @dataclass

@@ -45,14 +45,21 @@ class InMemoryBatches:
     therefore trains on exactly the same global batch, which is what makes a sharded run
     comparable with a single-process one, and the state at a step boundary is just the
     generator.
+
+    `soft` (len(tokens), V): a distribution over the vocabulary for every token of the array (a
+    teacher's prediction of it, `distlip.teacher`); `next_batch()` then also returns the targets'
+    rows, (micro_batch, seq_len, V) float32, each normalised to sum 1.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, accum: int = 1):
+                 rank: int = 0, world_size: int = 1, accum: int = 1, soft: torch.Tensor | None = None):
         if len(tokens) < seq_len + 2:
             raise DataError(f"the training split has {len(tokens)} tokens, fewer than one window "
                             f"of model.context={seq_len}; use more text or a shorter context")
         self.tokens = torch.from_numpy(np.ascontiguousarray(tokens))
+        if soft is not None and soft.shape[0] != len(tokens):
+            raise DataError(f"soft targets for {soft.shape[0]} tokens given for a split of {len(tokens)}")
+        self.soft = soft
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size, self.accum = rank, world_size, accum
         self.generator = torch.Generator().manual_seed(seed)
@@ -60,15 +67,19 @@ class InMemoryBatches:
         self._starts: torch.Tensor | None = None
         self._micro = 0
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
         if self._micro == 0:
             n = self.micro_batch * self.world_size * self.accum
             self._starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (n,), generator=self.generator)
         first = (self._micro * self.world_size + self.rank) * self.micro_batch
         starts = self._starts[first:first + self.micro_batch]
         self._micro = (self._micro + 1) % self.accum
-        windows = self.tokens[starts[:, None] + self._offsets]
-        return windows[:, :-1], windows[:, 1:]
+        at = starts[:, None] + self._offsets
+        windows = self.tokens[at]
+        if self.soft is None:
+            return windows[:, :-1], windows[:, 1:]
+        q = self.soft[at[:, 1:]].float()
+        return windows[:, :-1], windows[:, 1:], q / q.sum(-1, keepdim=True)
 
     def state_dict(self) -> dict:
         """Valid at a step boundary (every micro-batch of the step consumed)."""

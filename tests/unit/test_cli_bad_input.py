@@ -237,6 +237,9 @@ TRAIN_FAULTS = {
                                        ["is unusable", "truncated file"]),
     "low rank above a matrix's side": (lambda w: train_argv(w, "compression.compressor=lowrank", "compression.rank=64"),
                                         ["compression.rank=64", "blocks.0.attn.q.weight of shape (32, 32)", "≤ 32"]),
+    "teacher of another vocabulary": (lambda w: train_argv(w, "data.source=text", f"data.path={w / 'text.txt'}",
+                                                           f"train.teacher={w / 'model'}"),
+                                      ["train.teacher", "another tokenizer", "same text"]),
     "checkpoint of another size": (lambda w: train_argv(w, "model.d_model=64", "--resume", "auto", out="run"),
                                    ["model.d_model=32 there, 64 here", "resume with the checkpoint's settings"]),
 }

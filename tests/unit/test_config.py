@@ -44,6 +44,11 @@ def test_overrides_are_typed():
     (["model.lookback=[1]", "model.lookback_bias=0"], "positive finite score"),
     (["model.lookback=[1]", "train.attention=flex"], "set train.attention=sdpa or drop model.lookback"),
     (["model.dropout=1"], "model.dropout=1.0 must be a probability in [0, 1)"),
+    (["train.teacher_weight=0"], "train.teacher_weight=0.0 must be in (0, 1]"),
+    (["train.teacher_weight=1.5"], "train.teacher_weight=1.5 must be in (0, 1]"),
+    (["train.teacher=configs", "data.source=jsonl", "data.path=x.jsonl", "data.val_tokens=100"],
+     "train.teacher needs the in-memory character corpora"),
+    (["train.teacher=no/such/run"], "train.teacher 'no/such/run' does not exist"),
 ])
 def test_bad_config_is_one_clear_error(override, fragment):
     with pytest.raises(ConfigError) as err:  # at load, or in the preflight's config checks

@@ -15,7 +15,7 @@ LAYERS = (
     ("data", "model", "lipschitz", "loss", "metrics", "divergence", "preemption", "paper_protocol", "sample"),
     ("optim", "compress"),
     ("distributed",),
-    ("checkpoint", "memory", "preflight", "robustness_report", "evaluation", "ensemble"),
+    ("checkpoint", "memory", "preflight", "robustness_report", "evaluation", "ensemble", "teacher"),
     ("trainer",),
     ("cli", "slurm", "__main__"),
 )
