@@ -68,7 +68,7 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
         soft = None
         if t.teacher:
             predict, teacher_len = open_teacher(t.teacher, tok)
-            if env.rank == 0:
+            if env.rank == 0 and t.progress:
                 print(f"distlip: {t.teacher} predicts the {len(train_ids):,} training tokens "
                       f"(windows of {teacher_len}) …", flush=True)
             soft = soft_targets(predict, train_ids, teacher_len, tok.vocab_size)
