@@ -38,15 +38,20 @@ def make_trainer(out, *overrides) -> Trainer:
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, mode):
     # spectral_normalize keeps power-iteration vectors, so they must be restored too; dropout's
     # masks come from the RNG, so its state must be too
-    extra = [*mode, "constraint.method=spectral_normalize"]
+    assert_resume_is_uninterrupted(tmp_path, [*mode, "constraint.method=spectral_normalize"])
+
+
+def assert_resume_is_uninterrupted(tmp_path, extra: list[str], steps: int = 10, split: int = 4) -> None:
+    """`steps` steps in one run, and `split` steps, a checkpoint and the rest in a resumed one:
+    the same losses and the same weights, bit for bit."""
     whole = make_trainer(tmp_path / "whole", *extra)
-    reference = [whole.train_step()[0] for _ in range(10)]
+    reference = [whole.train_step()[0] for _ in range(steps)]
     first = make_trainer(tmp_path / "split", *extra)
-    losses = [first.train_step()[0] for _ in range(4)]
+    losses = [first.train_step()[0] for _ in range(split)]
     first.save()
     second = make_trainer(tmp_path / "split", *extra, "train.resume=auto")
-    assert second.step == 4
-    losses += [second.train_step()[0] for _ in range(6)]
+    assert second.step == split
+    losses += [second.train_step()[0] for _ in range(steps - split)]
     assert losses == reference
     for name, p in whole.params.items():
         assert torch.equal(p, second.params[name]), name

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_checkpoint import make_trainer
+from test_checkpoint import assert_resume_is_uninterrupted, make_trainer
 from test_ensemble import export_member, members
 from test_robustness_cli import TEXT
 
@@ -133,13 +133,4 @@ def test_a_distilled_run_resumes_as_the_uninterrupted_run(tmp_path):
     teacher = tmp_path / "teacher"
     save_model(teacher, dict(plain.model.named_parameters()), plain.cfg, plain.data.tokenizer)
     taught = [*text, "constraint.method=spectral_normalize", f"train.teacher={teacher}", "train.teacher_weight=0.7"]
-    whole = make_trainer(tmp_path / "whole", *taught)
-    reference = [whole.train_step()[0] for _ in range(6)]
-    first = make_trainer(tmp_path / "split", *taught)
-    losses = [first.train_step()[0] for _ in range(3)]
-    first.save()
-    second = make_trainer(tmp_path / "split", *taught, "train.resume=auto")
-    losses += [second.train_step()[0] for _ in range(3)]
-    assert losses == reference
-    for name, p in whole.params.items():
-        assert torch.equal(p, second.params[name]), name
+    assert_resume_is_uninterrupted(tmp_path, taught, steps=6, split=3)
