@@ -58,7 +58,7 @@ def validation_ids(cfg, tokenizer) -> np.ndarray:
     from distlip.data.in_memory import load_char_corpus
 
     d = cfg.data
-    if d.source in ("shakespeare", "text") and d.tokenizer == "char":
+    if d.in_memory:
         tok, _, ids = load_char_corpus(d.source, d.path, d.val_fraction)
         if tok.to_dict() != tokenizer.to_dict():
             raise DataError(f"the validation text ({d.source} {d.path}) no longer gives the model's character "

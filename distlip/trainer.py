@@ -62,7 +62,7 @@ def build_data(cfg: Config, env: DistEnv) -> Data:
     pipeline (sharded by rank, packed, resumable) for everything else."""
     d, t, T = cfg.data, cfg.train, cfg.seq_len()
     micro = micro_batch_size(cfg, env.world_size)
-    if d.source in ("shakespeare", "text") and d.tokenizer == "char":
+    if d.in_memory:
         tok, train_ids, val_ids = load_char_corpus(d.source, d.path, d.val_fraction)
         vx, vy = val_windows(val_ids, T)
         soft = None

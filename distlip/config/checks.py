@@ -135,7 +135,7 @@ def validate(cfg: Config) -> None:
              f"in the training loss (1: the plain cross-entropy)")
     _require(0 < t.teacher_weight <= 1, f"train.teacher_weight={t.teacher_weight} must be in (0, 1] (the weight of "
              "the teacher's predictions in the loss; 1: the teacher's alone)")
-    _require(not t.teacher or (d.source in ("shakespeare", "text") and d.tokenizer == "char"),
+    _require(not t.teacher or d.in_memory,
              f"train.teacher needs the in-memory character corpora (data.source shakespeare or text, "
              f"data.tokenizer char), not data.source={d.source}: the teacher predicts the training split once, "
              "before training")

@@ -98,6 +98,11 @@ class DataConfig:
     document_mask: bool = False  # attend only within a document (packed rows; needs the tokenizer's EOT)
     restart_on_resize: bool = False  # resume at another world size restarts a per-rank stream (else refused)
 
+    @property
+    def in_memory(self) -> bool:
+        """A character corpus held in memory (the packaged plays or one text file), not a stream."""
+        return self.source in ("shakespeare", "text") and self.tokenizer == "char"
+
 
 @dataclass
 class TrainConfig:
